@@ -1,0 +1,187 @@
+"""Capture: trace a model with torch.fx and put a shape on every node.
+
+Tracing specialises Python control flow, including ``if self.training:`` branches, to
+the mode the model is in. A submodule that cannot be traced (data-dependent control
+flow, iterating a proxy, unsupported Python) is retried as a leaf, and recorded in
+``gm.meta["untraced"]``; the channel analysis then treats its channels as unknown.
+
+Shapes come from running the graph on meta tensors (no data, no memory traffic), so
+their cost does not grow with input resolution or batch. Only a node that has no meta
+kernel (e.g. data-dependent Python in an untraceable leaf) runs on zero tensors of its
+input shapes, on a private copy of its module. The user's model is never changed.
+
+Example::
+
+    gm = capture(model, (torch.randn(1, 3, 224, 224),))
+    gm.graph.nodes  # each node.meta["val"] holds a meta tensor (or a structure of them)
+"""
+from __future__ import annotations
+
+import copy
+from typing import Any, Iterable
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from .errors import CaptureError
+
+MAX_LEAF_RETRIES = 64
+
+
+def as_input_tuple(example_inputs: Any) -> tuple:
+    """``example_inputs`` as a tuple: a bare tensor (or a dict, or any single object) is wrapped."""
+    if isinstance(example_inputs, (tuple, list)):
+        return tuple(example_inputs)
+    return (example_inputs,)
+
+
+class ChannelTracer(fx.Tracer):
+    """A Tracer whose leaves are torch.nn's layers, the user's leaves and the modules
+    that failed to trace; it records which non-leaf module an exception came from."""
+
+    def __init__(self, leaf_modules: Iterable = (), fallback_leaves: Iterable[str] = ()):
+        super().__init__()
+        names, types = set(), []
+        for item in leaf_modules:
+            (types.append(item) if isinstance(item, type) else names.add(str(item)))
+        self.leaf_names = names | set(fallback_leaves)
+        self.leaf_types = tuple(types)
+        self.failing: str | None = None
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        if qualname in self.leaf_names or (self.leaf_types and isinstance(m, self.leaf_types)):
+            return True
+        return super().is_leaf_module(m, qualname)
+
+    def call_module(self, m, forward, args, kwargs):
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        except Exception:
+            name = self.path_of_module(m)
+            if self.failing is None and not self.is_leaf_module(m, name):
+                self.failing = name
+            raise
+
+
+def trace(model: nn.Module, leaf_modules: Iterable = ()) -> fx.GraphModule:
+    """Trace ``model`` (not copied: the GraphModule shares its submodules), retrying
+    untraceable submodules as leaves. ``gm.meta["untraced"]`` lists them."""
+    leaf_modules = tuple(leaf_modules)
+    fallback: list[str] = []
+    for _ in range(MAX_LEAF_RETRIES):
+        tracer = ChannelTracer(leaf_modules, fallback)
+        try:
+            graph = tracer.trace(model)
+        except Exception as exc:  # noqa: BLE001 - any tracing failure is retried or reported
+            if not tracer.failing or tracer.failing in fallback:
+                raise CaptureError(
+                    f"torch.fx cannot trace {type(model).__name__}.forward itself: "
+                    f"{type(exc).__name__}: {_one_line(exc)}; pass leaf_modules= for the part "
+                    "that cannot be traced") from exc
+            fallback.append(tracer.failing)
+            continue
+        gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
+        gm.meta["untraced"] = list(fallback)
+        return gm
+    raise CaptureError(f"gave up after {MAX_LEAF_RETRIES} untraceable submodules")
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())[:300]
+
+
+def _to_meta(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.detach().to("meta")
+    if isinstance(value, (tuple, list)):
+        return type(value)(_to_meta(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _to_meta(v) for k, v in value.items()}
+    return value
+
+
+def _to_zeros(value: Any) -> Any:
+    """Real zero tensors of the meta shapes: the fallback for ops without a meta kernel."""
+    if isinstance(value, torch.Tensor):
+        return torch.zeros(value.shape, dtype=value.dtype) if value.device.type == "meta" else value
+    if isinstance(value, (tuple, list)):
+        return type(value)(_to_zeros(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _to_zeros(v) for k, v in value.items()}
+    return value
+
+
+def _meta_twin(module: nn.Module) -> nn.Module:
+    """A shallow copy of a childless module whose parameters and buffers are meta tensors."""
+    twin = copy.copy(module)
+    twin._parameters = {k: None if v is None else v.detach().to("meta") for k, v in module._parameters.items()}
+    twin._buffers = {k: None if v is None else v.detach().to("meta") for k, v in module._buffers.items()}
+    return twin
+
+
+class MetaShapeProp(fx.Interpreter):
+    """Runs a GraphModule on meta tensors and stores each node's value in ``node.meta["val"]``.
+
+    Example::
+
+        MetaShapeProp(gm).propagate(torch.randn(1, 3, 32, 32))
+        gm.graph.output_node().meta["val"].shape
+    """
+
+    def __init__(self, gm: fx.GraphModule):
+        super().__init__(gm, garbage_collect_values=True)
+        self._twins: dict[str, nn.Module] = {}
+
+    def propagate(self, *args):
+        with torch.no_grad():
+            return self.run(*_to_meta(args))
+
+    def run_node(self, n: fx.Node):
+        with self._set_current_node(n):
+            args, kwargs = self.fetch_args_kwargs_from_env(n)
+            if n.op == "get_attr":
+                value = _to_meta(self.fetch_attr(n.target))
+            else:
+                try:
+                    value = getattr(self, n.op)(n.target, args, kwargs)
+                except Exception:  # noqa: BLE001 - no meta kernel: run on zeros instead
+                    value = self._run_on_zeros(n, args, kwargs)
+            n.meta["val"] = value
+            return value
+
+    def call_module(self, target, args, kwargs):
+        module = self.fetch_attr(target)
+        if next(module.children(), None) is not None:
+            state = {k: v.detach().to("meta") for k, v in module.state_dict(keep_vars=True).items()}
+            return torch.func.functional_call(module, state, args, kwargs)
+        twin = self._twins.get(target)
+        if twin is None:
+            twin = self._twins[target] = _meta_twin(module)
+        return twin(*args, **kwargs)
+
+    def _run_on_zeros(self, n: fx.Node, args, kwargs):
+        args, kwargs = _to_zeros(args), _to_zeros(kwargs)
+        try:
+            if n.op == "call_module":
+                out = copy.deepcopy(self.fetch_attr(n.target))(*args, **kwargs)
+            else:
+                out = getattr(super(), n.op)(n.target, args, kwargs)
+        except Exception as exc:  # noqa: BLE001 - the model itself does not run
+            raise CaptureError(
+                f"the model does not run on the example inputs (node {n.name}): {_one_line(exc)}") from exc
+        return _to_meta(out)
+
+
+def capture(model: nn.Module, example_inputs: Any, leaf_modules: Iterable = ()) -> fx.GraphModule:
+    """Trace ``model`` and put a meta value on every node (``node.meta["val"]``).
+
+    The model is read, never changed: modes, parameters and buffers stay as they were.
+    """
+    inputs = as_input_tuple(example_inputs)
+    gm = trace(model, leaf_modules)
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    if len(inputs) > len(placeholders):
+        raise CaptureError(f"{len(inputs)} example inputs given but forward takes {len(placeholders)}")
+    MetaShapeProp(gm).propagate(*inputs)
+    return gm

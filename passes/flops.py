@@ -1,0 +1,80 @@
+"""FLOPs and parameter counts, as DESIGN.md section 4 defines them.
+
+FLOPs are what ``torch.utils.flop_counter.FlopCounterMode`` counts for one eval-mode
+forward of the whole model: conv, linear and matmul at 2 x multiply-accumulates, groups
+taken from the weight shape, bias and BatchNorm not counted. The per-keep-set cost model
+must reproduce this number exactly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+Inputs = torch.Tensor | Sequence[torch.Tensor]
+
+
+def as_inputs(example_inputs: Inputs) -> tuple[torch.Tensor, ...]:
+    """Normalise example inputs to a tuple of positional arguments.
+
+    Example:
+        >>> len(as_inputs(torch.zeros(1))), len(as_inputs([torch.zeros(1), torch.zeros(2)]))
+        (1, 2)
+    """
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,)
+    return tuple(example_inputs)
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Run a block with ``model`` in eval mode under ``torch.no_grad()``.
+
+    Each submodule's own ``training`` flag is restored afterwards, so a model in train
+    mode with some frozen (eval) submodules comes back exactly as it was.
+
+    Example:
+        >>> m = nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2)).train()
+        >>> with eval_mode(m):
+        ...     _ = m(torch.randn(1, 2))  # batch of 1 is fine in eval mode
+        >>> m.training
+        True
+    """
+    flags = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield model
+    finally:
+        for module, flag in flags:
+            module.training = flag
+
+
+def count_flops(model: nn.Module, example_inputs: Inputs) -> int:
+    """FLOPs of one eval-mode forward on ``example_inputs`` (2 x MACs, bias/BN excluded).
+
+    The model is not modified: no gradients, BN running statistics untouched, training
+    flags restored.
+
+    Example:
+        >>> count_flops(nn.Linear(10, 5), torch.randn(4, 10))  # 2 * 4 * 10 * 5
+        400
+    """
+    inputs = as_inputs(example_inputs)
+    with eval_mode(model), FlopCounterMode(display=False) as counter:
+        model(*inputs)
+    return int(counter.get_total_flops())
+
+
+def count_params(model: nn.Module) -> int:
+    """Number of parameter elements; a parameter shared by several modules counts once.
+
+    Example:
+        >>> count_params(nn.Linear(10, 5))  # 10 * 5 weights + 5 biases
+        55
+    """
+    return sum(p.numel() for p in model.parameters())

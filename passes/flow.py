@@ -1,0 +1,265 @@
+"""Channel-flow analysis: walk the captured graph once and give every value a layout.
+
+Each node's registry rule computes its output layout from its inputs' layouts and
+records couplings (union-find over atoms), mask sites, constraints and frozen atoms.
+Nodes without a rule freeze every channel they touch and produce ``UNKNOWN``.
+
+Example::
+
+    gm = capture(model, inputs)
+    flow = run_flow(gm)
+    flow.layouts[node]   # numpy layout of the node's tensor value
+    flow.sites           # inputs of channel-mixing ops
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.fx as fx
+
+from . import rules_core, rules_shape  # noqa: F401  (they fill the registry)
+from .atoms import NONE, UNKNOWN, AtomTable, filled, on_axis
+from .registry import describe, lookup
+
+
+@dataclass
+class Site:
+    """An input of an op that mixes channels (or reads them as a whole, exactly)."""
+
+    node: fx.Node
+    arg: int | str
+    atoms: np.ndarray       # 1-D: the atom at each position along ``axis``
+    axis: int
+    kind: str = "conv"      # conv, linear, matmul, reduce, layer_norm
+    fill: float = 0.0       # what hard masks write at dropped positions
+
+
+@dataclass
+class Balance:
+    """Positions split into ``blocks`` equal contiguous blocks keep equal counts (grouped conv)."""
+
+    atoms: np.ndarray
+    blocks: int
+    where: str
+    site: Site | None = None
+
+
+@dataclass
+class Grid:
+    """A channel axis reshaped into a grid: a column (last axis) is kept whole or dropped whole."""
+
+    layout: np.ndarray
+    where: str
+
+
+@dataclass
+class NonEmpty:
+    """At least one of these positions stays (a split piece, a conv's input)."""
+
+    atoms: np.ndarray
+    where: str
+    site: Site | None = None
+
+
+@dataclass
+class ParamRef:
+    """The lazy layout of a ``get_attr`` tensor: materialised when an op reads it."""
+
+    target: str
+    value: torch.Tensor
+
+
+@dataclass
+class ChannelFlow:
+    gm: fx.GraphModule
+    table: AtomTable
+    layouts: dict[fx.Node, Any] = field(default_factory=dict)
+    sites: list[Site] = field(default_factory=list)
+    constraints: list = field(default_factory=list)
+    module_inputs: dict[str, np.ndarray] = field(default_factory=dict)
+    inexact: list[str] = field(default_factory=list)
+    allow_inexact: bool = False
+    param_layouts: dict[str, np.ndarray] = field(default_factory=dict)
+
+    def layout_of(self, node: fx.Node) -> Any:
+        """A node's layout, with parameters as they were materialised (or UNKNOWN)."""
+        lay = self.layouts.get(node)
+        if isinstance(lay, ParamRef):
+            return self.param_layouts.get(lay.target, filled(UNKNOWN, lay.value.dim()))
+        return lay
+
+
+class FlowContext:
+    """What a channel rule sees: the node, its inputs' layouts and values, and the
+    recording functions."""
+
+    def __init__(self, flow: ChannelFlow, modules: dict):
+        self.flow, self.table, self.modules = flow, flow.table, modules
+        self.node: fx.Node | None = None
+
+    # ------------------------------------------------------------ reading
+    @property
+    def module(self):
+        return self.modules[self.node.target]
+
+    def where(self) -> str:
+        return f"{describe(self.node, self.modules)} at node {self.node.name}"
+
+    def arg(self, index: int, name: str | None = None, default: Any = None) -> Any:
+        if index < len(self.node.args):
+            return self.node.args[index]
+        return self.node.kwargs.get(name, default) if name else default
+
+    def val(self, arg: Any) -> Any:
+        return arg.meta.get("val") if isinstance(arg, fx.Node) else arg
+
+    def out(self) -> Any:
+        return self.node.meta.get("val")
+
+    def layout(self, arg: Any) -> Any:
+        """The layout of a tensor argument (numpy array); None for non-tensors."""
+        if not isinstance(arg, fx.Node):
+            return filled(NONE, 0) if isinstance(arg, (int, float, bool)) else None
+        lay = self.flow.layouts.get(arg)
+        if isinstance(lay, ParamRef):
+            return self.param_layout(lay)
+        return lay
+
+    def param_layout(self, ref: ParamRef) -> np.ndarray:
+        """A parameter with one channel axis owns atoms on it; otherwise UNKNOWN."""
+        if ref.target not in self.flow.param_layouts:
+            self.flow.param_layouts[ref.target] = self._param_layout(ref)
+        return self.flow.param_layouts[ref.target]
+
+    def _param_layout(self, ref: ParamRef) -> np.ndarray:
+        shape = tuple(ref.value.shape)
+        varying = [d for d, s in enumerate(shape) if s > 1]
+        if not varying:
+            return filled(NONE, len(shape))
+        if len(varying) > 1:
+            return filled(UNKNOWN, len(shape))
+        atoms, _ = self.table.owner(ref.target, "param", shape[varying[0]])
+        return on_axis(atoms, varying[0], len(shape))
+
+    # ------------------------------------------------------------ recording
+    def unify(self, *layouts: np.ndarray) -> np.ndarray:
+        layouts = [x for x in layouts if x is not None]
+        out = layouts[0]
+        for other in layouts[1:]:
+            out = self.table.unify(out, other, f"combined with unknown channels at node {self.node.name}")
+        return out
+
+    def freeze(self, layout: Any, reason: str) -> None:
+        for lay in _leaves(layout):
+            self.table.freeze(lay, reason)
+
+    def owned(self, width: int, kind: str, key: str | None = None) -> np.ndarray:
+        """Atoms owned by the current module (or ``key``): the same ones at every call."""
+        key = key or (self.node.target if self.node.op == "call_module" else self.node.name)
+        atoms, _ = self.table.owner(key, kind, width)
+        return atoms
+
+    def site(self, arg: int | str, atoms: np.ndarray, axis: int, kind: str = "conv", fill: float = 0.0) -> Site:
+        s = Site(self.node, arg, np.asarray(atoms), axis, kind, fill)
+        self.flow.sites.append(s)
+        return s
+
+    def constrain(self, constraint) -> None:
+        self.flow.constraints.append(constraint)
+
+    def inexact(self, layout: np.ndarray, what: str) -> None:
+        """An op that mixes statistics across channels: frozen unless allow_inexact."""
+        if self.flow.allow_inexact:
+            self.table.tag(layout, "inexact")
+            self.flow.inexact.append(f"{what} at node {self.node.name}")
+        else:
+            self.table.freeze(layout, f"inexact: {what} at node {self.node.name} (allow_inexact=True prunes it)")
+
+    def unknown(self, reason: str | None = None) -> Any:
+        """Freeze every channel the node reads; its value's channels are UNKNOWN."""
+        reason = reason or f"no rule for {self.where()}"
+        for arg in _node_args(self.node):
+            self.freeze(self.layout(arg), reason)
+        return unknown_like(self.out())
+
+
+def _node_args(node: fx.Node) -> list[fx.Node]:
+    return list(node.all_input_nodes)
+
+
+def _leaves(layout: Any):
+    if isinstance(layout, np.ndarray):
+        yield layout
+    elif isinstance(layout, (tuple, list)):
+        for x in layout:
+            yield from _leaves(x)
+    elif isinstance(layout, dict):
+        for x in layout.values():
+            yield from _leaves(x)
+
+
+def unknown_like(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return filled(UNKNOWN, value.dim())
+    if isinstance(value, (tuple, list)):
+        return type(value)(unknown_like(v) for v in value)
+    if isinstance(value, dict):
+        return {k: unknown_like(v) for k, v in value.items()}
+    return None
+
+
+def _has_tensor(value: Any) -> bool:
+    return any(True for _ in _tensors(value))
+
+
+def _tensors(value: Any):
+    if isinstance(value, torch.Tensor):
+        yield value
+    elif isinstance(value, (tuple, list)):
+        for v in value:
+            yield from _tensors(v)
+    elif isinstance(value, dict):
+        for v in value.values():
+            yield from _tensors(v)
+
+
+def run_flow(gm: fx.GraphModule, allow_inexact: bool = False) -> ChannelFlow:
+    """Compute the layout of every node of a captured GraphModule."""
+    flow = ChannelFlow(gm, AtomTable(), allow_inexact=allow_inexact)
+    ctx = FlowContext(flow, dict(gm.named_modules()))
+    for node in gm.graph.nodes:
+        ctx.node = node
+        flow.layouts[node] = _node_layout(ctx, node)
+    return flow
+
+
+def _node_layout(ctx: FlowContext, node: fx.Node) -> Any:
+    value = node.meta.get("val")
+    if node.op == "placeholder":
+        return _input_layout(ctx, node, value)
+    if node.op == "get_attr":
+        return ParamRef(node.target, value) if isinstance(value, torch.Tensor) else None
+    if node.op == "output":
+        ctx.freeze([ctx.layout(a) for a in node.all_input_nodes], "reaches a model output")
+        return None
+    if node.op == "call_module" and node.target in ctx.flow.gm.meta.get("untraced", ()):
+        return ctx.unknown(f"untraceable submodule {node.target} (treated as a leaf)")
+    entry = lookup(node, ctx.modules)
+    if entry is not None:
+        return entry.rule(ctx, node)
+    if not any(_has_tensor(ctx.val(a)) for a in node.all_input_nodes) and not _has_tensor(value):
+        return None  # plain Python arithmetic on sizes
+    return ctx.unknown()
+
+
+def _input_layout(ctx: FlowContext, node: fx.Node, value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        if value.dim() < 2:
+            return filled(UNKNOWN, value.dim())
+        atoms = ctx.table.new(f"input:{node.name}", value.shape[1], "input")
+        ctx.table.freeze(atoms, "model input")
+        return on_axis(atoms, 1, value.dim())
+    return unknown_like(value)

@@ -1,0 +1,373 @@
+"""Registry entries for channel-wise, element-wise, normalisation and channel-mixing ops.
+
+Each entry is a channel rule (see ``registry``) plus, where the op holds channel-sized
+parameters or constants, a surgery rule from ``surgery_rules``.
+"""
+from __future__ import annotations
+
+import operator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import surgery_rules as S
+from .atoms import NONE, UNKNOWN, along, carrying_axes, filled, on_axis
+from .registry import register
+
+# ----------------------------------------------------------------------------- per element
+
+ACTIVATION_MODULES = (
+    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU,
+    nn.Mish, nn.Sigmoid, nn.Tanh, nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh, nn.Softplus,
+    nn.Softsign, nn.Tanhshrink, nn.Hardshrink, nn.Softshrink, nn.LogSigmoid, nn.Threshold,
+    nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout,
+    nn.Identity,
+)
+ACTIVATION_FUNCTIONS = (
+    F.relu, F.relu_, F.relu6, F.leaky_relu, F.elu, F.selu, F.celu, F.gelu, F.silu, F.mish,
+    F.hardswish, F.hardsigmoid, F.hardtanh, F.softplus, F.softsign, F.tanhshrink,
+    F.logsigmoid, F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout,
+    torch.relu, torch.relu_, torch.sigmoid, torch.tanh, torch.exp, torch.log, torch.abs,
+    torch.neg, torch.sqrt, torch.rsqrt, torch.square, torch.clamp, torch.clip, torch.sign,
+    torch.erf, torch.sin, torch.cos, torch.reciprocal, torch.nan_to_num, torch.pow,
+    F.sigmoid, F.tanh, torch.zeros_like, torch.ones_like, torch.full_like, torch.empty_like,
+    torch.rand_like, torch.randn_like, operator.neg, operator.pos, torch.detach, torch.clone,
+)
+ACTIVATION_METHODS = (
+    "relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_", "exp", "log", "abs", "neg", "sqrt",
+    "rsqrt", "square", "clamp", "clamp_", "clip", "clamp_min", "clamp_max", "sign", "erf", "pow",
+    "reciprocal", "contiguous", "clone", "detach", "to", "type", "float", "double", "half",
+    "bfloat16", "type_as", "requires_grad_", "zero_", "fill_", "hardswish", "sin", "cos",
+    "nan_to_num",
+)
+
+
+def same_rule(ctx, node):
+    """Per-element ops: the layout of the first argument passes through."""
+    return ctx.layout(node.args[0]) if node.args else ctx.layout(node.kwargs.get("input"))
+
+
+for _targets in (ACTIVATION_MODULES, ACTIVATION_FUNCTIONS, ACTIVATION_METHODS):
+    register(*_targets)(same_rule)
+# PReLU with one weight per channel is a norm-like op: registered below.
+
+
+def broadcast_rule(ctx, node):
+    """n-ary element-wise ops: operands unify position by position; an operand broadcast
+    across another's channels (a (N,1,H,W) map) unifies nothing and freezes its own atoms."""
+    out = ctx.out()
+    if not isinstance(out, torch.Tensor):
+        return None
+    nd = out.dim()
+    operands = []
+    for a in list(node.args) + list(node.kwargs.values()):
+        lay = ctx.layout(a)
+        if lay is None:
+            continue
+        v = ctx.val(a)
+        vshape = (1,) * (nd - v.dim()) + tuple(v.shape) if isinstance(v, torch.Tensor) else (1,) * nd
+        lay = lay.reshape((1,) * (nd - lay.ndim) + lay.shape)
+        spread = [d for d in range(nd) if vshape[d] == 1 and out.shape[d] > 1]
+        operands.append((lay, spread))
+    carrying = {d for lay, _ in operands for d in carrying_axes(lay)}
+    kept = []
+    for lay, spread in operands:
+        if any(d in carrying for d in spread):
+            ctx.freeze(lay, f"broadcast across channels at node {node.name}")
+            continue
+        kept.append((lay, spread))
+    if not kept:
+        return filled(NONE, nd)
+    bearing = [lay for lay, _ in kept if (lay >= 0).any()]
+    if len(bearing) > 1:
+        gate = any(len(spread) > 0 and (lay >= 0).any() for lay, spread in kept)
+        ctx.table.tag(bearing[0], "se" if gate and _is_mul(node) else "residual")
+    return ctx.unify(*[lay for lay, _ in kept])
+
+
+def _is_mul(node) -> bool:
+    return node.target in (operator.mul, operator.imul, torch.mul, "mul", "mul_")
+
+
+register(
+    operator.add, operator.sub, operator.mul, operator.truediv, operator.floordiv,
+    operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.pow,
+    torch.add, torch.sub, torch.subtract, torch.mul, torch.multiply, torch.div, torch.true_divide,
+    torch.maximum, torch.minimum, torch.where, torch.addcmul, torch.lerp,
+    "add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_", "maximum", "minimum",
+    "__add__", "__mul__", "__sub__", "__truediv__", "__radd__", "__rmul__",
+)(broadcast_rule)
+
+# ----------------------------------------------------------------------------- spatial ops
+
+SPATIAL_MODULES = (
+    nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
+    nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool1d,
+    nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d, nn.LPPool1d, nn.LPPool2d, nn.Upsample,
+    nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d, nn.ReflectionPad1d, nn.ReflectionPad2d,
+    nn.ReflectionPad3d, nn.ReplicationPad1d, nn.ReplicationPad2d, nn.ReplicationPad3d,
+    nn.ZeroPad1d, nn.ZeroPad2d, nn.ZeroPad3d, nn.ConstantPad1d, nn.ConstantPad2d, nn.ConstantPad3d,
+    nn.CircularPad1d, nn.CircularPad2d, nn.CircularPad3d,
+)
+SPATIAL_FUNCTIONS = (
+    F.max_pool1d, F.max_pool2d, F.max_pool3d, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d,
+    F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d, F.adaptive_max_pool1d,
+    F.adaptive_max_pool2d, F.adaptive_max_pool3d, F.lp_pool2d, F.interpolate, F.upsample,
+    F.upsample_nearest, F.upsample_bilinear, torch.max_pool2d, torch.avg_pool1d,
+)
+
+
+def spatial_rule(ctx, node):
+    """Ops that act on each channel's spatial map (NC... layout): channels pass through."""
+    x = node.args[0]
+    lay, v = ctx.layout(x), ctx.val(x)
+    if lay is None:
+        return ctx.unknown()
+    if v.dim() < 3 or any(lay.shape[d] > 1 for d in range(2, lay.ndim)):
+        return ctx.unknown(f"{ctx.where()}: channels not on axis 1")
+    out = ctx.out()
+    if isinstance(out, (tuple, list)):  # max pooling with indices
+        return type(out)(lay for _ in out)
+    return lay
+
+
+register(*SPATIAL_MODULES, *SPATIAL_FUNCTIONS)(spatial_rule)
+
+# ----------------------------------------------------------------------------- norms
+
+
+def norm_rule(ctx, node):
+    """Per-channel normalisation (axis 1); its parameters own atoms tied to the input's."""
+    x = node.args[0]
+    lay, v = ctx.layout(x), ctx.val(x)
+    if lay is None or v.dim() < 2:
+        return ctx.unknown()
+    atoms = along(lay, 1, v.shape[1])
+    if atoms is None:
+        return ctx.unknown(f"{ctx.where()}: channels not on axis 1")
+    m = ctx.module
+    has_state = any(p is not None and p.dim() == 1 and p.shape[0] == v.shape[1]
+                    for p in list(m.parameters(recurse=False)) + list(m.buffers(recurse=False)))
+    if isinstance(m, nn.GroupNorm) and m.num_groups != m.num_channels:
+        if ctx.flow.allow_inexact:
+            from .flow import Balance
+            ctx.constrain(Balance(atoms, m.num_groups, f"GroupNorm {node.target}"))
+        ctx.inexact(atoms, f"GroupNorm with {m.num_groups} groups of {m.num_channels // m.num_groups} channels")
+    if isinstance(m, nn.PReLU) and m.num_parameters == 1:
+        return lay
+    if has_state:
+        atoms = ctx.unify(atoms, ctx.owned(v.shape[1], "norm"))
+        ctx.table.tag(atoms, "norm")
+    return on_axis(atoms, 1, v.dim())
+
+
+register(nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm,
+         nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d, nn.GroupNorm, nn.PReLU,
+         surgery=S.norm_surgery)(norm_rule)
+
+
+@register(F.batch_norm, F.instance_norm)
+def functional_norm_rule(ctx, node):
+    """``F.batch_norm(x, mean, var, weight, bias, ...)``: x's channels unify with each
+    parameter's atoms (sliced by the generic parameter surgery)."""
+    x = node.args[0]
+    lay, v = ctx.layout(x), ctx.val(x)
+    atoms = along(lay, 1, v.shape[1]) if lay is not None and v.dim() >= 2 else None
+    if atoms is None:
+        return ctx.unknown()
+    params = [a for a in list(node.args[1:5]) + [node.kwargs.get(k) for k in ("running_mean", "running_var", "weight", "bias")]
+              if a is not None and hasattr(a, "op")]
+    if any(p.op != "get_attr" for p in params):
+        return ctx.unknown(f"{ctx.where()}: statistics not plain parameters")
+    for p in params:
+        atoms = ctx.unify(atoms, along(ctx.layout(p), 0, v.shape[1]))
+    return on_axis(atoms, 1, v.dim())
+
+
+@register(nn.LocalResponseNorm, F.local_response_norm)
+def lrn_rule(ctx, node):
+    lay = ctx.layout(node.args[0])
+    ctx.inexact(lay, "LocalResponseNorm over channels")
+    return lay
+
+
+@register(nn.LayerNorm, surgery=S.layer_norm_surgery)
+def layer_norm_rule(ctx, node):
+    """LayerNorm over the channel axis is made exact: a mask site whose statistics are
+    re-emitted over the original channel count. Over other axes it is per element."""
+    x = node.args[0]
+    lay, v, m = ctx.layout(x), ctx.val(x), ctx.module
+    k = len(m.normalized_shape)
+    normed = list(range(v.dim() - k, v.dim()))
+    if not any(lay.shape[d] > 1 for d in normed):
+        return lay
+    atoms = along(lay, -1, v.shape[-1])
+    if k != 1 or atoms is None:
+        ctx.inexact(lay, "LayerNorm over several axes including channels")
+        return lay if ctx.flow.allow_inexact else filled(UNKNOWN, v.dim())
+    ctx.site(0, atoms, v.dim() - 1, kind="layer_norm")
+    if m.weight is not None:
+        atoms = ctx.unify(atoms, ctx.owned(v.shape[-1], "norm"))
+    return on_axis(atoms, -1, v.dim())
+
+
+@register(F.layer_norm, F.group_norm)
+def functional_stats_rule(ctx, node):
+    lay = ctx.layout(node.args[0])
+    v = ctx.val(node.args[0])
+    if lay is not None and carrying_axes(lay) and not (carrying_axes(lay) == [1] and node.target is F.group_norm
+                                                       and node.args[1] == v.shape[1]):
+        return ctx.unknown(f"{ctx.where()}: normalisation statistics over channels")
+    return ctx.unknown() if node.target is F.group_norm else lay
+
+
+def softmax_rule(ctx, node):
+    x = node.args[0]
+    lay, v = ctx.layout(x), ctx.val(x)
+    m = ctx.module if node.op == "call_module" else None
+    if isinstance(m, nn.Softmax2d):
+        dim = -3
+    else:
+        dim = m.dim if m is not None else (node.args[1] if len(node.args) > 1 else node.kwargs.get("dim"))
+    if dim is None or lay.shape[dim % v.dim()] > 1:
+        ctx.inexact(lay, f"{ctx.where()} over channels")
+    return lay
+
+
+register(nn.Softmax, nn.Softmax2d, nn.LogSoftmax, F.softmax, F.log_softmax, torch.softmax,
+         torch.log_softmax, "softmax", "log_softmax")(softmax_rule)
+
+# ----------------------------------------------------------------------------- mixing ops
+
+
+def _input_atoms(ctx, x, axis: int, width: int) -> np.ndarray:
+    lay = ctx.layout(x)
+    atoms = along(lay, axis, width) if lay is not None else None
+    if atoms is None:
+        ctx.freeze(lay, f"{ctx.where()}: input channels on several axes")
+        atoms = np.full(width, UNKNOWN, dtype=np.int64)
+    return atoms
+
+
+def _tie_inputs(ctx, key: str, atoms: np.ndarray) -> np.ndarray:
+    """Shared weights read the same input channels at every call."""
+    prev = ctx.flow.module_inputs.get(key)
+    if prev is None:
+        ctx.flow.module_inputs[key] = atoms
+        return atoms
+    return ctx.unify(prev, atoms)
+
+
+def conv_like(ctx, node, key, x, cin, cout, groups, transposed, weight_dims):
+    v = ctx.val(x)
+    if v.dim() != weight_dims:
+        return ctx.unknown(f"{ctx.where()}: unbatched input")
+    atoms_in = _tie_inputs(ctx, key, _input_atoms(ctx, x, 1, cin))
+    out_atoms = ctx.owned(cout, "conv", key)
+    if groups == 1:
+        site = ctx.site(0, atoms_in, 1, "conv")
+    elif groups == cin and not transposed:
+        ctx.unify(np.repeat(atoms_in, cout // cin), out_atoms)
+        ctx.table.tag(out_atoms, "depthwise")
+        site = None
+    elif transposed:
+        return ctx.unknown(f"{ctx.where()}: grouped transposed conv")
+    else:
+        from .flow import Balance
+        site = ctx.site(0, atoms_in, 1, "conv")
+        ctx.constrain(Balance(atoms_in, groups, f"grouped conv {key} (input)", site))
+        ctx.constrain(Balance(out_atoms, groups, f"grouped conv {key} (output)"))
+        ctx.table.tag(np.concatenate([atoms_in, out_atoms]), "grouped")
+        if cout == groups:
+            ctx.freeze(out_atoms, f"grouped conv {key} has one output per group")
+    if site is not None:
+        from .flow import NonEmpty
+        ctx.constrain(NonEmpty(atoms_in, f"input of {key}", site))
+    return on_axis(out_atoms, 1, v.dim())
+
+
+CONV_MODULES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+
+
+@register(*CONV_MODULES, surgery=S.conv_surgery)
+def conv_rule(ctx, node):
+    m = ctx.module
+    transposed = isinstance(m, nn.modules.conv._ConvTransposeNd)
+    return conv_like(ctx, node, node.target, node.args[0], m.in_channels, m.out_channels,
+                     m.groups, transposed, m.weight.dim())
+
+
+@register(nn.Linear, surgery=S.linear_surgery)
+def linear_rule(ctx, node):
+    m = ctx.module
+    return linear_like(ctx, node, node.target, node.args[0], m.in_features, m.out_features)
+
+
+def linear_like(ctx, node, key, x, fin, fout):
+    atoms_in = _tie_inputs(ctx, key, _input_atoms(ctx, x, -1, fin))
+    from .flow import NonEmpty
+    site = ctx.site(0, atoms_in, ctx.val(x).dim() - 1, "linear")
+    ctx.constrain(NonEmpty(atoms_in, f"input of {key}", site))
+    return on_axis(ctx.owned(fout, "linear", key), -1, ctx.out().dim())
+
+
+@register(F.conv1d, F.conv2d, F.conv3d, F.linear, surgery=S.functional_weight_surgery)
+def functional_weight_rule(ctx, node):
+    """``F.conv2d(x, self.weight, self.bias, ...)`` with plain parameters: the weight owns
+    the output atoms, the bias is tied to them."""
+    w = ctx.arg(1, "weight")
+    b = ctx.arg(2, "bias")
+    if not (hasattr(w, "op") and w.op == "get_attr") or (b is not None and getattr(b, "op", None) != "get_attr"):
+        return ctx.unknown(f"{ctx.where()}: weight is computed, not a parameter")
+    wv = ctx.val(w)
+    if node.target is F.linear:
+        out = linear_like(ctx, node, w.target, node.args[0], wv.shape[1], wv.shape[0])
+        axis = -1
+    else:
+        groups = ctx.arg(6, "groups", 1)
+        if groups != 1:
+            return ctx.unknown(f"{ctx.where()}: grouped functional conv")
+        out = conv_like(ctx, node, w.target, node.args[0], wv.shape[1], wv.shape[0], 1, False, wv.dim())
+        axis = 1
+    if b is not None:
+        ctx.unify(along(out, axis, wv.shape[0]), along(ctx.layout(b), 0, wv.shape[0]))
+    return out
+
+
+@register(torch.matmul, operator.matmul, "matmul")
+def matmul_rule(ctx, node):
+    """``a @ b`` between activations: the contracted axis unifies and is a mask site."""
+    a, b = node.args[0], node.args[1]
+    la, lb, va, vb = ctx.layout(a), ctx.layout(b), ctx.val(a), ctx.val(b)
+    if va.dim() < 2 or vb.dim() < 2 or getattr(b, "op", None) == "get_attr":
+        return ctx.unknown()
+    ka = along(la, -1, va.shape[-1])
+    kb = along(lb, -2, vb.shape[-2])
+    if ka is None or kb is None:
+        return ctx.unknown(f"{ctx.where()}: operands carry channels on several axes")
+    ctx.site(0, ctx.unify(ka, kb), va.dim() - 1, "matmul")
+    return filled(NONE, ctx.out().dim())
+
+
+# ----------------------------------------------------------------------------- structure
+
+
+@register(getattr)
+def getattr_rule(ctx, node):
+    """``x.shape`` and friends carry no channels; ``torch.max(x, 1).values`` picks a field."""
+    lay = ctx.flow.layouts.get(node.args[0])
+    if not isinstance(ctx.out(), torch.Tensor):
+        return None
+    if isinstance(lay, tuple) and node.args[1] in ("values", "indices"):
+        return lay[0 if node.args[1] == "values" else 1]
+    if node.args[1] in ("data", "real"):
+        return ctx.layout(node.args[0])
+    return ctx.unknown()
+
+
+@register("size", "dim", "numel", "nelement", torch.numel, len, "element_size", "is_contiguous")
+def no_channels_rule(ctx, node):
+    """Sizes, dtypes and other Python values carry no channels (sizes stay dynamic)."""
+    return None

@@ -1,0 +1,166 @@
+"""Surgery: remove dropped channels from a captured GraphModule, in place.
+
+Every node's registry surgery rule runs once; then one generic pass slices plain
+parameters used through ``get_attr`` (layer scale, functional BN statistics, biases),
+site groups get an ``index_select`` before their chain, the graph is recompiled and
+shape-propagated again, and every value's channel extents are checked against the plan.
+
+Example::
+
+    apply_surgery(gm, flow, plan, example_inputs)   # gm now computes the pruned model
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.fx as fx
+from torch import nn
+
+from .atoms import along
+from .capture import MetaShapeProp
+from .errors import SurgeryError
+from .flow import ChannelFlow, ParamRef, Site
+from .plan import Plan
+from .registry import lookup
+from .surgery_rules import set_tensor
+
+
+class SurgeryContext:
+    """What a surgery rule sees: the plan's keeps for any value, and graph editing."""
+
+    def __init__(self, gm: fx.GraphModule, flow: ChannelFlow, plan: Plan):
+        self.gm, self.flow, self.plan, self.graph = gm, flow, plan, gm.graph
+        self.modules = dict(gm.named_modules())
+        self._sites: dict[fx.Node, Site] = {}
+        for site in flow.sites:
+            self._sites.setdefault(site.node, site)
+        self._done: set = set()
+        self._consts = 0
+
+    def module(self, node: fx.Node) -> nn.Module:
+        return self.modules[node.target]
+
+    def first_call(self, node: fx.Node, key=None) -> bool:
+        key = key or node.target
+        if key in self._done:
+            return False
+        self._done.add(key)
+        return True
+
+    def layout(self, node: fx.Node):
+        return self.flow.layout_of(node)
+
+    def keep(self, layout: np.ndarray) -> np.ndarray:
+        return self.plan.keep_layout(layout)
+
+    def keep_along(self, node: fx.Node, axis: int) -> np.ndarray:
+        """Kept positions of a node's value along ``axis`` (site-group chains included)."""
+        v = node.meta["val"]
+        lay = self.flow.layout_of(node)
+        vec = along(lay, axis, v.shape[axis])
+        keep = self.plan.keep_node(node, on_full(vec, axis, lay.ndim) if vec is not None else lay)
+        return keep.reshape(-1) if vec is not None else np.ones(v.shape[axis], dtype=bool)
+
+    def kept_extents(self, node: fx.Node) -> list[int]:
+        """Extent of every axis of a node's value after pruning."""
+        v = node.meta["val"]
+        lay = self.flow.layouts[node]
+        keep = self.plan.keep_node(node, lay)
+        ext = []
+        for d, size in enumerate(v.shape):
+            if lay.shape[d] == 1:
+                ext.append(int(size))
+            else:
+                other = tuple(k for k in range(lay.ndim) if k != d)
+                ext.append(int(keep.any(axis=other).sum()) if other else int(keep.sum()))
+        return ext
+
+    def site_of(self, node: fx.Node) -> Site | None:
+        return self._sites.get(node)
+
+    def site_keep(self, site: Site) -> np.ndarray:
+        return self.plan.site_keep(site)
+
+    def owner_of(self, target: str) -> tuple[nn.Module, str]:
+        prefix, _, name = target.rpartition(".")
+        return self.gm.get_submodule(prefix), name
+
+    def const(self, values) -> fx.Node:
+        """A constant long tensor stored as a buffer of the GraphModule (an ONNX initializer)."""
+        name = f"_softprune_idx{self._consts}"
+        self._consts += 1
+        self.gm.register_buffer(name, torch.as_tensor(np.asarray(values), dtype=torch.long))
+        return self.graph.get_attr(name)
+
+
+def on_full(vec: np.ndarray, axis: int, ndim: int) -> np.ndarray:
+    shape = [1] * ndim
+    shape[axis % ndim] = len(vec)
+    return vec.reshape(shape)
+
+
+def _slice_params(sctx: SurgeryContext) -> None:
+    """Plain parameters with one channel axis (owned atoms) lose their dropped entries."""
+    table = sctx.flow.table
+    for node in list(sctx.graph.nodes):
+        if node.op != "get_attr" or not isinstance(sctx.flow.layouts.get(node), ParamRef):
+            continue
+        idx = table.owner_index.get(node.target)
+        if idx is None or table.owners[idx].kind != "param" or not sctx.first_call(node, key=("param", node.target)):
+            continue
+        value = sctx.flow.layouts[node].value
+        axis = next(d for d, s in enumerate(value.shape) if s > 1)
+        keep = sctx.plan.keep_layout(table.owners[idx].atoms)
+        if keep.all():
+            continue
+        owner, name = sctx.owner_of(node.target)
+        tensor = getattr(owner, name).data
+        set_tensor(owner, name, tensor.index_select(axis, torch.as_tensor(np.flatnonzero(keep))))
+
+
+def _select_for_site_groups(sctx: SurgeryContext) -> None:
+    """Before each site group's chain: keep the positions both groups keep."""
+    for g in sctx.plan.groups:
+        if not g.is_site_group:
+            continue
+        src_keep = sctx.plan.source_keep(g)
+        both = src_keep & sctx.plan.position_keep(g)
+        if (both == src_keep).all():
+            continue
+        idx = (np.cumsum(src_keep) - 1)[both]
+        first = g.chain[0]
+        with sctx.graph.inserting_before(first):
+            sel = sctx.graph.call_function(torch.index_select, (g.source, 1, sctx.const(idx)))
+        first.replace_input_with(g.source, sel)
+
+
+def apply_surgery(gm: fx.GraphModule, flow: ChannelFlow, plan: Plan, example_inputs: tuple) -> fx.GraphModule:
+    """Rewrite ``gm`` (the graph the flow was computed on) to drop the plan's channels."""
+    sctx = SurgeryContext(gm, flow, plan)
+    planned = {n: sctx.kept_extents(n) for n in gm.graph.nodes
+               if isinstance(flow.layouts.get(n), np.ndarray) and isinstance(n.meta.get("val"), torch.Tensor)}
+    _select_for_site_groups(sctx)
+    for node in list(gm.graph.nodes):
+        entry = lookup(node, sctx.modules)
+        if entry is not None and entry.surgery is not None:
+            entry.surgery(sctx, node)
+    _slice_params(sctx)
+    gm.delete_all_unused_submodules()
+    gm.recompile()
+    check_extents(gm, planned, example_inputs)
+    return gm
+
+
+def check_extents(gm: fx.GraphModule, planned: dict, example_inputs: tuple) -> None:
+    """Re-run shapes on the pruned graph; each value must have its planned extents."""
+    try:
+        MetaShapeProp(gm).propagate(*example_inputs)
+    except Exception as exc:  # noqa: BLE001
+        raise SurgeryError(f"the pruned graph does not run: {' '.join(str(exc).split())[:300]}") from exc
+    alive = set(gm.graph.nodes)
+    for node, ext in planned.items():
+        if node not in alive:
+            continue
+        v = node.meta.get("val")
+        if isinstance(v, torch.Tensor) and list(v.shape) != ext:
+            raise SurgeryError(f"node {node.name}: pruned shape {list(v.shape)} but the plan says {ext}")

@@ -1,0 +1,11 @@
+"""softprune-fx: Operation-Aware Soft Channel Pruning as a torch.fx compiler pass."""
+from passes.errors import (BudgetError, CaptureError, IllegalDropError, OnnxExportError, SoftpruneError,
+                           SurgeryError)
+from passes.registry import register_op
+
+from .api import analyze, masked, prune_channels
+from .graph import ChannelGraph
+
+__all__ = ["analyze", "masked", "prune_channels", "register_op", "ChannelGraph", "SoftpruneError",
+           "CaptureError", "IllegalDropError", "SurgeryError", "BudgetError", "OnnxExportError"]
+__version__ = "0.1.0"

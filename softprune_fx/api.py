@@ -1,0 +1,62 @@
+"""The contract API: analyze, masked, prune_channels.
+
+Example::
+
+    cg = analyze(model, x)
+    drop = cg.legalize({g.id: [0] for g in cg.groups if g.prunable})
+    small = prune_channels(model, x, drop)      # same function as masked(model, x, drop)
+"""
+from __future__ import annotations
+
+import copy
+from typing import Any, Iterable
+
+import torch.fx as fx
+from torch import nn
+
+from passes.capture import as_input_tuple, capture
+from passes.flow import run_flow
+from passes.groups import build_groups
+from passes.masks import insert_hard_masks
+from passes.surgery import apply_surgery
+
+from .graph import ChannelGraph
+
+
+def analyze(model: nn.Module, example_inputs: Any, *, frozen: Iterable[str] = (),
+            leaf_modules: Iterable = (), allow_inexact: bool = False) -> ChannelGraph:
+    """Trace ``model`` (read only, not copied) and find its channel groups.
+
+    ``frozen`` names module prefixes or group ids to leave alone; ``leaf_modules`` are
+    module classes or names not to trace into; ``allow_inexact`` lets groups through ops
+    that mix statistics across channels be pruned (not exact: the report says so).
+    """
+    gm = capture(model, example_inputs, leaf_modules)
+    flow = run_flow(gm, allow_inexact=allow_inexact)
+    return ChannelGraph(gm, flow, build_groups(flow, tuple(frozen)))
+
+
+def plain(gm: fx.GraphModule) -> fx.GraphModule:
+    """Strip softprune references so the module pickles and loads with plain torch."""
+    gm._tracer_cls = None
+    gm._tracer_extras = {}
+    gm.meta.clear()
+    for node in gm.graph.nodes:
+        node.meta.pop("val", None)
+    return gm
+
+
+def masked(model: nn.Module, example_inputs: Any, drop: dict | None, **options) -> fx.GraphModule:
+    """A copy of ``model`` with the dropped channels zeroed by hard masks at every mask site."""
+    cg = analyze(copy.deepcopy(model), example_inputs, **options)
+    plan = cg.plan(drop)
+    return plain(insert_hard_masks(cg.gm, cg.flow, plan))
+
+
+def prune_channels(model: nn.Module, example_inputs: Any, drop: dict | None, *, inplace: bool = False,
+                   **options) -> fx.GraphModule:
+    """The physically pruned model: equal to ``masked(model, example_inputs, drop)`` in eval mode."""
+    cg = analyze(model if inplace else copy.deepcopy(model), example_inputs, **options)
+    plan = cg.plan(drop)
+    gm = apply_surgery(cg.gm, cg.flow, plan, as_input_tuple(example_inputs))
+    return plain(gm)

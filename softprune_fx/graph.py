@@ -1,0 +1,114 @@
+"""``ChannelGraph``: what ``analyze`` returns, the channel dependency report of a model.
+
+Example::
+
+    cg = softprune_fx.analyze(model, (torch.randn(1, 3, 32, 32),))
+    [g.id for g in cg.groups if g.prunable]
+    drop = cg.legalize({"layer1.0.conv1": [0, 1]})
+    rich.print(cg.summary())
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import networkx as nx
+import torch.fx as fx
+from rich.table import Table
+
+from passes.flow import ChannelFlow
+from passes.groups import Group
+from passes.legalize import check_plan, legalize_plan
+from passes.plan import Plan
+
+
+@dataclass
+class ChannelGraph:
+    gm: fx.GraphModule
+    flow: ChannelFlow
+    groups: list[Group]
+
+    def __post_init__(self):
+        self.by_id = {g.id: g for g in self.groups}
+
+    @property
+    def constraints(self) -> list:
+        return self.flow.constraints
+
+    @property
+    def untraced(self) -> list[str]:
+        return list(self.gm.meta.get("untraced", ()))
+
+    def group(self, gid: str) -> Group:
+        return self.by_id[gid]
+
+    def plan(self, drop: dict | None) -> Plan:
+        """A checked plan for a legal ``drop`` (raises IllegalDropError otherwise)."""
+        plan = Plan.from_drop(self.flow, self.groups, drop)
+        check_plan(plan, self.constraints)
+        return plan
+
+    def legalize(self, drop: dict | None, scores: dict | None = None) -> dict[str, list[int]]:
+        """The smallest extension of ``drop`` that satisfies every constraint.
+
+        Raises IllegalDropError when ``drop`` names a frozen or unknown channel, or when
+        the result would empty a group, a split piece or a conv group. ``scores`` maps a
+        group id to per-channel scores (higher = keep); without them the highest index
+        goes first.
+        """
+        plan = Plan.from_drop(self.flow, self.groups, drop)
+        return legalize_plan(plan, self.constraints, scores).to_drop()
+
+    # ------------------------------------------------------------------ reports
+    def status(self, g: Group) -> str:
+        if not g.frozen_channels:
+            return "prunable"
+        if g.prunable:
+            return f"prunable ({len(g.frozen_channels)} frozen: {g.frozen_reason})"
+        return f"frozen: {g.frozen_reason}"
+
+    def to_dict(self) -> dict:
+        return {
+            "groups": [{
+                "id": g.id, "width": g.width, "prunable": g.prunable, "kinds": sorted(g.kinds),
+                "frozen_channels": g.frozen_channels, "frozen_reason": g.frozen_reason,
+                "producers": g.producers, "sites": g.sites,
+            } for g in self.groups],
+            "untraced": self.untraced,
+            "inexact": list(self.flow.inexact),
+        }
+
+    def to_json(self, **kw) -> str:
+        return json.dumps(self.to_dict(), **({"indent": 2} | kw))
+
+    def to_networkx(self) -> nx.DiGraph:
+        """Bipartite coupling graph: producer -> group -> consumer (mask site)."""
+        g = nx.DiGraph()
+        for grp in self.groups:
+            key = f"group:{grp.id}"
+            g.add_node(key, kind="group", width=grp.width, prunable=grp.prunable, kinds=",".join(sorted(grp.kinds)))
+            for p in grp.producers:
+                g.add_node(f"layer:{p}", kind="layer")
+                g.add_edge(f"layer:{p}", key)
+            for s in grp.sites:
+                g.add_node(f"layer:{s}", kind="layer")
+                g.add_edge(key, f"layer:{s}")
+        return g
+
+    def summary(self, short: bool = False) -> Table:
+        """A rich table: group, kinds, width, status, producers, sites."""
+        table = Table(title="channel groups", show_lines=False)
+        for col in ("group", "kinds", "width", "status", "producers", "sites"):
+            table.add_column(col, overflow="fold")
+        rows = [g for g in self.groups if g.prunable] if short else self.groups
+        for g in rows:
+            table.add_row(g.id, ",".join(sorted(g.kinds)) or "-", str(g.width), self.status(g),
+                          _short(g.producers), _short(g.sites))
+        prunable = sum(g.width - len(g.frozen_channels) for g in self.groups if not g.is_site_group)
+        table.caption = (f"{len(self.groups)} groups, {sum(g.prunable for g in self.groups)} prunable, "
+                         f"{prunable} prunable channels")
+        return table
+
+
+def _short(names: list[str], n: int = 3) -> str:
+    return ", ".join(names[:n]) + (f" (+{len(names) - n})" if len(names) > n else "")

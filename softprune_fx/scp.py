@@ -1,0 +1,256 @@
+"""The math of Operation-Aware Soft Channel Pruning (SCP; Kang & Han, ICML 2020).
+
+Each formula is one small differentiable function on tensors, so the training loop, the
+one-shot ranking and the tests all use the same code. See DESIGN.md section 4.
+
+Per BN channel c (scale ``gamma``, shift ``beta``) that feeds a rectifier whose zero
+region is ``x <= t``:
+
+    p_c   = Phi((t + eps - beta_c) / (1e-8 + |gamma_c|))   deactivation probability
+    pi_c  = sigmoid(k * (p_c - c0))                        prune probability
+    m_c   = keep component of Gumbel-softmax([1 - pi_c, pi_c], tau)   soft mask
+    keep  = pi_c < 0.5                                     hard rule (eval, decision)
+    R     = sum_c (beta_c + s * |gamma_c|)                 regulariser (times lambda)
+
+A group with several BN-rectifier sites uses ``p = prod_s p_s``; a group with none uses a
+learned gate ``pi = sigmoid(logit)``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import reduce
+from typing import Any, Optional, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = [
+    "SCPConfig",
+    "GATE_INIT_PI",
+    "rectifier_threshold",
+    "deactivation_prob",
+    "prune_prob",
+    "soft_keep",
+    "hard_keep",
+    "scp_regularizer",
+    "combine_sites",
+    "gate_prob",
+    "gate_init_logit",
+]
+
+@dataclass(frozen=True)
+class SCPConfig:
+    """Hyper-parameters of SCP, with the paper's values as defaults.
+
+    eps: margin added to the rectifier threshold in ``deactivation_prob``.
+    k, c0: slope and centre of ``prune_prob``; the hard rule keeps iff ``p < c0``.
+    tau: Gumbel-softmax temperature of ``soft_keep``.
+    s: weight of ``|gamma|`` against ``beta`` in ``scp_regularizer``.
+    """
+
+    eps: float = 0.05
+    k: float = 20.0
+    c0: float = 0.95
+    tau: float = 0.5
+    s: float = 2.0
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.c0 < 1.0:
+            raise ValueError(f"SCPConfig.c0 must be in (0, 1), got {self.c0}")
+        if self.k <= 0 or self.tau <= 0:
+            raise ValueError(f"SCPConfig.k and tau must be > 0, got k={self.k}, tau={self.tau}")
+        if self.eps < 0 or self.s < 0:
+            raise ValueError(f"SCPConfig.eps and s must be >= 0, got eps={self.eps}, s={self.s}")
+
+
+# --------------------------------------------------------------------------- rectifiers
+
+_ZERO_THRESHOLD_MODULES = (nn.ReLU, nn.ReLU6)
+_HARDSWISH_MODULES = (nn.Hardswish,)
+
+
+def _functions(*names: str) -> tuple[Any, ...]:
+    """The callables among ``torch.<path>`` names that exist in this torch build."""
+    found = []
+    for name in names:
+        obj: Any = torch
+        for part in name.split("."):
+            obj = getattr(obj, part, None)
+            if obj is None:
+                break
+        if obj is not None:
+            found.append(obj)
+    return tuple(found)
+
+
+_ZERO_THRESHOLD_FUNCTIONS = _functions(
+    "nn.functional.relu", "nn.functional.relu_", "nn.functional.relu6",
+    "relu", "relu_", "_C._nn.relu6",
+)
+_HARDSWISH_FUNCTIONS = _functions("nn.functional.hardswish", "_C._nn.hardswish")
+_ZERO_THRESHOLD_METHODS = frozenset({"relu", "relu_"})  # torch.fx call_method targets
+
+
+def rectifier_threshold(module_or_fn: Any) -> Optional[float]:
+    """Upper end ``t`` of a rectifier's zero region ``x <= t``, or None if it has none.
+
+    Accepts a module instance or class, a function, or a ``call_method`` name:
+
+        ReLU, ReLU6 (module, class, F.relu, F.relu6, torch.relu, "relu")  -> 0.0
+        Hardswish (module, class, F.hardswish)                             -> -3.0
+        anything else (SiLU, GELU, LeakyReLU, Hardtanh, ...)               -> None
+
+    >>> rectifier_threshold(nn.ReLU()), rectifier_threshold(F.hardswish)
+    (0.0, -3.0)
+    >>> rectifier_threshold(nn.SiLU()) is None
+    True
+    """
+    if isinstance(module_or_fn, str):
+        return 0.0 if module_or_fn in _ZERO_THRESHOLD_METHODS else None
+    if isinstance(module_or_fn, type):
+        if issubclass(module_or_fn, _ZERO_THRESHOLD_MODULES):
+            return 0.0
+        if issubclass(module_or_fn, _HARDSWISH_MODULES):
+            return -3.0
+        return None
+    if isinstance(module_or_fn, _ZERO_THRESHOLD_MODULES):
+        return 0.0
+    if isinstance(module_or_fn, _HARDSWISH_MODULES):
+        return -3.0
+    if any(module_or_fn is f for f in _ZERO_THRESHOLD_FUNCTIONS):
+        return 0.0
+    if any(module_or_fn is f for f in _HARDSWISH_FUNCTIONS):
+        return -3.0
+    return None
+
+
+# --------------------------------------------------------------------------- probabilities
+
+
+def deactivation_prob(gamma: Tensor, beta: Tensor, t: float = 0.0, eps: float = 0.05) -> Tensor:
+    """Probability that the rectifier zeroes channel c: ``Phi((t + eps - beta) / (1e-8 + |gamma|))``.
+
+    BN output is modelled as N(beta, gamma^2); ``Phi`` is the standard normal CDF
+    (``torch.special.ndtr``). ``gamma = 0`` gives 0, 0.5 or 1 with a finite gradient.
+
+    >>> deactivation_prob(torch.tensor([0.1]), torch.tensor([-0.2]))  # Phi(2.5)
+    tensor([0.9938])
+    """
+    return torch.special.ndtr((t + eps - beta) / (1e-8 + gamma.abs()))
+
+
+def prune_prob(p: Tensor, k: float = 20.0, c0: float = 0.95) -> Tensor:
+    """Prune probability ``pi = sigmoid(k * (p - c0))``.
+
+    ``pi = 0.5`` exactly at ``p = c0``; since ``p <= 1``, ``pi <= sigmoid(k * (1 - c0))``
+    (0.731 with the defaults), so a dead channel still has soft keep probability 0.27.
+
+    >>> prune_prob(torch.tensor([0.95, 1.0]))
+    tensor([0.5000, 0.7311])
+    """
+    return torch.sigmoid(k * (p - c0))
+
+
+def combine_sites(ps: Sequence[Tensor]) -> Tensor:
+    """Deactivation probability of a group with several BN-rectifier sites: ``prod_s p_s``.
+
+    A channel counts as dead only when every site zeroes it (the sites are treated as
+    independent).
+
+    >>> combine_sites([torch.tensor([0.5, 1.0]), torch.tensor([0.4, 0.9])])
+    tensor([0.2000, 0.9000])
+    """
+    if len(ps) == 0:
+        raise ValueError("combine_sites needs at least one site")
+    return reduce(torch.mul, ps)
+
+
+GATE_INIT_PI = 0.05
+"""Initial prune probability of a learned gate: small, so every gated channel starts kept
+(``hard_keep``) and the soft mask drops about 5% of samples, while ``d pi / d logit =
+pi (1 - pi) = 0.0475`` stays large enough for the budget to move the logit."""
+
+
+def gate_init_logit(pi0: float = GATE_INIT_PI) -> float:
+    """Logit that makes ``gate_prob`` start at ``pi0``: ``log(pi0 / (1 - pi0))``.
+
+    Initialise a gate parameter with ``torch.full((C,), gate_init_logit())``.
+
+    >>> round(gate_init_logit(0.05), 4)
+    -2.9444
+    """
+    if not 0.0 < pi0 < 1.0:
+        raise ValueError(f"gate initial pi must be in (0, 1), got {pi0}")
+    return math.log(pi0) - math.log1p(-pi0)
+
+
+def gate_prob(logit: Tensor) -> Tensor:
+    """Prune probability of a group without a BN-rectifier site: ``pi = sigmoid(logit)``.
+
+    The logit is a learned per-channel parameter, initialised to ``gate_init_logit()``
+    (pi = ``GATE_INIT_PI`` = 0.05: kept by the hard rule); the same soft mask, hard rule
+    and decision as BN-scored groups then apply.
+
+    >>> gate_prob(torch.tensor([gate_init_logit(), 0.0]))
+    tensor([0.0500, 0.5000])
+    """
+    return torch.sigmoid(logit)
+
+
+# --------------------------------------------------------------------------- masks
+
+
+def soft_keep(pi: Tensor, tau: float = 0.5, generator: Optional[torch.Generator] = None) -> Tensor:
+    """Soft keep mask: keep component of a Gumbel-softmax sample over ``log([1 - pi, pi])``.
+
+        m = softmax(([log(1 - pi), log(pi)] + [g0, g1]) / tau)[0],   g ~ Gumbel(0, 1)
+
+    One sample per channel (same shape as ``pi``), shared by the whole batch. ``m`` is in
+    [0, 1] (strictly inside up to float saturation), decreasing in ``pi``, and
+    ``P(m > 0.5) = 1 - pi`` for every tau; as ``tau -> 0`` samples become 0/1.
+
+    >>> g = torch.Generator().manual_seed(0)
+    >>> soft_keep(torch.tensor([0.0, 1.0]), generator=g).round()
+    tensor([1., 0.])
+    """
+    if tau <= 0:
+        raise ValueError(f"soft_keep needs tau > 0, got {tau}")
+    finfo = torch.finfo(pi.dtype)
+    p = pi.clamp(finfo.eps, 1.0 - finfo.eps)  # finite logs and gradients at pi in {0, 1}
+    logits = torch.stack([torch.log1p(-p), torch.log(p)], dim=-1)
+    u = torch.rand(logits.shape, generator=generator, dtype=pi.dtype, device=pi.device)
+    gumbel = -torch.log(-torch.log(u.clamp(finfo.tiny, 1.0 - finfo.eps)))
+    return F.softmax((logits + gumbel) / tau, dim=-1)[..., 0]
+
+
+def hard_keep(pi: Tensor) -> Tensor:
+    """Hard keep rule: bool tensor ``pi < 0.5`` (equivalently ``p < c0`` for BN sites).
+
+    >>> hard_keep(torch.tensor([0.2, 0.5, 0.7]))
+    tensor([ True, False, False])
+    """
+    return pi < 0.5
+
+
+# --------------------------------------------------------------------------- regulariser
+
+
+def scp_regularizer(gamma: Tensor, beta: Tensor, s: float = 2.0,
+                    weight: Optional[Tensor] = None) -> Tensor:
+    """SCP regulariser ``sum_c w_c * (beta_c + s * |gamma_c|)`` (``w_c = 1`` by default).
+
+    Gradient descent on it lowers beta and shrinks |gamma|, which raises the
+    deactivation probability. ``weight`` is a per-channel tensor (e.g. each channel's
+    FLOPs share) broadcast against ``gamma``. Multiply by lambda outside.
+
+    >>> scp_regularizer(torch.tensor([0.5, -1.0]), torch.tensor([0.1, -0.3]))
+    tensor(2.8000)
+    """
+    per_channel = beta + s * gamma.abs()
+    if weight is not None:
+        per_channel = weight * per_channel
+    return per_channel.sum()
