@@ -57,28 +57,34 @@ def build_groups(flow: ChannelFlow, frozen: tuple = ()) -> list[Group]:
     table = flow.table
     n = len(table)
     roots = table.find(np.arange(n)) if n else np.zeros(0, dtype=np.int64)
-    owners_uf = UnionFind(range(len(table.owners)))
-    first_owner: dict[int, int] = {}
-    for atom, root in enumerate(roots):
-        o = table.owner_of[atom]
-        if root in first_owner:
-            owners_uf.union(first_owner[root], o)
-        else:
-            first_owner[int(root)] = o
+    creating = [o.kind in CREATING_KINDS for o in table.owners]
+    root_owners: dict[int, set[int]] = {}
+    for atom, root in enumerate(roots.tolist()):
+        root_owners.setdefault(root, set()).add(table.owner_of[atom])
+    owners_uf = UnionFind()
+    for owners in root_owners.values():
+        # norms and other channel-wise owners follow their inputs; they never link groups
+        linked = sorted(o for o in owners if creating[o]) or sorted(owners)
+        owners_uf.union(*linked)
     by_lead: dict[int, list[int]] = {}
     for o in range(len(table.owners)):
-        by_lead.setdefault(owners_uf[o], []).append(o)
+        if o in owners_uf.parents:
+            by_lead.setdefault(owners_uf[o], []).append(o)
     frozen_roots: dict[int, str] = {}
     for atom, reason in table.frozen.items():
         frozen_roots.setdefault(int(roots[atom]), reason)
     readers = _site_readers(flow, roots)
+
+    def members_of_root(r: int) -> set[int]:
+        owners = root_owners[r]
+        return {o for o in owners if creating[o]} or owners
     groups = []
     for members in sorted(by_lead.values(), key=min):
         classes, seen = [], set()
         for o in sorted(members):
             for atom in table.owners[o].atoms:
                 r = int(roots[atom])
-                if r not in seen:
+                if r not in seen and members_of_root(r) & set(members):
                     seen.add(r)
                     classes.append(r)
         if not classes:
@@ -87,7 +93,7 @@ def build_groups(flow: ChannelFlow, frozen: tuple = ()) -> list[Group]:
         gid = names[0]
         fz = [i for i, r in enumerate(classes) if r in frozen_roots]
         reason = frozen_roots[classes[fz[0]]] if fz else ""
-        if any(gid == f or gid.startswith(f + ".") for f in frozen) or gid in frozen:
+        if any(n == f or n.startswith(f + ".") for f in frozen for n in names):
             fz, reason = list(range(len(classes))), "frozen by the user"
         kinds = set()
         for o in members:

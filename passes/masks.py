@@ -56,3 +56,52 @@ def insert_hard_masks(gm: fx.GraphModule, flow: ChannelFlow, plan: Plan) -> fx.G
         set_site_input(site, masked)
     gm.recompile()
     return gm
+
+
+class SiteMask(torch.nn.Module):
+    """Applies a flat mask vector at one mask site, index-mapped to the site's positions.
+
+    Training mode multiplies by the (soft) mask; eval mode selects with ``torch.where``
+    on the hard mask. ``cls``/``sg`` hold, per position, the flat id of the position's
+    group channel and site-group channel (the last entry of the vector is a constant 1).
+    """
+
+    def __init__(self, cls_ids, sg_ids, axis: int, ndim: int, fill: float):
+        super().__init__()
+        self.register_buffer("cls", torch.as_tensor(cls_ids, dtype=torch.long), persistent=False)
+        self.register_buffer("sg", torch.as_tensor(sg_ids, dtype=torch.long), persistent=False)
+        shape = [1] * ndim
+        shape[axis % ndim] = len(cls_ids)
+        self.shape = shape
+        self.fill = fill
+
+    def forward(self, x, masks):
+        m = (masks[self.cls] * masks[self.sg]).reshape(self.shape).to(x.dtype)
+        if self.training:
+            return x * m
+        return torch.where(m > 0.5, x, self.fill)
+
+
+def insert_soft_masks(gm: fx.GraphModule, site_ids: list, bank: torch.nn.Module, bank_args: list[str]) -> None:
+    """Insert ``bank`` (called once, on the get_attr targets ``bank_args``) at the top of
+    ``gm`` and a ``SiteMask`` before every site; ``site_ids`` lists ``(site_node, arg,
+    axis, fill, cls_ids, sg_ids)`` with ids into the bank's vector (-1 = always kept)."""
+    gm.add_submodule("_softprune_bank", bank)
+    graph = gm.graph
+    first = next(n for n in graph.nodes if n.op != "placeholder")
+    with graph.inserting_before(first):
+        args = [graph.get_attr(t) for t in bank_args]
+        masks = graph.call_module("_softprune_bank", tuple(args))
+    for k, (node, arg, axis, fill, cls_ids, sg_ids) in enumerate(site_ids):
+        x = node.args[arg] if isinstance(arg, int) else node.kwargs[arg]
+        name = f"_softprune_site{k}"
+        gm.add_submodule(name, SiteMask(cls_ids, sg_ids, axis, x.meta["val"].dim(), fill))
+        with graph.inserting_before(node):
+            y = graph.call_module(name, (x, masks))
+        if isinstance(arg, int):
+            args_ = list(node.args)
+            args_[arg] = y
+            node.args = tuple(args_)
+        else:
+            node.kwargs = {**node.kwargs, arg: y}
+    gm.recompile()

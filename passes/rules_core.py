@@ -282,9 +282,10 @@ def conv_like(ctx, node, key, x, cin, cout, groups, transposed, weight_dims):
         ctx.table.tag(np.concatenate([atoms_in, out_atoms]), "grouped")
         if cout == groups:
             ctx.freeze(out_atoms, f"grouped conv {key} has one output per group")
+    from .flow import NonEmpty
     if site is not None:
-        from .flow import NonEmpty
         ctx.constrain(NonEmpty(atoms_in, f"input of {key}", site))
+    ctx.constrain(NonEmpty(out_atoms, f"output of {key}"))
     return on_axis(out_atoms, 1, v.dim())
 
 
@@ -310,7 +311,9 @@ def linear_like(ctx, node, key, x, fin, fout):
     from .flow import NonEmpty
     site = ctx.site(0, atoms_in, ctx.val(x).dim() - 1, "linear")
     ctx.constrain(NonEmpty(atoms_in, f"input of {key}", site))
-    return on_axis(ctx.owned(fout, "linear", key), -1, ctx.out().dim())
+    out_atoms = ctx.owned(fout, "linear", key)
+    ctx.constrain(NonEmpty(out_atoms, f"output of {key}"))
+    return on_axis(out_atoms, -1, ctx.out().dim())
 
 
 @register(F.conv1d, F.conv2d, F.conv3d, F.linear, surgery=S.functional_weight_surgery)

@@ -5,7 +5,9 @@ from passes.registry import register_op
 
 from .api import analyze, masked, prune_channels
 from .graph import ChannelGraph
+from .pruner import PruneResult, SoftPruner, prune_one_shot
+from .scp import SCPConfig
 
-__all__ = ["analyze", "masked", "prune_channels", "register_op", "ChannelGraph", "SoftpruneError",
+__all__ = ["SoftPruner", "prune_one_shot", "PruneResult", "SCPConfig", "analyze", "masked", "prune_channels", "register_op", "ChannelGraph", "SoftpruneError",
            "CaptureError", "IllegalDropError", "SurgeryError", "BudgetError", "OnnxExportError"]
 __version__ = "0.1.0"

@@ -1,0 +1,257 @@
+"""The output directory of ``softprune-fx prune``, written atomically.
+
+Everything is written into a temporary directory beside DIR and renamed into place at
+the end, so DIR is either the complete new result or untouched:
+
+    pruned.pt        the whole pruned GraphModule (torch.load(..., weights_only=False))
+    state_dict.pt    its weights (torch.load(..., weights_only=True))
+    plan.json        kept channels per group, input specs, graph fingerprint (apply_plan)
+    pruned.onnx      self-contained, dynamic batch axis, explicit output names
+    report.json      figures, checks, and what failed
+    widths.png       channels per group before/after (skipped without matplotlib)
+
+Latency repeats can be lowered with SOFTPRUNE_FX_LATENCY_REPEATS / _WARMUP (tests).
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable, ContextManager, Iterator
+
+import torch
+from torch import nn
+
+from passes.errors import OnnxExportError
+from passes.verify import check_onnx, export_onnx, ort_latency
+
+from .cli_errors import UsageError, one_line
+from .plan_io import inputs_from_specs, save_plan
+
+ONNX_REL = 1e-4
+Step = Callable[[str], ContextManager]
+
+
+def latency_settings() -> tuple[int, int]:
+    """(warmup, repeats) for ORT timing, from the environment (defaults 5, 30)."""
+    warmup = int(os.environ.get("SOFTPRUNE_FX_LATENCY_WARMUP", "5"))
+    repeats = int(os.environ.get("SOFTPRUNE_FX_LATENCY_REPEATS", "30"))
+    return max(0, warmup), max(1, repeats)
+
+
+def check_out_dir(out: str | os.PathLike, force: bool) -> Path:
+    """Refuse (UsageError) an existing non-directory, or a non-empty DIR without ``force``."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"output {out} exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise UsageError(f"output directory {out} exists and is not empty: pass --force to replace it, "
+                         "or choose another --out")
+    return out
+
+
+def _umask_mode() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o777 & ~mask
+
+
+def _commit(tmp: Path, out: Path, force: bool) -> None:
+    """Rename ``tmp`` to ``out``; an existing ``out`` (empty, or any with ``force``) is replaced."""
+    check_out_dir(out, force)
+    if not out.exists():
+        os.replace(tmp, out)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+    os.rmdir(old)
+    os.replace(out, old)
+    try:
+        os.replace(tmp, out)
+    except BaseException:
+        os.replace(old, out)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def staged_dir(out: str | os.PathLike, force: bool = False) -> Iterator[Path]:
+    """Yield a temporary directory beside ``out``; rename it to ``out`` when the block succeeds.
+
+    On any exception the temporary directory is removed and ``out`` is left as it was.
+    """
+    out = check_out_dir(out, force)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        os.chmod(tmp, _umask_mode())
+        yield tmp
+        _commit(tmp, out, force)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def save_models(folder: Path, pruned: nn.Module, plan: dict) -> None:
+    """pruned.pt (whole module), state_dict.pt (weights only) and plan.json."""
+    torch.save(pruned, folder / "pruned.pt")
+    torch.save(pruned.state_dict(), folder / "state_dict.pt")
+    save_plan(plan, folder / "plan.json")
+
+
+def check_batches(model: nn.Module, onnx_path: Path, specs: list[dict], example_inputs: tuple,
+                  batches: tuple[int, ...] = (1, 3), seed: int = 0) -> dict:
+    """ORT vs torch on random inputs at each batch size: ``{"ok", "max_abs_diff", "per_batch"}``."""
+    per_batch, worst, ok = {}, 0.0, True
+    for i, batch in enumerate(batches):
+        inputs = inputs_from_specs(specs, batch=batch, seed=seed + i)
+        if inputs is None:  # non-tensor inputs: only the example itself can be fed
+            inputs, batch = example_inputs, "example"
+        check = check_onnx(model, inputs, onnx_path, rel=ONNX_REL)
+        per_batch[str(batch)] = {"ok": check.ok, "max_abs_diff": check.max_abs_diff, "limits": check.limits}
+        worst = max([worst, *check.max_abs_diff.values()])
+        ok = ok and check.ok
+    return {"ok": ok, "max_abs_diff": worst, "per_batch": per_batch, "rel_tolerance": ONNX_REL}
+
+
+def onnx_stage(folder: Path, original: nn.Module, pruned: nn.Module, inputs: tuple, specs: list[dict],
+               step: Step) -> dict:
+    """Export both models, check the pruned one in ORT, time both; report fields.
+
+    ``original.onnx`` is only used for timing and is removed; a failed pruned export
+    sets ``onnx_error`` (no check, no latency).
+    """
+    fields: dict[str, Any] = {"onnx_exporter": None, "onnx_error": None, "max_abs_diff_onnx": None,
+                              "latency_ms_before": None, "latency_ms_after": None}
+    try:
+        with step("exporting the pruned model to ONNX"):
+            info = export_onnx(pruned, inputs, folder / "pruned.onnx")
+    except OnnxExportError as exc:
+        fields["onnx_error"] = one_line(exc)
+        return fields
+    fields["onnx_exporter"] = info.exporter
+    fields["onnx_export_seconds"] = round(info.seconds, 3)
+    fields["onnx_output_names"] = info.output_names
+    with step("checking pruned.onnx in ONNX Runtime"):
+        check = check_batches(pruned, folder / "pruned.onnx", specs, inputs)
+    fields["onnx_check"] = check
+    fields["max_abs_diff_onnx"] = check["max_abs_diff"]
+    fields.update(time_models(folder / "original.onnx", original, folder / "pruned.onnx", inputs, step))
+    return fields
+
+
+def time_models(original_path: Path, original: nn.Module, pruned_path: Path, inputs: tuple,
+                step: Step) -> dict:
+    """Export ``original`` to ``original_path`` (removed afterwards) and time both files in ORT."""
+    warmup, repeats = latency_settings()
+    fields: dict[str, Any] = {"latency_warmup": warmup, "latency_repeats": repeats}
+    paths = {"after": str(pruned_path)}
+    try:
+        with step("exporting the original model to ONNX"):
+            export_onnx(original, inputs, original_path)
+        paths["before"] = str(original_path)
+    except OnnxExportError as exc:
+        fields["original_onnx_error"] = one_line(exc)
+    try:
+        with step(f"timing in ONNX Runtime ({repeats} runs each, interleaved)"):
+            stats = ort_latency(paths, inputs, warmup=warmup, repeats=repeats)
+    finally:
+        if original_path.exists():
+            original_path.unlink()
+    for name, s in stats.items():
+        fields[f"latency_ms_{name}"] = round(s.median_ms, 4)
+        fields[f"latency_spread_ms_{name}"] = [round(s.p10_ms, 4), round(s.p90_ms, 4)]
+    return fields
+
+
+def plot_widths(path: Path, groups: list[dict]) -> str:
+    """Bar chart of channels per group before/after; returns "written" or why it was skipped."""
+    try:
+        from matplotlib.figure import Figure
+    except ImportError:
+        return "skipped: matplotlib is not installed (pip install 'softprune-fx[plot]')"
+    rows = [g for g in groups if g["width_before"] > 1] or groups
+    if not rows:
+        return "skipped: no channel groups"
+    fig = Figure(figsize=(min(40.0, max(6.0, 0.28 * len(rows) + 2)), 4.5), layout="constrained")
+    ax = fig.add_subplot()
+    xs = range(len(rows))
+    ax.bar(xs, [g["width_before"] for g in rows], color="#c8c8c8", label="before")
+    ax.bar(xs, [g["width_after"] for g in rows], color="#1f77b4", label="after")
+    ax.set_xticks(list(xs), [g["id"] for g in rows], rotation=90, fontsize=6)
+    ax.set_ylabel("channels")
+    ax.set_title("channels per group before and after pruning")
+    ax.legend()
+    fig.savefig(path, dpi=120)
+    return "written"
+
+
+def group_rows(result: Any) -> list[dict]:
+    """``[{"id", "kinds", "width_before", "width_after"}]`` from a PruneResult."""
+    kinds = getattr(result, "kinds", {}) or {}
+    return [{"id": gid, "kinds": sorted(kinds.get(gid, ())), "width_before": int(before),
+             "width_after": int(after)} for gid, (before, after) in result.widths.items()]
+
+
+def _jsonable(value: Any) -> Any:
+    """Tensors and numpy scalars as plain numbers; sets as sorted lists."""
+    if isinstance(value, torch.Tensor):
+        return value.item() if value.numel() == 1 else value.tolist()
+    if isinstance(value, (set, frozenset)):
+        return sorted(value)
+    if hasattr(value, "item"):
+        return value.item()
+    return str(value)
+
+
+def base_report(result: Any, meta: dict) -> dict:
+    """The figures every report has, from a PruneResult and the run's metadata."""
+    report = dict(meta)
+    for key in ("flops_before", "flops_after", "params_before", "params_after", "target_ratio",
+                "achieved_ratio"):
+        report[key] = getattr(result, key)
+    report["max_abs_diff_masked"] = float(getattr(result, "max_abs_diff", float("nan")))
+    report["rounding_dropped"] = list(getattr(result, "rounding_dropped", []) or [])
+    report["inexact"] = list(getattr(result, "inexact", []) or [])
+    report["groups"] = group_rows(result)
+    return report
+
+
+def write_artifacts(out: str | os.PathLike, *, original: nn.Module, pruned: nn.Module, inputs: tuple,
+                    result: Any, plan: dict, meta: dict, force: bool = False,
+                    step: Step | None = None) -> dict:
+    """Write DIR atomically and return the report (also in DIR/report.json).
+
+    ``report["status"]`` is "ok", "onnx_mismatch" (ORT differs from torch beyond
+    1e-4 * max(1, max|ref|)) or "onnx_export_failed"; ``report["failed"]`` says what failed.
+    """
+    step = step or (lambda _text: contextlib.nullcontext())
+    pruned.eval()
+    report = base_report(result, meta)
+    seconds: dict[str, float] = {}
+    with staged_dir(out, force) as tmp:
+        start = time.perf_counter()
+        with step("saving pruned.pt, state_dict.pt, plan.json"):
+            save_models(tmp, pruned, plan)
+        seconds["save"] = time.perf_counter() - start
+        start = time.perf_counter()
+        report.update(onnx_stage(tmp, original, pruned, inputs, plan.get("inputs", []), step))
+        seconds["onnx"] = time.perf_counter() - start
+        report["widths_png"] = plot_widths(tmp / "widths.png", report["groups"])
+        report["failed"] = []
+        if report["onnx_error"]:
+            report["status"] = "onnx_export_failed"
+            report["failed"].append(f"ONNX export failed with both exporters: {report['onnx_error']}")
+        elif not report["onnx_check"]["ok"]:
+            report["status"] = "onnx_mismatch"
+            report["failed"].append(
+                f"ONNX Runtime differs from torch: max|diff| {report['max_abs_diff_onnx']:.3g} above "
+                f"{ONNX_REL:g} * max(1, max|ref|)")
+        else:
+            report["status"] = "ok"
+        report["seconds"] = {k: round(v, 3) for k, v in seconds.items()}
+        (tmp / "report.json").write_text(json.dumps(report, indent=1, default=_jsonable) + "\n")
+    return report

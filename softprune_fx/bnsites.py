@@ -1,0 +1,123 @@
+"""BN-rectifier sites: which BN channels decide, by SCP, whether a channel is alive.
+
+A BN feeds a rectifier (ReLU, ReLU6: zero for ``x <= 0``; Hardswish: ``x <= -3``)
+directly or through residual adds. Its channel c scores every flat channel that c's
+position belongs to: the channel's group class and, for a BN in a site group's chain,
+the site-group position too. A flat channel with several sites uses the product of
+their deactivation probabilities.
+
+Example::
+
+    sites = find_bn_sites(cg, index)
+    sites[0].gamma, sites[0].beta, sites[0].flat, sites[0].threshold
+"""
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+
+from passes.atoms import along
+
+from .index import ChannelIndex
+from .scp import rectifier_threshold
+
+ADDS = (operator.add, operator.iadd, torch.add, "add", "add_")
+BN_MODULES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+
+
+@dataclass
+class BNSite:
+    gamma: str               # get_attr target of the BN weight
+    beta: str                # get_attr target of the BN bias
+    channel: np.ndarray      # BN channel of each entry
+    flat: np.ndarray         # flat channel id of each entry
+    threshold: float
+
+
+def _threshold(node: fx.Node, modules) -> float | None:
+    if node.op == "call_module":
+        return rectifier_threshold(modules[node.target])
+    if node.op in ("call_function", "call_method"):
+        return rectifier_threshold(node.target)
+    return None
+
+
+def _rectifier_after(node: fx.Node, modules, depth: int = 3) -> float | None:
+    """Threshold of the rectifier this value reaches directly or through adds."""
+    for user in node.users:
+        t = _threshold(user, modules)
+        if t is not None:
+            return t
+        if depth and (user.target in ADDS):
+            t = _rectifier_after(user, modules, depth - 1)
+            if t is not None:
+                return t
+    return None
+
+
+def _bn_params(node: fx.Node, modules) -> tuple[str, str] | None:
+    if node.op == "call_module" and isinstance(modules[node.target], BN_MODULES):
+        m = modules[node.target]
+        return (f"{node.target}.weight", f"{node.target}.bias") if m.affine else None
+    if node.op == "call_function" and node.target is F.batch_norm:
+        w = node.args[3] if len(node.args) > 3 else node.kwargs.get("weight")
+        b = node.args[4] if len(node.args) > 4 else node.kwargs.get("bias")
+        if getattr(w, "op", None) == "get_attr" and getattr(b, "op", None) == "get_attr":
+            return w.target, b.target
+    return None
+
+
+def find_bn_sites(cg, index: ChannelIndex) -> list[BNSite]:
+    modules = dict(cg.gm.named_modules())
+    chain_group = {n: g for g in cg.groups for n in g.chain}
+    out = []
+    for node in cg.gm.graph.nodes:
+        params = _bn_params(node, modules)
+        if params is None:
+            continue
+        t = _rectifier_after(node, modules)
+        lay = cg.flow.layouts.get(node)
+        if t is None or not isinstance(lay, np.ndarray):
+            continue
+        width = node.meta["val"].shape[1]
+        atoms = along(lay, 1, width)
+        if atoms is None:
+            continue
+        flat = index.atom_ids(atoms)
+        chans = np.arange(width)
+        g = chain_group.get(node)
+        if g is not None:  # the site group's positions, and the classes it reads
+            sg = index.ids(g.id)
+            flat = np.concatenate([flat, np.where(index.frozen[sg], -1, sg)])
+            chans = np.concatenate([chans, chans])
+        ok = flat >= 0
+        if ok.any():
+            out.append(BNSite(params[0], params[1], chans[ok], flat[ok], float(t)))
+    return out
+
+
+def bn_probabilities(sites: list[BNSite], getter, size: int, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(p per flat channel, has-a-BN-site mask): p is the product over the channel's sites.
+
+    ``getter(target)`` returns the parameter tensor for a get_attr target.
+    """
+    from .scp import deactivation_prob
+    logp = None
+    has = torch.zeros(size, dtype=torch.bool)
+    for s in sites:
+        gamma, beta = getter(s.gamma), getter(s.beta)
+        ch = torch.as_tensor(s.channel)
+        p = deactivation_prob(gamma[ch], beta[ch], s.threshold, eps)
+        if logp is None:
+            logp = torch.zeros(size, dtype=p.dtype, device=p.device)
+        logp = logp.index_add(0, torch.as_tensor(s.flat, device=p.device), torch.log(p.clamp_min(1e-30)))
+        has[torch.as_tensor(s.flat)] = True
+    if logp is None:
+        logp = torch.zeros(size)
+    return torch.exp(logp), has

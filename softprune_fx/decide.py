@@ -1,0 +1,188 @@
+"""The budget decision: per-group kept counts that land on a FLOPs cut.
+
+Per group the candidate kept counts are at least ``min_width`` (and the frozen count),
+and multiples of the rounding step or the full width; a group in front of or behind a
+grouped conv also keeps a multiple of its conv groups, the same count in every block.
+From the hard-rule set the search steps one group at a time, picking the step that loses
+the least score per FLOP saved (or, when the cut is too deep, gains the most score per
+FLOP added), until the cut is within ``tol`` of the target. When rounding makes that
+impossible, rounding is given up on the fewest groups, and the result says which.
+
+Example::
+
+    decision = decide(cg, index, cost, scores, keep0, ratio=0.4)
+    decision.drop, decision.achieved, decision.rounding_dropped
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from passes.errors import BudgetError
+from passes.flow import Balance
+
+from .cost import CostModel
+from .index import ChannelIndex
+
+MAX_STEPS = 100000
+
+
+def rounding_step(width: int, round_to) -> int:
+    if round_to is None or round_to == "none":
+        return 1
+    if round_to == "auto":
+        return 16 if width >= 64 else 8 if width > 16 else 1
+    return max(1, int(round_to))
+
+
+def min_count(width: int, min_width) -> int:
+    if isinstance(min_width, float) and 0 < min_width < 1:
+        return max(1, math.ceil(min_width * width))
+    return max(1, int(min_width or 1))
+
+
+@dataclass
+class Decision:
+    keep: np.ndarray
+    drop: dict
+    achieved: float
+    counts: dict = field(default_factory=dict)
+    rounding_dropped: list = field(default_factory=list)
+
+
+class _Group:
+    def __init__(self, gid, ids, scores, frozen, blocks, step, lower):
+        self.id, self.ids = gid, ids
+        self.blocks = blocks            # block of each channel (balanced groups) or None
+        nb = 1 if blocks is None else int(blocks.max()) + 1
+        self.nb = nb
+        self.step = math.lcm(step, nb)
+        self.lower = lower
+        s = np.where(frozen, np.inf, scores)
+        self.order = np.argsort(-s, kind="stable")       # best first
+        if blocks is not None:
+            self.block_order = [self.order[blocks[self.order] == b] for b in range(nb)]
+        self.n_frozen = int(frozen.sum())
+
+    @property
+    def width(self) -> int:
+        return len(self.ids)
+
+    def allowed(self) -> list[int]:
+        lo = max(self.lower, self.n_frozen, self.nb)
+        ks = [k for k in range(lo, self.width + 1) if k % self.step == 0 or k == self.width]
+        return ks or [self.width]
+
+    def kept(self, count: int) -> np.ndarray:
+        """Flat ids kept at ``count``: the best channels (per block when balanced)."""
+        if self.blocks is None:
+            return self.ids[self.order[:count]]
+        per = count // self.nb
+        return self.ids[np.concatenate([o[:per] for o in self.block_order])]
+
+
+def _balanced_blocks(cg, index: ChannelIndex, gid: str) -> np.ndarray | None:
+    """Block of every channel of a group that a grouped conv splits into blocks."""
+    ids = index.ids(gid)
+    for c in cg.constraints:
+        if not isinstance(c, Balance):
+            continue
+        flat = index.atom_ids(c.atoms)
+        if c.site is not None:
+            _, sg = index.site_ids(c.site)
+            if (sg >= 0).any() and np.isin(sg, ids).all():
+                flat = sg
+        if (flat >= 0).any() and np.isin(flat[flat >= 0], ids).all() and np.isin(ids, flat).all():
+            blocks = np.full(len(ids), -1)
+            per = len(flat) // c.blocks
+            for p, f in enumerate(flat):
+                if f >= 0:
+                    blocks[f - ids[0]] = p // per
+            if (blocks >= 0).all():
+                return blocks
+    return None
+
+
+def decide(cg, index: ChannelIndex, cost: CostModel, scores: np.ndarray, keep0: np.ndarray, ratio: float, *,
+           min_width=1, round_to="auto", tol: float = 0.01) -> Decision:
+    """Kept channels per group meeting ``ratio`` within ``tol`` (see the module doc)."""
+    groups = []
+    for g in cg.groups:
+        if not g.prunable:
+            continue
+        ids = index.ids(g.id)
+        groups.append(_Group(g.id, ids, np.asarray(scores)[ids], index.frozen[ids],
+                             _balanced_blocks(cg, index, g.id), rounding_step(g.width, round_to),
+                             min_count(g.width, min_width)))
+    counts = {}
+    for grp in groups:
+        hard = int(np.asarray(keep0)[grp.ids].sum())
+        counts[grp.id] = min((k for k in grp.allowed() if k >= hard), default=grp.width)
+    search = _Search(groups, counts, cost, scores, index.size)
+    rounding_dropped = search.run(ratio, tol)
+    keep = search.keep()
+    return Decision(keep, index.drop_from_keep(keep), cost.ratio(keep), dict(search.counts), rounding_dropped)
+
+
+class _Search:
+    def __init__(self, groups, counts, cost: CostModel, scores, size):
+        self.groups, self.counts, self.cost = groups, counts, cost
+        self.scores = np.where(np.isfinite(scores), scores, 0.0)
+        self.size = size
+
+    def keep(self, override: tuple | None = None) -> np.ndarray:
+        keep = np.ones(self.size, dtype=bool)
+        for grp in self.groups:
+            count = override[1] if override and override[0] is grp else self.counts[grp.id]
+            keep[grp.ids] = False
+            keep[grp.kept(count)] = True
+        return keep
+
+    def _moves(self, down: bool):
+        """Candidate single-group steps with their score change per FLOP."""
+        keep = self.keep()
+        marg = self.cost.marginal(keep)
+        moves = []
+        for grp in self.groups:
+            ks = grp.allowed()
+            cur = self.counts[grp.id]
+            nxt = max((k for k in ks if k < cur), default=None) if down else min((k for k in ks if k > cur), default=None)
+            if nxt is None:
+                continue
+            changed = np.setdiff1d(grp.kept(max(cur, nxt)), grp.kept(min(cur, nxt)))
+            dflops = float(marg[changed].sum())
+            dscore = float(self.scores[changed].sum())
+            if dflops > 0:
+                moves.append((dscore / dflops if down else -dscore / dflops, grp, nxt))
+        return sorted(moves, key=lambda m: m[0])
+
+    def run(self, ratio: float, tol: float) -> list[str]:
+        rounding_dropped: list[str] = []
+        for _ in range(MAX_STEPS):
+            cut = self.cost.ratio(self.keep())
+            if abs(cut - ratio) <= tol:
+                return rounding_dropped
+            down = cut < ratio
+            moves = self._moves(down)
+            if not moves:
+                if down:
+                    raise BudgetError(f"no legal keep set reaches a {ratio:.1%} FLOPs cut; the largest "
+                                      f"reachable cut is {cut:.1%}")
+                return rounding_dropped
+            landed = None
+            for _, grp, nxt in moves:
+                new = self.cost.ratio(self.keep((grp, nxt)))
+                if (new <= ratio + tol) if down else (new >= ratio - tol):
+                    landed = (grp, nxt)
+                    break
+            if landed is None:  # every step jumps over the window: give up rounding on one group
+                rounded = [grp for _, grp, _ in moves if grp.step > max(1, grp.nb)]
+                if not rounded:
+                    return rounding_dropped  # the window is narrower than any single step
+                rounded[0].step = max(1, rounded[0].nb)
+                rounding_dropped.append(rounded[0].id)
+                continue
+            self.counts[landed[0].id] = landed[1]
+        return rounding_dropped

@@ -1,0 +1,261 @@
+"""The pruning API: ``SoftPruner`` (SCP joint training) and ``prune_one_shot`` (no data).
+
+Example::
+
+    pruner = SoftPruner(model, (x,), ratio=0.4)
+    opt = torch.optim.SGD(pruner.param_groups(weight_decay=1e-4), lr=0.1, momentum=0.9)
+    for x, y in loader:
+        loss = F.cross_entropy(pruner.model(x), y) + pruner.regularization()
+        opt.zero_grad(); loss.backward(); opt.step()
+    pruned, result = pruner.finalize()
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.fx as fx
+from torch import nn
+
+from passes.capture import as_input_tuple
+from passes.errors import SoftpruneError
+from passes.flops import count_flops, count_params
+from passes.masks import insert_soft_masks
+from passes.verify import max_abs_diff
+
+from .api import analyze, masked, prune_channels
+from .bnsites import bn_probabilities, find_bn_sites
+from .cost import CostModel
+from .decide import decide
+from .index import ChannelIndex
+from .scp import SCPConfig, prune_prob
+from .softmask import MaskBank
+
+
+@dataclass
+class PruneResult:
+    flops_before: int
+    flops_after: int
+    params_before: int
+    params_after: int
+    target_ratio: float
+    achieved_ratio: float
+    drop: dict
+    widths: dict
+    kinds: dict
+    max_abs_diff: float
+    rounding_dropped: list = field(default_factory=list)
+    inexact: list = field(default_factory=list)
+    scores: str = "scp"
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["widths"] = {k: list(v) for k, v in self.widths.items()}
+        return d
+
+
+def _prunable_or_raise(cg) -> None:
+    if not any(g.prunable for g in cg.groups):
+        reasons = sorted({g.frozen_reason for g in cg.groups if g.frozen_reason})[:3]
+        raise SoftpruneError("the model has no prunable channel group (" + "; ".join(reasons) +
+                             "); run `softprune-fx deps` to see why")
+
+
+def _fixed_keep(cg, index: ChannelIndex, has_bn: np.ndarray, strict: bool) -> np.ndarray:
+    """Channels never pruned: frozen ones, and with ``strict`` the gate-only ones."""
+    fixed = index.frozen.copy()
+    if strict:
+        fixed |= ~has_bn
+    return fixed
+
+
+def _finish(cg, model, inputs, index, cost, scores, keep0, ratio, *, min_width, round_to, options, how):
+    decision = decide(cg, index, cost, scores, keep0, ratio, min_width=min_width, round_to=round_to)
+    drop = cg.legalize(decision.drop, {g.id: scores[index.ids(g.id)] for g in cg.groups})
+    pruned = prune_channels(model, inputs, drop, **options)
+    reference = masked(model, inputs, drop, **options)
+    with torch.no_grad():
+        diff = max_abs_diff(reference.eval()(*inputs), pruned.eval()(*inputs))
+    flops_after = count_flops(pruned, inputs)
+    widths, kinds = {}, {}
+    for g in cg.groups:
+        widths[g.id] = (g.width, g.width - len(drop.get(g.id, ())))
+        kinds[g.id] = sorted(g.kinds)
+    result = PruneResult(cost.total0, flops_after, count_params(model), count_params(pruned), ratio,
+                         1.0 - flops_after / cost.total0, drop, widths, kinds, diff,
+                         decision.rounding_dropped, list(cg.flow.inexact), how)
+    return pruned, result
+
+
+def prune_one_shot(model: nn.Module, example_inputs: Any, ratio: float = 0.4, *, strict: bool = False,
+                   frozen=(), min_width=1, round_to="auto", allow_inexact: bool = False, leaf_modules=(),
+                   scp: SCPConfig = SCPConfig()) -> tuple[fx.GraphModule, PruneResult]:
+    """Prune a trained model without data: SCP deactivation probabilities of its BN
+    statistics rank channels; groups without a BN-rectifier site fall back to the L1 norm
+    of their consumer weights, cut by the BN-scored groups' average fraction."""
+    inputs = as_input_tuple(example_inputs)
+    options = dict(frozen=frozen, leaf_modules=leaf_modules, allow_inexact=allow_inexact)
+    was_training = model.training
+    model.eval()
+    try:
+        cg = analyze(model, inputs, **options)
+        _prunable_or_raise(cg)
+        index = ChannelIndex(cg)
+        cost = CostModel(cg, index, model, inputs)
+        sites = find_bn_sites(cg, index)
+        params = dict(model.named_parameters())
+        with torch.no_grad():
+            p, has = bn_probabilities(sites, lambda t: params[t].detach().float(), index.size, scp.eps)
+            pi = prune_prob(p, scp.k, scp.c0).numpy()
+        has = has.numpy()
+        fixed = _fixed_keep(cg, index, has, strict)
+        scores = np.where(has, 1.0 - pi, 0.0)
+        keep0 = np.where(has, pi < 0.5, True)
+        l1 = _consumer_l1(cg, index, model)
+        free_bn = has & ~fixed
+        frac = float((~keep0[free_bn]).mean()) if free_bn.any() else 0.0
+        for g in cg.groups:
+            ids = index.ids(g.id)
+            gate = ids[~has[ids] & ~fixed[ids]]
+            if len(gate):
+                rank = np.argsort(np.argsort(l1[gate]))
+                scores[gate] = (rank + 1) / (len(gate) + 1)
+                keep0[gate] = rank >= int(round(frac * len(gate)))
+        scores = np.where(fixed, np.inf, scores)
+        keep0 = keep0 | fixed
+        return _finish(cg, model, inputs, index, cost, scores, keep0, ratio, min_width=min_width,
+                       round_to=round_to, options=options, how="bn-statistics")
+    finally:
+        model.train(was_training)
+
+
+def _consumer_l1(cg, index: ChannelIndex, model: nn.Module) -> np.ndarray:
+    """L1 norm of the consumer weight columns that read each channel."""
+    l1 = np.zeros(index.size + 1)
+    modules = dict(cg.gm.named_modules())
+    for site in cg.flow.sites:
+        node = site.node
+        m = modules.get(node.target) if node.op == "call_module" and site.kind in ("conv", "linear") else None
+        w = getattr(m, "weight", None)
+        if w is None or getattr(m, "groups", 1) != 1 or isinstance(m, nn.modules.conv._ConvTransposeNd):
+            continue
+        cols = w.detach().abs().reshape(w.shape[0], w.shape[1], -1).sum(dim=(0, 2)).double().numpy()
+        if len(cols) != len(site.atoms):
+            continue
+        cls, sg = index.site_ids(site)
+        np.add.at(l1, cls, cols)
+        np.add.at(l1, sg, cols)
+    return l1[:-1]
+
+
+class SoftPruner:
+    """SCP soft masks on a copy of ``model``, trained jointly to a FLOPs target.
+
+    ``pruner.model`` is the masked model to train; the controller advances on each of its
+    training-mode forwards. ``finalize()`` decides, removes the channels and verifies.
+    """
+
+    def __init__(self, model: nn.Module, example_inputs: Any, ratio: float = 0.4, *, strict: bool = False,
+                 frozen=(), min_width=1, round_to="auto", allow_inexact: bool = False, leaf_modules=(),
+                 scp: SCPConfig = SCPConfig(), lambda_lr: float = 0.01, lambda_max: float = 1.0):
+        if not 0.0 < ratio < 1.0:
+            raise SoftpruneError(f"ratio must be in (0, 1), got {ratio}")
+        self.inputs = as_input_tuple(example_inputs)
+        self.ratio, self.strict, self.min_width, self.round_to = ratio, strict, min_width, round_to
+        self.options = dict(frozen=frozen, leaf_modules=leaf_modules, allow_inexact=allow_inexact)
+        self.base = copy.deepcopy(model)
+        self.cg = analyze(self.base, self.inputs, **self.options)
+        _prunable_or_raise(self.cg)
+        self.index = ChannelIndex(self.cg)
+        self.cost = CostModel(self.cg, self.index, self.base, self.inputs)
+        sites = find_bn_sites(self.cg, self.index)
+        has = np.zeros(self.index.size, dtype=bool)
+        for s in sites:
+            has[s.flat] = True
+        fixed = _fixed_keep(self.cg, self.index, has, strict)
+        self.bank = MaskBank(self.index.size, sites, fixed, self.cost, ratio, scp, lambda_lr, lambda_max)
+        marg = self.cost.marginal(np.ones(self.index.size))
+        free = ~fixed
+        self.weights = torch.as_tensor(marg / max(marg[free].mean(), 1e-12) if free.any() else marg).float()
+        self.model = self._masked_model(sites)
+        self._history: list[dict] = []
+
+    def _masked_model(self, sites) -> fx.GraphModule:
+        graph = fx.Graph()
+        val_map: dict = {}
+        out = graph.graph_copy(self.cg.gm.graph, val_map)
+        graph.output(out)
+        gm = fx.GraphModule(self.cg.gm, graph, "SoftPrunedModel")
+        site_ids = []
+        for site in self.cg.flow.sites:
+            cls, sg = self.index.site_ids(site)
+            if (cls >= 0).any() or (sg >= 0).any():
+                site_ids.append((val_map[site.node], site.arg, site.axis, site.fill, cls, sg))
+        args = [t for s in sites for t in (s.gamma, s.beta)]
+        insert_soft_masks(gm, site_ids, self.bank, args)
+        gm.train(self.base.training)
+        return gm
+
+    # ------------------------------------------------------------------ training API
+    def _site_params(self) -> list[torch.Tensor]:
+        return [self.model.get_parameter(t) for s in self.bank.sites for t in (s.gamma, s.beta)]
+
+    def regularization(self) -> torch.Tensor:
+        """lambda * sum_c w_c (beta_c + s |gamma_c|) over BN sites, plus the gates' term."""
+        params = self._site_params()
+        lam = self.bank.lam
+        gamma, beta = self.bank.gather(params)
+        w = self.weights.to(beta.device)
+        reg = (w[self.bank.ent_flat] * (beta + self.bank.scp.s * gamma.abs())).sum()
+        gates = ~self.bank.has_bn & ~self.bank.fixed
+        if gates.any():
+            pi = torch.sigmoid(self.bank.gate_logits)
+            reg = reg + (w.to(pi.device)[gates] * (1.0 - pi[gates])).sum()
+        return lam.to(reg.dtype) * reg
+
+    def param_groups(self, weight_decay: float = 1e-4) -> list[dict]:
+        """Optimizer groups: no weight decay on the site BNs' betas and the gates."""
+        no_decay = {id(self.model.get_parameter(s.beta)) for s in self.bank.sites} | {id(self.bank.gate_logits)}
+        params = list(self.model.parameters())
+        return [{"params": [p for p in params if id(p) not in no_decay], "weight_decay": weight_decay},
+                {"params": [p for p in params if id(p) in no_decay], "weight_decay": 0.0}]
+
+    def hard_keep(self) -> np.ndarray:
+        with torch.no_grad():
+            pi = self.bank.prune_probs(self._site_params())
+        return (pi < 0.5).cpu().numpy()
+
+    def progress(self) -> dict:
+        keep = self.hard_keep()
+        alive = {g.id: int(keep[self.index.ids(g.id)].sum()) for g in self.cg.groups if g.prunable}
+        return {"step": int(self.bank.steps), "hard_flops_ratio": float(self.cost.ratio(keep)),
+                "target": self.ratio, "lambda": float(self.bank.lam), "alive": alive}
+
+    def state_dict(self) -> dict:
+        return {"model": self.model.state_dict(), "ratio": self.ratio}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+
+    # ------------------------------------------------------------------ finalize
+    def finalize(self) -> tuple[fx.GraphModule, PruneResult]:
+        """Decide the kept channels to the budget, remove them, verify; returns (pruned, result)."""
+        if dist.is_available() and dist.is_initialized():
+            for b in self.model.buffers():
+                dist.broadcast(b, 0)
+        with torch.no_grad():
+            pi = self.bank.prune_probs(self._site_params()).cpu().double().numpy()
+        fixed = self.bank.fixed.cpu().numpy()
+        scores = np.where(fixed, np.inf, 1.0 - pi)
+        keep0 = (pi < 0.5) | fixed
+        was = self.base.training
+        self.base.eval()
+        try:
+            return _finish(self.cg, self.base, self.inputs, self.index, self.cost, scores, keep0, self.ratio,
+                           min_width=self.min_width, round_to=self.round_to, options=self.options, how="scp")
+        finally:
+            self.base.train(was)
