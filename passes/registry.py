@@ -21,6 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable
 
+import torch
 import torch.fx as fx
 from torch import nn
 
@@ -39,8 +40,10 @@ def op_name(target: Any) -> str:
     if isinstance(target, str):
         return f"Tensor.{target}"
     mod = getattr(target, "__module__", None) or ""
-    name = getattr(target, "__qualname__", None) or getattr(target, "__name__", repr(target))
-    mod = {"torch.nn.functional": "F", "_operator": "operator"}.get(mod, mod)
+    name = getattr(target, "__name__", None) or getattr(target, "__qualname__", None) or repr(target)
+    if not mod and getattr(torch, name, None) is target:
+        mod = "torch"  # builtins such as torch.roll have no __module__
+    mod = {"torch.nn.functional": "F", "_operator": "operator", "torch._C._nn": "F"}.get(mod, mod)
     return f"{mod}.{name}" if mod else name
 
 

@@ -9,6 +9,7 @@ import operator
 
 import numpy as np
 import torch
+import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
@@ -70,7 +71,8 @@ def broadcast_rule(ctx, node):
         vshape = (1,) * (nd - v.dim()) + tuple(v.shape) if isinstance(v, torch.Tensor) else (1,) * nd
         lay = lay.reshape((1,) * (nd - lay.ndim) + lay.shape)
         spread = [d for d in range(nd) if vshape[d] == 1 and out.shape[d] > 1]
-        operands.append((lay, spread))
+        is_param = isinstance(a, fx.Node) and a.op == "get_attr"
+        operands.append((lay, spread if not is_param else spread + [-1]))
     carrying = {d for lay, _ in operands for d in carrying_axes(lay)}
     kept = []
     for lay, spread in operands:
@@ -82,8 +84,9 @@ def broadcast_rule(ctx, node):
         return filled(NONE, nd)
     bearing = [lay for lay, _ in kept if (lay >= 0).any()]
     if len(bearing) > 1:
-        gate = any(len(spread) > 0 and (lay >= 0).any() for lay, spread in kept)
-        ctx.table.tag(bearing[0], "se" if gate and _is_mul(node) else "residual")
+        gate = any(spread and -1 not in spread and (lay >= 0).any() for lay, spread in kept)
+        scale = any(-1 in spread for lay, spread in kept)
+        ctx.table.tag(bearing[0], "se" if gate and _is_mul(node) else "scale" if scale else "residual")
     return ctx.unify(*[lay for lay, _ in kept])
 
 

@@ -92,6 +92,12 @@ def import_dotted(where: str) -> ModuleType:
         raise ModelError(f"importing {where} failed: {type(exc).__name__}: {one_line(exc)}") from exc
 
 
+def absolute_spec(spec: str) -> str:
+    """The spec with a file path made absolute (so it still works from another directory)."""
+    where, name = split_spec(spec)
+    return f"{Path(where).expanduser().resolve()}:{name}" if _is_file(where) else spec
+
+
 def load_module(spec: str) -> ModuleType:
     """The module a spec names (its part before the last ``:``)."""
     where, _ = split_spec(spec)

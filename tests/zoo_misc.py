@@ -139,7 +139,7 @@ def pixel_shuffle():
 # ----------------------------------------------------------------------------- misc_*
 class MiscSlicing(nn.Module):
     """torch.narrow on dim 1, x[:, ::2], x[:, 1:5], torch.split(x, [6, 10], 1), then
-    .contiguous() and .to(torch.float32)."""
+    .contiguous() and .to(x.dtype)."""
 
     def __init__(self):
         super().__init__()
@@ -154,7 +154,7 @@ class MiscSlicing(nn.Module):
         b = x[:, ::2]
         c = x[:, 1:5]
         d, e = torch.split(x, [6, 10], 1)
-        y = torch.cat([a + b, c, d], 1).contiguous().to(torch.float32)
+        y = torch.cat([a + b, c, d], 1).contiguous().to(x.dtype)
         return self.head(self.conv_a(y) + self.conv_b(e))
 
 

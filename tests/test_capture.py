@@ -1,0 +1,88 @@
+"""Capture reads the model without changing it, and costs no real forward."""
+import copy
+
+import pytest
+import torch
+from torch import nn
+from zoo import ZOO
+
+import softprune_fx as sp
+from passes.capture import capture
+from passes.errors import CaptureError
+
+
+def state(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("name", ["resnet_basic", "densenet", "convnext", "untraceable", "functional_bn"])
+def test_analyze_never_changes_the_model(name):
+    model, inputs = ZOO[name]()
+    model.train()  # BN running statistics would move on a real training forward
+    before, modes = state(model), [m.training for m in model.modules()]
+    sp.analyze(model, inputs)
+    sp.prune_channels(model, inputs, {})
+    sp.masked(model, inputs, {})
+    after = state(model)
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert modes == [m.training for m in model.modules()]
+
+
+def test_shapes_come_from_meta_tensors_not_a_real_forward():
+    model, inputs = ZOO["resnet_basic"]()
+    seen = []
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            m.register_forward_pre_hook(lambda mod, args: seen.append(args[0].device.type))
+    big = (torch.randn(4, 3, 1024, 1024),)
+    gm = capture(model, big)
+    assert set(seen) == {"meta"}
+    out = gm.graph.output_node().args[0].meta["val"]
+    assert out.shape == (4, 10) and out.device.type == "meta"
+
+
+def test_bare_tensor_input_is_wrapped():
+    model, inputs = ZOO["vgg"]()
+    cg = sp.analyze(model, inputs[0])
+    assert any(g.prunable for g in cg.groups)
+
+
+def test_training_mode_is_traced_as_is():
+    class Branchy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Conv2d(3, 8, 3), nn.Conv2d(8, 4, 1)
+
+        def forward(self, x):
+            x = self.a(x)
+            if self.training:
+                x = torch.roll(x, 1, 1)  # unknown op only in training mode
+            return self.b(x)
+    net, x = Branchy(), torch.randn(1, 3, 8, 8)
+    assert not sp.analyze(net.train(), x).group("a").prunable
+    assert sp.analyze(net.eval(), x).group("a").prunable
+
+
+def test_model_that_does_not_run_gives_a_capture_error():
+    model, _ = ZOO["vgg"]()
+    with pytest.raises(CaptureError, match="does not run"):
+        sp.analyze(model, torch.randn(1, 5, 32, 32))
+
+
+def test_untraceable_root_is_reported():
+    class Root(nn.Module):
+        def forward(self, x):
+            for row in x:  # iterating a proxy fails in the root itself
+                return row
+    with pytest.raises(CaptureError, match="cannot trace"):
+        sp.analyze(Root(), torch.randn(2, 3))
+
+
+def test_inplace_slices_the_users_modules():
+    model, inputs = ZOO["vgg"]()
+    keep = copy.deepcopy(model)
+    cg = sp.analyze(model, inputs)
+    g = next(g for g in cg.groups if g.prunable)
+    pruned = sp.prune_channels(model, inputs, {g.id: [0]}, inplace=True)
+    conv = pruned.get_submodule(g.id)
+    assert conv is model.get_submodule(g.id) and conv.out_channels == keep.get_submodule(g.id).out_channels - 1

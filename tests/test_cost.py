@@ -1,0 +1,72 @@
+"""The cost model equals FlopCounterMode on pruned models; the decision lands on target."""
+import numpy as np
+import pytest
+import torch
+from conftest import random_drop
+from torch.utils.flop_counter import FlopCounterMode
+from zoo import ZOO
+
+import softprune_fx as sp
+from passes.errors import BudgetError
+from softprune_fx.cost import CostModel
+from softprune_fx.index import ChannelIndex
+
+
+def flops(model, inputs) -> int:
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(*inputs)
+    return counter.get_total_flops()
+
+
+@pytest.mark.parametrize("name", sorted(ZOO))
+def test_cost_model_equals_flop_counter(name):
+    model, inputs = ZOO[name]()
+    cg = sp.analyze(model, inputs)
+    index = ChannelIndex(cg)
+    cost = CostModel(cg, index, model, inputs)
+    assert cost.flops(np.ones(index.size, bool)) == flops(model, inputs)
+    for seed in range(2):
+        drop = random_drop(cg, seed)
+        pruned = sp.prune_channels(model, inputs, drop)
+        assert cost.flops(index.keep_from_drop(drop)) == pytest.approx(flops(pruned, inputs), rel=1e-9)
+
+
+def test_marginal_matches_finite_difference():
+    model, inputs = ZOO["resnet_basic"]()
+    cg = sp.analyze(model, inputs)
+    index = ChannelIndex(cg)
+    cost = CostModel(cg, index, model, inputs)
+    keep = np.ones(index.size)
+    marg = cost.marginal(keep)
+    for f in np.flatnonzero(~index.frozen)[:20]:
+        k = keep.copy()
+        k[f] = 0
+        assert cost.flops(keep) - cost.flops(k) == pytest.approx(marg[f], rel=1e-9)
+
+
+@pytest.mark.parametrize("name", ["resnet_bottleneck", "mobilenetv2", "densenet", "resnext", "shufflenetv2",
+                                  "convnext", "efficientnet"])
+@pytest.mark.parametrize("ratio,round_to", [(0.3, None), (0.5, None), (0.4, "auto")])
+def test_one_shot_lands_within_one_point(name, ratio, round_to):
+    model, inputs = ZOO[name]()
+    pruned, result = sp.prune_one_shot(model, inputs, ratio, round_to=round_to)
+    assert abs(result.achieved_ratio - ratio) <= 0.01
+    assert result.achieved_ratio == pytest.approx(1 - flops(pruned, inputs) / flops(model, inputs))
+    assert result.max_abs_diff <= 1e-5 * 10
+
+
+def test_rounding_and_min_width_are_respected():
+    model, inputs = ZOO["resnet50_small"]() if "resnet50_small" in ZOO else ZOO["vgg"]()
+    pruned, result = sp.prune_one_shot(model, inputs, 0.3, round_to=8, min_width=0.25)
+    cg = sp.analyze(model, inputs)
+    for g in cg.groups:
+        before, after = result.widths[g.id]
+        assert after >= min(before, max(1, int(np.ceil(0.25 * before))))
+        if g.id not in result.rounding_dropped and before > 8 and after != before:
+            assert after % 8 == 0, (g.id, before, after)
+
+
+def test_unreachable_ratio_raises_with_largest_cut():
+    model, inputs = ZOO["resnet_basic"]()
+    with pytest.raises(BudgetError, match="largest reachable cut"):
+        sp.prune_one_shot(model, inputs, 0.99)

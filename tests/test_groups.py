@@ -1,0 +1,209 @@
+"""Expected group structure on small cases, frozen reasons, constraints and legalize."""
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import outputs, random_drop, rel_err
+from torch import nn
+from zoo import ZOO
+
+import softprune_fx as sp
+from passes.errors import IllegalDropError
+
+
+def groups_of(name, **kw):
+    model, inputs = ZOO[name]()
+    return model, inputs, sp.analyze(model, inputs, **kw)
+
+
+def containing(cg, producer):
+    return next(g for g in cg.groups if producer in g.producers)
+
+
+def test_resnet_stage_is_one_residual_group():
+    _, _, cg = groups_of("resnet_basic")
+    stem = containing(cg, "conv1")
+    assert {"conv1", "layers.0.0.conv2", "layers.0.1.conv2"} <= set(stem.producers)
+    assert "residual" in stem.kinds and stem.prunable and stem.width == 8
+    stage2 = containing(cg, "layers.1.0.conv2")
+    assert {"layers.1.0.downsample.0", "layers.1.1.conv2"} <= set(stage2.producers)
+    assert stage2 is not stem
+    assert containing(cg, "layers.0.0.conv1").producers == ["layers.0.0.conv1"]
+    assert containing(cg, "fc").frozen_reason == "reaches a model output"
+    assert not containing(cg, "input:x").prunable
+
+
+def test_se_gate_joins_its_block_group():
+    _, _, cg = groups_of("mobilenetv3")
+    g = containing(cg, "features.1.block.2.fc2")
+    assert "se" in g.kinds and "depthwise" in g.kinds
+    assert "features.1.block.0.0" in g.producers
+
+
+def test_shuffle_unit_gets_grid_constraint_and_legalize_drops_whole_columns():
+    from passes.flow import Grid
+    _, _, cg = groups_of("shufflenetv2")
+    assert any(isinstance(c, Grid) for c in cg.constraints)
+    g = next(g for g in cg.groups if "shuffle" in g.kinds and g.prunable)
+    drop = cg.legalize({g.id: [0]})
+    assert sum(map(len, drop.values())) >= 2  # the column's partner goes too
+    with pytest.raises(IllegalDropError, match="shuffled"):
+        cg.plan({g.id: [0]})
+
+
+def test_grouped_conv_balance():
+    from passes.flow import Balance
+    model, inputs, cg = groups_of("resnext")
+    assert sum(isinstance(c, Balance) for c in cg.constraints) >= 4
+    g = containing(cg, "layers.0.0.conv1")
+    assert "grouped" in g.kinds
+    with pytest.raises(IllegalDropError, match="different channel counts"):
+        sp.prune_channels(model, inputs, {g.id: [0]})
+    drop = cg.legalize({g.id: [0]})
+    assert len(drop[g.id]) == 4  # one per conv group (4 groups of 4)
+    blocks = np.array(drop[g.id]) // 4
+    assert sorted(blocks) == [0, 1, 2, 3]
+    pruned = sp.prune_channels(model, inputs, drop)
+    assert pruned.get_submodule("layers.0.0.conv2").groups == 4
+    assert rel_err(outputs(sp.masked(model, inputs, drop), inputs), outputs(pruned, inputs)) < 1e-5
+
+
+def test_site_groups_for_densenet_and_preact():
+    _, _, cg = groups_of("densenet")
+    sites = [g for g in cg.groups if g.is_site_group]
+    assert {"features.2.conv1:in", "features.3.conv1:in"} <= {g.id for g in sites}
+    g = cg.group("features.3.conv1:in")
+    assert g.width == 16 and g.kinds == {"site"} and g.prunable
+    _, _, cg = groups_of("preact_resnet")
+    assert any(g.id.endswith("conv1:in") for g in cg.groups)
+
+
+def test_site_group_drop_is_local_and_exact():
+    model, inputs, cg = groups_of("densenet")
+    drop = {"features.3.conv1:in": [0, 5, 9]}
+    pruned = sp.prune_channels(model, inputs, drop)
+    assert pruned.get_submodule("features.3.conv1").in_channels == 13
+    assert pruned.get_submodule("features.2.conv1").in_channels == 12  # others untouched
+    assert rel_err(outputs(sp.masked(model, inputs, drop), inputs), outputs(pruned, inputs)) < 1e-5
+
+
+def test_option_a_pad_channels_are_prunable():
+    model, inputs, cg = groups_of("resnet_cifar_a")
+    g = next(g for g in cg.groups if "pad" in g.kinds)
+    assert g.prunable
+    drop = cg.legalize({g.id: [0, g.width - 1]})
+    assert rel_err(outputs(sp.masked(model, inputs, drop), inputs),
+                   outputs(sp.prune_channels(model, inputs, drop), inputs)) < 1e-5
+
+
+def test_exact_rewrites_keep_cbam_and_convnext_prunable():
+    _, _, cg = groups_of("cbam")
+    assert containing(cg, "stem.0").prunable
+    assert any(s.kind == "reduce" for s in cg.flow.sites)
+    _, _, cg = groups_of("convnext")
+    stream = containing(cg, "stage1.0.pwconv2")
+    assert stream.prunable and "depthwise" in stream.kinds
+    assert containing(cg, "stage1.0.pwconv1").prunable
+    assert any(s.kind == "layer_norm" for s in cg.flow.sites)
+
+
+def test_inexact_groupnorm_frozen_unless_allowed():
+    model, inputs, cg = groups_of("misc_norms")
+    g = next(g for g in cg.groups if "GroupNorm" in g.frozen_reason)
+    assert not g.prunable and g.frozen_reason.startswith("inexact")
+    cg2 = sp.analyze(model, inputs, allow_inexact=True)
+    g2 = cg2.group(g.id)
+    assert g2.prunable and cg2.flow.inexact
+    drop = cg2.legalize({g.id: [0]})
+    assert len(drop[g.id]) == 2  # one per GroupNorm group
+    pruned = sp.prune_channels(model, inputs, drop, allow_inexact=True)
+    assert torch.isfinite(pruned(*inputs)).all()
+
+
+class Roll(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 3)
+        self.b = nn.Conv2d(8, 8, 3)
+        self.c = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        return self.c(torch.roll(self.b(self.a(x)), 1, 1).softmax(1) + 0)
+
+
+def test_unknown_op_freezes_with_reason():
+    cg = sp.analyze(Roll(), torch.randn(1, 3, 12, 12))
+    g = containing(cg, "b")
+    assert not g.prunable and "no rule for torch.roll at node roll" in g.frozen_reason
+    assert containing(cg, "a").prunable
+
+
+def my_act(x):
+    return x * torch.sigmoid(x)
+
+
+torch.fx.wrap("my_act")
+
+
+class CustomAct(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 8, 3), nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        return self.b(my_act(self.a(x)))
+
+
+def test_register_op_makes_a_custom_op_prunable():
+    from passes.registry import _REGISTRY
+    from passes.rules_core import same_rule
+    net, x = CustomAct(), (torch.randn(1, 3, 10, 10),)
+    assert not containing(sp.analyze(net, x), "a").prunable  # no rule: frozen
+    sp.register_op(my_act, rule=same_rule)
+    try:
+        assert containing(sp.analyze(net, x), "a").prunable
+        assert rel_err(outputs(sp.masked(net, x, {"a": [1, 2]}), x),
+                       outputs(sp.prune_channels(net, x, {"a": [1, 2]}), x)) < 1e-5
+    finally:
+        _REGISTRY.pop(my_act, None)
+
+
+def test_frozen_option_and_errors():
+    model, inputs, cg = groups_of("resnet_basic", frozen=("layers.1",))
+    assert not containing(cg, "layers.1.0.conv1").prunable
+    assert containing(cg, "layers.0.0.conv1").prunable
+    with pytest.raises(IllegalDropError, match="frozen"):
+        cg.legalize({"fc": [0]})
+    with pytest.raises(IllegalDropError, match="unknown group"):
+        cg.legalize({"nope": [0]})
+    with pytest.raises(IllegalDropError, match="every channel"):
+        cg.legalize({"layers.0.0.conv1": list(range(8))})
+    with pytest.raises(IllegalDropError, match="out of range"):
+        sp.masked(model, inputs, {"layers.0.0.conv1": [99]})
+
+
+def test_untraceable_submodule_becomes_a_frozen_leaf():
+    model, inputs, cg = groups_of("untraceable")
+    assert cg.untraced
+    frozen = [g for g in cg.groups if "untraceable submodule" in g.frozen_reason]
+    assert frozen and any(g.prunable for g in cg.groups)
+
+
+def test_random_drops_respect_constraints_on_every_model():
+    for name in sorted(ZOO):
+        _, _, cg = groups_of(name)
+        drop = random_drop(cg, 11)
+        cg.plan(drop)  # legal by construction: must not raise
+
+
+def test_reports_render():
+    from rich.console import Console
+    _, _, cg = groups_of("densenet")
+    console = Console(record=True, width=200)
+    console.print(cg.summary())
+    text = console.export_text()
+    assert "features.3.conv1:in" in text and "prunable" in text
+    data = __import__("json").loads(cg.to_json())
+    assert {g["id"] for g in data["groups"]} == {g.id for g in cg.groups}
+    graph = cg.to_networkx()
+    assert graph.has_edge("layer:features.3.conv2", "group:features.3.conv2")

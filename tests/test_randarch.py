@@ -1,0 +1,21 @@
+"""Random architectures nobody wrote by hand keep the invariant (float64, 1e-12)."""
+import pytest
+import torch
+from conftest import outputs, random_drop, rel_err
+from randarch import random_model
+
+import softprune_fx as sp
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_random_architecture_invariant(seed):
+    model, inputs = random_model(seed)
+    model = model.double()
+    inputs = tuple(x.double() for x in inputs)
+    cg = sp.analyze(model, inputs)
+    for k in range(2):
+        drop = random_drop(cg, 100 * seed + k)
+        ref = outputs(sp.masked(model, inputs, drop), inputs)
+        got = outputs(sp.prune_channels(model, inputs, drop), inputs)
+        assert rel_err(ref, got) <= 1e-12, drop
+    assert any(g.prunable for g in cg.groups)
