@@ -15,14 +15,13 @@ Example::
     table = AtomTable()
     a = table.new("conv1", 4, kind="conv")   # array([0, 1, 2, 3])
     table.unify(a, table.new("conv2", 4, kind="conv"))
-    table.find(a)                            # the class of each atom
+    table.find(a)                            # the class of each atom: array([0, 1, 2, 3])
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
 import numpy as np
-from networkx.utils import UnionFind
 
 NONE = -1
 UNKNOWN = -2
@@ -39,15 +38,20 @@ class Owner:
 
 
 class AtomTable:
-    """Atoms, who owns them, union-find over them, frozen reasons and tags."""
+    """Atoms, who owns them, their couplings, frozen reasons and tags.
+
+    Couplings are recorded as edges during the walk and resolved into classes once, by
+    vectorised label propagation (``roots``), so the walk never pays for union-find.
+    """
 
     def __init__(self):
-        self.uf = UnionFind()
         self.owner_of: list[int] = []
         self.owners: list[Owner] = []
         self.owner_index: dict[str, int] = {}
         self.frozen: dict[int, str] = {}
-        self.tags: dict[int, set[str]] = {}
+        self.tags: list[tuple[str, np.ndarray]] = []
+        self._edges: list[np.ndarray] = []
+        self._roots: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.owner_of)
@@ -68,6 +72,7 @@ class AtomTable:
         self.owners.append(Owner(name, kind, idx, atoms))
         self.owner_index.setdefault(name, idx)
         self.owner_of.extend([idx] * width)
+        self._roots = None
         return atoms
 
     def unify(self, a: np.ndarray, b: np.ndarray, reason: str = "") -> np.ndarray:
@@ -76,12 +81,10 @@ class AtomTable:
         Where an atom meets ``UNKNOWN`` it is frozen with ``reason``.
         """
         a, b = np.broadcast_arrays(np.asarray(a), np.asarray(b))
-        both = (a >= 0) & (b >= 0)
+        both = (a >= 0) & (b >= 0) & (a != b)
         if both.any():
-            pairs = np.unique(np.stack([a[both], b[both]], 1), axis=0)
-            for x, y in pairs:
-                if x != y:
-                    self.uf.union(int(x), int(y))
+            self._edges.append(np.stack([a[both], b[both]], 1))
+            self._roots = None
         for mine, other in ((a, b), (b, a)):
             hit = (mine >= 0) & (other == UNKNOWN)
             if hit.any():
@@ -90,20 +93,38 @@ class AtomTable:
         return np.where(a >= 0, a, np.where(b >= 0, b, np.where(unknown, UNKNOWN, NONE))).astype(np.int64)
 
     def freeze(self, atoms, reason: str) -> None:
-        for x in np.unique(np.asarray(atoms)):
-            if x >= 0:
-                self.frozen.setdefault(int(x), reason)
+        for x in np.unique(np.asarray(atoms)).tolist():
+            if x >= 0 and x not in self.frozen:
+                self.frozen[x] = reason
 
     def tag(self, atoms, tag: str) -> None:
-        for x in np.unique(np.asarray(atoms)):
-            if x >= 0:
-                self.tags.setdefault(int(x), set()).add(tag)
+        atoms = np.asarray(atoms).reshape(-1)
+        self.tags.append((tag, atoms[atoms >= 0]))
+
+    @property
+    def roots(self) -> np.ndarray:
+        """Class of every atom: the smallest atom it is coupled to."""
+        if self._roots is None:
+            labels = np.arange(len(self.owner_of), dtype=np.int64)
+            if self._edges:
+                e = np.concatenate(self._edges)
+                a, b = e[:, 0], e[:, 1]
+                while True:
+                    lo = np.minimum(labels[a], labels[b])
+                    new = labels.copy()
+                    np.minimum.at(new, a, lo)
+                    np.minimum.at(new, b, lo)
+                    new = new[new]  # pointer jumping
+                    if np.array_equal(new, labels):
+                        break
+                    labels = new
+            self._roots = labels
+        return self._roots
 
     def find(self, atoms) -> np.ndarray:
-        """Class (union-find root) of each atom; sentinels map to themselves."""
-        atoms = np.asarray(atoms)
-        flat = [int(self.uf[int(x)]) if x >= 0 else int(x) for x in atoms.ravel()]
-        return np.asarray(flat, dtype=np.int64).reshape(atoms.shape)
+        """Class of each atom; sentinels map to themselves."""
+        atoms = np.asarray(atoms, dtype=np.int64)
+        return np.where(atoms >= 0, self.roots[np.maximum(atoms, 0)], atoms)
 
 
 # ----------------------------------------------------------------------------- layouts

@@ -55,53 +55,52 @@ class Group:
 def build_groups(flow: ChannelFlow, frozen: tuple = ()) -> list[Group]:
     """Coupling groups (in first-producer order) followed by site groups."""
     table = flow.table
-    n = len(table)
-    roots = table.find(np.arange(n)) if n else np.zeros(0, dtype=np.int64)
-    creating = [o.kind in CREATING_KINDS for o in table.owners]
-    root_owners: dict[int, set[int]] = {}
-    for atom, root in enumerate(roots.tolist()):
-        root_owners.setdefault(root, set()).add(table.owner_of[atom])
-    owners_uf = UnionFind()
-    for owners in root_owners.values():
-        # norms and other channel-wise owners follow their inputs; they never link groups
-        linked = sorted(o for o in owners if creating[o]) or sorted(owners)
-        owners_uf.union(*linked)
+    roots = table.roots
+    owner_of = np.asarray(table.owner_of, dtype=np.int64)
+    creating = np.array([o.kind in CREATING_KINDS for o in table.owners], dtype=bool)
+    # which owners each class holds; norms and other channel-wise owners follow their
+    # inputs and never link groups, unless a class has no creating owner at all
+    pairs = np.unique(np.stack([roots, owner_of], 1), axis=0) if len(roots) else np.zeros((0, 2), np.int64)
+    has_creating = np.zeros(len(roots), dtype=bool)
+    has_creating[pairs[creating[pairs[:, 1]], 0]] = True
+    linking = pairs[creating[pairs[:, 1]] | ~has_creating[pairs[:, 0]]]
+    owners_uf = UnionFind(range(len(table.owners)))
+    col = linking[:, 0]  # sorted by class: each class's owners are contiguous
+    starts = np.flatnonzero(np.r_[True, col[1:] != col[:-1]]) if len(col) else np.zeros(0, int)
+    counts = np.diff(np.r_[starts, len(col)])
+    for owners in {tuple(linking[st:st + c, 1].tolist()) for st, c in zip(starts[counts > 1], counts[counts > 1])}:
+        owners_uf.union(*owners)
+    lead = np.array([owners_uf[o] for o in range(len(table.owners))], dtype=np.int64)
+    root_lead = np.full(len(roots), -1, dtype=np.int64)
+    root_lead[linking[:, 0]] = lead[linking[:, 1]]
     by_lead: dict[int, list[int]] = {}
     for o in range(len(table.owners)):
-        if o in owners_uf.parents:
-            by_lead.setdefault(owners_uf[o], []).append(o)
+        by_lead.setdefault(int(lead[o]), []).append(o)
     frozen_roots: dict[int, str] = {}
     for atom, reason in table.frozen.items():
         frozen_roots.setdefault(int(roots[atom]), reason)
-    readers = _site_readers(flow, roots)
-
-    def members_of_root(r: int) -> set[int]:
-        owners = root_owners[r]
-        return {o for o in owners if creating[o]} or owners
+    readers = _site_readers(flow, roots, root_lead)
+    tags_by_root: dict[int, set[str]] = {}
+    for tag, atoms in table.tags:
+        for r in np.unique(roots[atoms]).tolist():
+            tags_by_root.setdefault(r, set()).add(tag)
     groups = []
     for members in sorted(by_lead.values(), key=min):
-        classes, seen = [], set()
-        for o in sorted(members):
-            for atom in table.owners[o].atoms:
-                r = int(roots[atom])
-                if r not in seen and members_of_root(r) & set(members):
-                    seen.add(r)
-                    classes.append(r)
+        cand = roots[np.concatenate([table.owners[o].atoms for o in members])]
+        cand = cand[root_lead[cand] == lead[members[0]]]
+        _, first = np.unique(cand, return_index=True)
+        classes = cand[np.sort(first)].tolist()
         if not classes:
             continue
-        names = [table.owners[o].name for o in sorted(members)]
+        names = [table.owners[o].name for o in members]
         gid = names[0]
         fz = [i for i, r in enumerate(classes) if r in frozen_roots]
         reason = frozen_roots[classes[fz[0]]] if fz else ""
         if any(n == f or n.startswith(f + ".") for f in frozen for n in names):
             fz, reason = list(range(len(classes))), "frozen by the user"
-        kinds = set()
-        for o in members:
-            for atom in table.owners[o].atoms:
-                kinds |= table.tags.get(int(atom), set())
-        kinds.discard("norm")
-        site_names = sorted({readers_name for r in classes for readers_name in readers.get(r, ())})
-        producers = [table.owners[o].name for o in sorted(members) if table.owners[o].kind in CREATING_KINDS]
+        kinds = set().union(*(tags_by_root.get(r, set()) for r in classes)) - {"norm"}
+        site_names = sorted(readers.get(int(lead[members[0]]), ()))
+        producers = [n for o, n in zip(members, names) if creating[o]]
         groups.append(Group(gid, len(classes), classes, fz, reason, producers or names[:1], site_names,
                             kinds, names))
     groups += _site_groups(flow, roots, frozen)
@@ -113,12 +112,14 @@ def _site_name(site: Site) -> str:
     return str(node.target) if node.op == "call_module" else node.name
 
 
-def _site_readers(flow: ChannelFlow, roots: np.ndarray) -> dict[int, set[str]]:
+def _site_readers(flow: ChannelFlow, roots: np.ndarray, root_lead: np.ndarray) -> dict[int, set[str]]:
+    """Names of the mask sites reading each group (by its lead owner)."""
     readers: dict[int, set[str]] = {}
     for site in flow.sites:
-        for atom in np.unique(site.atoms):
-            if atom >= 0:
-                readers.setdefault(int(roots[atom]), set()).add(_site_name(site))
+        name = _site_name(site)
+        atoms = site.atoms[site.atoms >= 0]
+        for g in np.unique(root_lead[roots[atoms]]).tolist():
+            readers.setdefault(g, set()).add(name)
     return readers
 
 
@@ -145,11 +146,9 @@ def _site_groups(flow: ChannelFlow, roots: np.ndarray, frozen: tuple) -> list[Gr
     for node in gm.graph.nodes:
         if node.op == "call_module":
             calls[node.target] = calls.get(node.target, 0) + 1
-    class_sites: dict[int, set[int]] = {}
-    for k, site in enumerate(flow.sites):
-        for atom in np.unique(site.atoms):
-            if atom >= 0:
-                class_sites.setdefault(int(roots[atom]), set()).add(k)
+    readers = np.zeros(len(roots) + 1, dtype=np.int64)  # distinct sites reading each class
+    for site in flow.sites:
+        readers[np.unique(roots[site.atoms[site.atoms >= 0]])] += 1
     out = []
     for k, site in enumerate(flow.sites):
         if site.kind not in ("conv", "linear") or site.axis != 1 or site.arg != 0:
@@ -168,9 +167,8 @@ def _site_groups(flow: ChannelFlow, roots: np.ndarray, frozen: tuple) -> list[Gr
         atoms = along(lay, 1, width) if isinstance(lay, np.ndarray) and lay.ndim >= 2 else None
         if atoms is None:
             continue
-        t_roots = {int(roots[a]) for a in atoms if a >= 0}
-        others = set().union(*(class_sites.get(r, set()) for r in t_roots)) - {k} if t_roots else set()
-        if not others:
+        # C reads every class of T through the chain; another site must read one too
+        if not (readers[roots[atoms[atoms >= 0]]] > 1).any():
             continue
         gid = f"{_site_name(site)}:in"
         fz = list(range(width)) if any(gid.startswith(f) for f in frozen) else []

@@ -33,7 +33,6 @@ class Plan:
         self.by_id = {g.id: g for g in self.groups}
         self.site_group_of: dict[int, Group] = {id(g.site): g for g in self.groups if g.site is not None}
         self.chain_group: dict[fx.Node, Group] = {n: g for g in self.groups for n in g.chain}
-        self._roots: dict[int, int] = {}
 
     # ------------------------------------------------------------------ building
     @classmethod
@@ -71,15 +70,15 @@ class Plan:
 
     # ------------------------------------------------------------------ queries
     def root(self, atom: int) -> int:
-        r = self._roots.get(atom)
-        if r is None:
-            r = self._roots[atom] = int(self.flow.table.uf[int(atom)])
-        return r
+        return int(self.flow.table.roots[atom])
 
     def keep_layout(self, layout: np.ndarray) -> np.ndarray:
         """True where the element's class is kept (sentinels are always kept)."""
-        flat = [a < 0 or self.root(a) not in self.dropped_classes for a in layout.reshape(-1).tolist()]
-        return np.asarray(flat, dtype=bool).reshape(layout.shape)
+        layout = np.asarray(layout)
+        if not self.dropped_classes:
+            return np.ones(layout.shape, dtype=bool)
+        dropped = np.fromiter(self.dropped_classes, dtype=np.int64)
+        return (layout < 0) | ~np.isin(self.flow.table.find(layout), dropped)
 
     def keep_node(self, node: fx.Node, layout: np.ndarray) -> np.ndarray:
         """Keep of a node's value, including the position drops of a site-group chain."""

@@ -36,7 +36,10 @@ class ChannelIndex:
                     self.flat_of_root[g.classes[i]] = self.offsets[g.id] + i
         self.size = len(self.group_of)
         self.frozen = np.asarray(frozen, dtype=bool)
-        self._uf = cg.flow.table.uf
+        self._table = cg.flow.table
+        self._flat_of_root = np.full(max(len(self._table), 1), -1, dtype=np.int64)
+        for r, f in self.flat_of_root.items():
+            self._flat_of_root[r] = -1 if self.frozen[f] else f
         self.site_group = {id(g.site): g for g in cg.groups if g.site is not None}
 
     def ids(self, gid: str) -> np.ndarray:
@@ -45,12 +48,9 @@ class ChannelIndex:
 
     def atom_ids(self, atoms: np.ndarray) -> np.ndarray:
         """Flat id of each atom's class (-1 for sentinels and frozen channels)."""
-        out = np.full(atoms.shape, -1, dtype=np.int64)
-        for k, a in enumerate(atoms.reshape(-1).tolist()):
-            if a >= 0:
-                f = self.flat_of_root.get(int(self._uf[a]), -1)
-                out.reshape(-1)[k] = -1 if f < 0 or self.frozen[f] else f
-        return out
+        atoms = np.asarray(atoms, dtype=np.int64)
+        roots = self._table.find(atoms)
+        return np.where(atoms >= 0, self._flat_of_root[np.maximum(roots, 0)], -1)
 
     def site_ids(self, site: Site) -> tuple[np.ndarray, np.ndarray]:
         """Per position of a mask site: (class flat id, site-group flat id), -1 = none."""
