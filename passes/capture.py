@@ -25,6 +25,7 @@ import torch.fx as fx
 from torch import nn
 
 from .errors import CaptureError
+from .shapes import fast_function_shape, fast_module_shape
 
 MAX_LEAF_RETRIES = 64
 
@@ -150,8 +151,15 @@ class MetaShapeProp(fx.Interpreter):
             n.meta["val"] = value
             return value
 
+    def call_function(self, target, args, kwargs):
+        fast = fast_function_shape(target, args, kwargs)
+        return fast if fast is not None else super().call_function(target, args, kwargs)
+
     def call_module(self, target, args, kwargs):
         module = self.fetch_attr(target)
+        fast = fast_module_shape(module, args, kwargs)
+        if fast is not None:
+            return fast
         if next(module.children(), None) is not None:
             state = {k: v.detach().to("meta") for k, v in module.state_dict(keep_vars=True).items()}
             return torch.func.functional_call(module, state, args, kwargs)
