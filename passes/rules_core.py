@@ -46,7 +46,10 @@ ACTIVATION_METHODS = (
 
 
 def same_rule(ctx, node):
-    """Per-element ops: the layout of the first argument passes through."""
+    """Per-element ops: the layout of the first argument passes through (tensor
+    arguments beside it, such as per-channel clamp bounds, are unified with it)."""
+    if len(node.all_input_nodes) > 1:
+        return broadcast_rule(ctx, node)
     return ctx.layout(node.args[0]) if node.args else ctx.layout(node.kwargs.get("input"))
 
 
@@ -196,34 +199,45 @@ def lrn_rule(ctx, node):
     return lay
 
 
-@register(nn.LayerNorm, surgery=S.layer_norm_surgery)
+def layer_norm_parts(node, modules):
+    """(x, normalized_shape, weight, bias, eps) of an nn.LayerNorm or F.layer_norm node;
+    weight/bias are parameters (module) or graph nodes (functional)."""
+    if node.op == "call_module":
+        m = modules[node.target]
+        return node.args[0], tuple(m.normalized_shape), m.weight, m.bias, m.eps
+    get = lambda i, k, d=None: node.args[i] if len(node.args) > i else node.kwargs.get(k, d)  # noqa: E731
+    return get(0, "input"), tuple(get(1, "normalized_shape")), get(2, "weight"), get(3, "bias"), get(4, "eps", 1e-5)
+
+
+@register(nn.LayerNorm, F.layer_norm, surgery=S.layer_norm_surgery)
 def layer_norm_rule(ctx, node):
     """LayerNorm over the channel axis is made exact: a mask site whose statistics are
     re-emitted over the original channel count. Over other axes it is per element."""
-    x = node.args[0]
-    lay, v, m = ctx.layout(x), ctx.val(x), ctx.module
-    k = len(m.normalized_shape)
-    normed = list(range(v.dim() - k, v.dim()))
+    x, shape, weight, bias, _ = layer_norm_parts(node, ctx.modules)
+    lay, v = ctx.layout(x), ctx.val(x)
+    normed = list(range(v.dim() - len(shape), v.dim()))
     if not any(lay.shape[d] > 1 for d in normed):
         return lay
     atoms = along(lay, -1, v.shape[-1])
-    if k != 1 or atoms is None:
-        ctx.inexact(lay, "LayerNorm over several axes including channels")
-        return lay if ctx.flow.allow_inexact else filled(UNKNOWN, v.dim())
+    params = [p for p in (weight, bias) if isinstance(p, fx.Node)]
+    if len(shape) != 1 or atoms is None or any(p.op != "get_attr" for p in params):
+        ctx.freeze(lay, f"inexact: LayerNorm over several axes including channels at node {node.name}")
+        return filled(UNKNOWN, v.dim())
     ctx.site(0, atoms, v.dim() - 1, kind="layer_norm")
-    if m.weight is not None:
+    if node.op == "call_module" and weight is not None:
         atoms = ctx.unify(atoms, ctx.owned(v.shape[-1], "norm"))
+    for p in params:
+        atoms = ctx.unify(atoms, along(ctx.layout(p), 0, v.shape[-1]))
     return on_axis(atoms, -1, v.dim())
 
 
-@register(F.layer_norm, F.group_norm)
-def functional_stats_rule(ctx, node):
+@register(F.group_norm)
+def functional_group_norm_rule(ctx, node):
+    """Functional GroupNorm: per element when channels are not involved, else frozen."""
     lay = ctx.layout(node.args[0])
-    v = ctx.val(node.args[0])
-    if lay is not None and carrying_axes(lay) and not (carrying_axes(lay) == [1] and node.target is F.group_norm
-                                                       and node.args[1] == v.shape[1]):
+    if lay is not None and carrying_axes(lay):
         return ctx.unknown(f"{ctx.where()}: normalisation statistics over channels")
-    return ctx.unknown() if node.target is F.group_norm else lay
+    return lay
 
 
 def softmax_rule(ctx, node):

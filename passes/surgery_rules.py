@@ -116,19 +116,24 @@ def norm_surgery(sctx, node):
 def layer_norm_surgery(sctx, node):
     """Channel LayerNorm, exact: statistics over the original C0 channels, the dropped
     ones counted as the zeros the hard mask writes there."""
+    from .rules_core import layer_norm_parts
     site = sctx.site_of(node)
     if site is None:
         return
-    m = sctx.module(node)
+    x, _, weight, bias, eps = layer_norm_parts(node, sctx.modules)
     keep = sctx.site_keep(site)
     c0, k = len(keep), int(keep.sum())
-    if sctx.first_call(node):
-        for name in ("weight", "bias"):
-            if getattr(m, name) is not None:
-                set_tensor(m, name, getattr(m, name).data[_idx(keep)])
-        m.normalized_shape = (k,)
     g = sctx.graph
-    x = node.args[0]
+    if node.op == "call_module":
+        m = sctx.module(node)
+        if sctx.first_call(node):
+            for name in ("weight", "bias"):
+                if getattr(m, name) is not None:
+                    set_tensor(m, name, getattr(m, name).data[_idx(keep)])
+            m.normalized_shape = (k,)
+        with g.inserting_before(node):
+            weight = g.get_attr(f"{node.target}.weight") if m.weight is not None else None
+            bias = g.get_attr(f"{node.target}.bias") if m.bias is not None else None
     with g.inserting_before(node):
         mu = g.call_function(operator.truediv, (g.call_function(torch.sum, (x, -1), {"keepdim": True}), c0))
         d = g.call_function(operator.sub, (x, mu))
@@ -136,11 +141,11 @@ def layer_norm_surgery(sctx, node):
         var = g.call_function(operator.truediv, (g.call_function(operator.add, (
             ss, g.call_function(operator.mul, (g.call_function(operator.mul, (mu, mu)), float(c0 - k))))), c0))
         y = g.call_function(operator.mul, (d, g.call_function(torch.rsqrt, (
-            g.call_function(operator.add, (var, m.eps)),))))
-        if m.weight is not None:
-            y = g.call_function(operator.mul, (y, g.get_attr(f"{node.target}.weight")))
-        if m.bias is not None:
-            y = g.call_function(operator.add, (y, g.get_attr(f"{node.target}.bias")))
+            g.call_function(operator.add, (var, eps)),))))
+        if weight is not None:
+            y = g.call_function(operator.mul, (y, weight))
+        if bias is not None:
+            y = g.call_function(operator.add, (y, bias))
     node.replace_all_uses_with(y)
     g.erase_node(node)
 

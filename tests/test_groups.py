@@ -207,3 +207,44 @@ def test_reports_render():
     assert {g["id"] for g in data["groups"]} == {g.id for g in cg.groups}
     graph = cg.to_networkx()
     assert graph.has_edge("layer:features.3.conv2", "group:features.3.conv2")
+
+
+class LayerNorm2d(nn.LayerNorm):
+    """torchvision's ConvNeXt downsampling norm: channels-first via permutes and F.layer_norm."""
+
+    def forward(self, x):
+        x = x.permute(0, 2, 3, 1)
+        x = F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+        return x.permute(0, 3, 1, 2)
+
+
+class DownsampleNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 12, 3)
+        self.norm = LayerNorm2d(12)
+        self.down = nn.Conv2d(12, 16, 2, stride=2)
+        self.bound = nn.Parameter(torch.rand(1, 16, 1, 1) + 0.5)
+        self.head = nn.Conv2d(16, 5, 1)
+
+    def forward(self, x):
+        y = self.down(self.norm(self.stem(x)))
+        return self.head(torch.clamp(y, max=self.bound))  # per-channel bounds: a parameter
+
+
+def test_functional_layer_norm_and_per_channel_clamp_bounds_prune_exactly():
+    torch.manual_seed(0)
+    net = DownsampleNet().eval()
+    with torch.no_grad():
+        net.norm.weight.uniform_(0.5, 1.5)
+        net.norm.bias.normal_()
+    x = (torch.randn(2, 3, 14, 14, dtype=torch.float64),)
+    net = net.double()
+    cg = sp.analyze(net, x)
+    stem, down = cg.group("stem"), cg.group("down")
+    assert stem.prunable and down.prunable
+    assert "down" in down.producers and any(p.endswith("bound") for p in down.members)
+    drop = {"stem": [0, 5], "down": [1, 2, 3]}
+    pruned = sp.prune_channels(net, x, drop)
+    assert pruned.get_parameter("bound").shape[1] == 13
+    assert rel_err(outputs(sp.masked(net, x, drop), x), outputs(pruned, x)) < 1e-12
