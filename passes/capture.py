@@ -130,9 +130,10 @@ class MetaShapeProp(fx.Interpreter):
         gm.graph.output_node().meta["val"].shape
     """
 
-    def __init__(self, gm: fx.GraphModule):
+    def __init__(self, gm: fx.GraphModule, fast: bool = True):
         super().__init__(gm, garbage_collect_values=True)
         self._twins: dict[str, nn.Module] = {}
+        self.fast = fast  # analytic shapes for hot ops; off when the ops must really run
 
     def propagate(self, *args):
         with torch.no_grad():
@@ -152,12 +153,12 @@ class MetaShapeProp(fx.Interpreter):
             return value
 
     def call_function(self, target, args, kwargs):
-        fast = fast_function_shape(target, args, kwargs)
+        fast = fast_function_shape(target, args, kwargs) if self.fast else None
         return fast if fast is not None else super().call_function(target, args, kwargs)
 
     def call_module(self, target, args, kwargs):
         module = self.fetch_attr(target)
-        fast = fast_module_shape(module, args, kwargs)
+        fast = fast_module_shape(module, args, kwargs) if self.fast else None
         if fast is not None:
             return fast
         if next(module.children(), None) is not None:
