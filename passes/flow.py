@@ -22,54 +22,8 @@ import torch.fx as fx
 
 from . import rules_core, rules_shape  # noqa: F401  (they fill the registry)
 from .atoms import NONE, UNKNOWN, AtomTable, filled, on_axis
+from .flow_types import Balance, ChannelCount, Grid, NonEmpty, ParamRef, Site  # noqa: F401 (re-exported)
 from .registry import describe, lookup
-
-
-@dataclass
-class Site:
-    """An input of an op that mixes channels (or reads them as a whole, exactly)."""
-
-    node: fx.Node
-    arg: int | str
-    atoms: np.ndarray       # 1-D: the atom at each position along ``axis``
-    axis: int
-    kind: str = "conv"      # conv, linear, matmul, reduce, layer_norm
-    fill: float = 0.0       # what hard masks write at dropped positions
-
-
-@dataclass
-class Balance:
-    """Positions split into ``blocks`` equal contiguous blocks keep equal counts (grouped conv)."""
-
-    atoms: np.ndarray
-    blocks: int
-    where: str
-    site: Site | None = None
-
-
-@dataclass
-class Grid:
-    """A channel axis reshaped into a grid: a column (last axis) is kept whole or dropped whole."""
-
-    layout: np.ndarray
-    where: str
-
-
-@dataclass
-class NonEmpty:
-    """At least one of these positions stays (a split piece, a conv's input)."""
-
-    atoms: np.ndarray
-    where: str
-    site: Site | None = None
-
-
-@dataclass
-class ParamRef:
-    """The lazy layout of a ``get_attr`` tensor: materialised when an op reads it."""
-
-    target: str
-    value: torch.Tensor
 
 
 @dataclass
@@ -83,6 +37,7 @@ class ChannelFlow:
     inexact: list[str] = field(default_factory=list)
     allow_inexact: bool = False
     param_layouts: dict[str, np.ndarray] = field(default_factory=dict)
+    unknown_why: dict[fx.Node, str] = field(default_factory=dict)
 
     def layout_of(self, node: fx.Node) -> Any:
         """A node's layout, with parameters as they were materialised (or UNKNOWN)."""
@@ -144,12 +99,23 @@ class FlowContext:
         atoms, _ = self.table.owner(ref.target, "param", shape[varying[0]])
         return on_axis(atoms, varying[0], len(shape))
 
+    def sequence(self, arg: Any) -> list[tuple[Any, Any]]:
+        """(layout, value) of each tensor in a list argument, or in a node that yields one."""
+        if isinstance(arg, fx.Node):
+            lays, vals = self.flow.layouts.get(arg), self.val(arg)
+            if not isinstance(lays, (tuple, list)):
+                return [(None, vals)]
+            return list(zip(lays, vals))
+        return [(self.layout(a), self.val(a)) for a in arg]
+
     # ------------------------------------------------------------ recording
     def unify(self, *layouts: np.ndarray) -> np.ndarray:
         layouts = [x for x in layouts if x is not None]
+        why = next((self.flow.unknown_why[n] for n in self.node.all_input_nodes if n in self.flow.unknown_why),
+                   "channels the analysis cannot follow")
         out = layouts[0]
         for other in layouts[1:]:
-            out = self.table.unify(out, other, f"combined with unknown channels at node {self.node.name}")
+            out = self.table.unify(out, other, f"combined at node {self.node.name} with {why}")
         return out
 
     def freeze(self, layout: Any, reason: str) -> None:
@@ -183,6 +149,7 @@ class FlowContext:
         reason = reason or f"no rule for {self.where()}"
         for arg in _node_args(self.node):
             self.freeze(self.layout(arg), reason)
+        self.flow.unknown_why[self.node] = reason
         return unknown_like(self.out())
 
 
@@ -193,6 +160,8 @@ def _node_args(node: fx.Node) -> list[fx.Node]:
 def _leaves(layout: Any):
     if isinstance(layout, np.ndarray):
         yield layout
+    elif isinstance(layout, ChannelCount):
+        yield layout.atoms
     elif isinstance(layout, (tuple, list)):
         for x in layout:
             yield from _leaves(x)
@@ -249,7 +218,10 @@ def _node_layout(ctx: FlowContext, node: fx.Node) -> Any:
         return ctx.unknown(f"untraceable submodule {node.target} (treated as a leaf)")
     entry = lookup(node, ctx.modules)
     if entry is not None:
-        return entry.rule(ctx, node)
+        try:
+            return entry.rule(ctx, node)
+        except Exception as exc:  # noqa: BLE001 - a rule that cannot follow the op freezes
+            return ctx.unknown(f"{ctx.where()}: rule failed ({type(exc).__name__}: {exc})")
     if not any(_has_tensor(ctx.val(a)) for a in node.all_input_nodes) and not _has_tensor(value):
         return None  # plain Python arithmetic on sizes
     return ctx.unknown()

@@ -15,6 +15,7 @@ from torch import nn
 
 from . import surgery_rules as S
 from .atoms import NONE, UNKNOWN, along, carrying_axes, filled, on_axis
+from .flow_types import Balance, ChannelCount, Grid, NonEmpty
 from .registry import register
 
 # ----------------------------------------------------------------------------- per element
@@ -62,18 +63,25 @@ def broadcast_rule(ctx, node):
     """n-ary element-wise ops: operands unify position by position; an operand broadcast
     across another's channels (a (N,1,H,W) map) unifies nothing and freezes its own atoms."""
     out = ctx.out()
-    if not isinstance(out, torch.Tensor):
-        return None
+    counts = [c for c in map(ctx.layout, list(node.args) + list(node.kwargs.values())) if isinstance(c, ChannelCount)]
+    if not isinstance(out, torch.Tensor):  # arithmetic on sizes: the result still derives from them
+        return ChannelCount(np.concatenate([c.atoms for c in counts])) if counts else None
+    for c in counts:
+        ctx.freeze(c.atoms, f"the channel count is used as a number at node {node.name}")
     nd = out.dim()
     operands = []
     for a in list(node.args) + list(node.kwargs.values()):
         lay = ctx.layout(a)
+        if isinstance(lay, ChannelCount):
+            lay = filled(NONE, 0)
         if lay is None:
             continue
         v = ctx.val(a)
         vshape = (1,) * (nd - v.dim()) + tuple(v.shape) if isinstance(v, torch.Tensor) else (1,) * nd
         lay = lay.reshape((1,) * (nd - lay.ndim) + lay.shape)
         spread = [d for d in range(nd) if vshape[d] == 1 and out.shape[d] > 1]
+        if (lay == NONE).all() and any(vshape[d] == out.shape[d] > 1 for d in range(nd)):
+            lay = filled(UNKNOWN, nd)  # a fixed-size tensor: whatever it meets must keep its size
         is_param = isinstance(a, fx.Node) and a.op == "get_attr"
         operands.append((lay, spread if not is_param else spread + [-1]))
     carrying = {d for lay, _ in operands for d in carrying_axes(lay)}
@@ -158,8 +166,7 @@ def norm_rule(ctx, node):
                     for p in list(m.parameters(recurse=False)) + list(m.buffers(recurse=False)))
     if isinstance(m, nn.GroupNorm) and m.num_groups != m.num_channels:
         if ctx.flow.allow_inexact:
-            from .flow import Balance
-            ctx.constrain(Balance(atoms, m.num_groups, f"GroupNorm {node.target}"))
+                ctx.constrain(Balance(atoms, m.num_groups, f"GroupNorm {node.target}"))
         ctx.inexact(atoms, f"GroupNorm with {m.num_groups} groups of {m.num_channels // m.num_groups} channels")
     if isinstance(m, nn.PReLU) and m.num_parameters == 1:
         return lay
@@ -292,14 +299,12 @@ def conv_like(ctx, node, key, x, cin, cout, groups, transposed, weight_dims):
     elif transposed:
         return ctx.unknown(f"{ctx.where()}: grouped transposed conv")
     else:
-        from .flow import Balance
         site = ctx.site(0, atoms_in, 1, "conv")
         ctx.constrain(Balance(atoms_in, groups, f"grouped conv {key} (input)", site))
         ctx.constrain(Balance(out_atoms, groups, f"grouped conv {key} (output)"))
         ctx.table.tag(np.concatenate([atoms_in, out_atoms]), "grouped")
         if cout == groups:
             ctx.freeze(out_atoms, f"grouped conv {key} has one output per group")
-    from .flow import NonEmpty
     if site is not None:
         ctx.constrain(NonEmpty(atoms_in, f"input of {key}", site))
     ctx.constrain(NonEmpty(out_atoms, f"output of {key}"))
@@ -325,7 +330,6 @@ def linear_rule(ctx, node):
 
 def linear_like(ctx, node, key, x, fin, fout):
     atoms_in = _tie_inputs(ctx, key, _input_atoms(ctx, x, -1, fin))
-    from .flow import NonEmpty
     site = ctx.site(0, atoms_in, ctx.val(x).dim() - 1, "linear")
     ctx.constrain(NonEmpty(atoms_in, f"input of {key}", site))
     out_atoms = ctx.owned(fout, "linear", key)
@@ -356,19 +360,32 @@ def functional_weight_rule(ctx, node):
     return out
 
 
-@register(torch.matmul, operator.matmul, "matmul")
+@register(torch.matmul, operator.matmul, "matmul", torch.bmm, "bmm")
 def matmul_rule(ctx, node):
-    """``a @ b`` between activations: the contracted axis unifies and is a mask site."""
+    """``a @ b`` between activations: the contracted axes unify and are a mask site on
+    ``a``; the output carries a's row atoms or b's column atoms (not both)."""
     a, b = node.args[0], node.args[1]
     la, lb, va, vb = ctx.layout(a), ctx.layout(b), ctx.val(a), ctx.val(b)
     if va.dim() < 2 or vb.dim() < 2 or getattr(b, "op", None) == "get_attr":
         return ctx.unknown()
-    ka = along(la, -1, va.shape[-1])
-    kb = along(lb, -2, vb.shape[-2])
-    if ka is None or kb is None:
+    nd = ctx.out().dim()
+    if any(s > 1 for s in la.shape[:-2]) or any(s > 1 for s in lb.shape[:-2]) or \
+            (la.shape[-1] > 1 and la.shape[-2] > 1) or (lb.shape[-1] > 1 and lb.shape[-2] > 1) or \
+            (la.shape[-2] > 1 and lb.shape[-1] > 1):
         return ctx.unknown(f"{ctx.where()}: operands carry channels on several axes")
-    ctx.site(0, ctx.unify(ka, kb), va.dim() - 1, "matmul")
-    return filled(NONE, ctx.out().dim())
+    ka = np.broadcast_to(la.reshape(-1) if la.shape[-1] > 1 else la.reshape(-1)[:1], (va.shape[-1],))
+    kb = np.broadcast_to(lb.reshape(-1) if lb.shape[-2] > 1 else lb.reshape(-1)[:1], (vb.shape[-2],))
+    for mine, other in ((ka, kb), (kb, ka)):  # a fixed contraction extent freezes the other side
+        if (mine == NONE).all() and (other >= 0).any():
+            ctx.freeze(other, f"{ctx.where()}: contracted with a tensor of fixed size")
+    contracted = ctx.unify(ka.copy(), kb.copy())
+    if (contracted >= 0).any():
+        ctx.site(0, contracted, va.dim() - 1, "matmul")
+    if la.shape[-2] > 1:
+        return on_axis(la.reshape(-1), nd - 2, nd)
+    if lb.shape[-1] > 1:
+        return on_axis(lb.reshape(-1), nd - 1, nd)
+    return filled(NONE, nd)
 
 
 # ----------------------------------------------------------------------------- structure
@@ -378,6 +395,8 @@ def matmul_rule(ctx, node):
 def getattr_rule(ctx, node):
     """``x.shape`` and friends carry no channels; ``torch.max(x, 1).values`` picks a field."""
     lay = ctx.flow.layouts.get(node.args[0])
+    if node.args[1] == "shape":
+        return size_layout(ctx, node.args[0], None)
     if not isinstance(ctx.out(), torch.Tensor):
         return None
     if isinstance(lay, tuple) and node.args[1] in ("values", "indices"):
@@ -387,7 +406,33 @@ def getattr_rule(ctx, node):
     return ctx.unknown()
 
 
-@register("size", "dim", "numel", "nelement", torch.numel, len, "element_size", "is_contiguous")
+def size_layout(ctx, x, dim):
+    """``x.size(dim)`` / ``x.shape``: the extents of channel axes are ChannelCounts."""
+    lay, v = ctx.layout(x), ctx.val(x)
+    if not isinstance(lay, np.ndarray):
+        return None
+
+    def count(d):
+        return ChannelCount(np.unique(lay[lay >= 0])) if lay.shape[d] > 1 and (lay >= 0).any() else None
+    if dim is not None:
+        return count(dim % v.dim())
+    return tuple(count(d) for d in range(v.dim()))
+
+
+@register("size")
+def size_rule(ctx, node):
+    return size_layout(ctx, node.args[0], ctx.arg(1, "dim"))
+
+
+@register("numel", "nelement", torch.numel)
+def numel_rule(ctx, node):
+    lay = ctx.layout(node.args[0])
+    if isinstance(lay, np.ndarray) and (lay >= 0).any():
+        return ChannelCount(np.unique(lay[lay >= 0]))
+    return None
+
+
+@register("dim", len, "element_size", "is_contiguous")
 def no_channels_rule(ctx, node):
-    """Sizes, dtypes and other Python values carry no channels (sizes stay dynamic)."""
+    """Ranks, dtypes and other Python values carry no channels."""
     return None

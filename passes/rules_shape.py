@@ -14,13 +14,9 @@ from torch import nn
 
 from . import surgery_rules as S
 from .atoms import NONE, UNKNOWN, along, carrying_axes, filled, on_axis, reshape_layout
+from .flow_types import Balance, ChannelCount, Grid, NonEmpty
 from .registry import register
 from .rules_core import broadcast_rule
-
-
-def _flow():
-    from . import flow
-    return flow
 
 
 # ----------------------------------------------------------------------------- reshapes
@@ -35,7 +31,7 @@ def reshape_rule(ctx, node):
     if new is None:
         return ctx.unknown(f"{ctx.where()}: reshape not followed")
     if len(carrying_axes(new)) > 1 and (new >= 0).any():
-        ctx.constrain(_flow().Grid(new.copy(), f"{ctx.where()}"))
+        ctx.constrain(Grid(new.copy(), f"{ctx.where()}"))
         ctx.table.tag(new, "shuffle")
     return new
 
@@ -68,21 +64,38 @@ def permute_rule(ctx, node):
 
 @register("expand", "expand_as", torch.broadcast_to)
 def expand_rule(ctx, node):
+    """Expanding an axis of extent 1: to a size that follows the channels (``expand_as``,
+    or a size read from a channel axis) the new axis carries those channels; to a
+    constant size it is a fixed-size tensor (UNKNOWN)."""
     x = node.args[0]
     lay, v, out = ctx.layout(x), ctx.val(x), ctx.out()
-    lay = lay.reshape((1,) * (out.dim() - lay.ndim) + lay.shape)
-    vshape = (1,) * (out.dim() - v.dim()) + tuple(v.shape)
-    grown = [d for d in range(out.dim()) if vshape[d] == 1 and out.shape[d] > 1]
-    sizes = node.args[1:] if node.target == "expand" else ()
-    sizes = list(sizes[0]) if len(sizes) == 1 and isinstance(sizes[0], (tuple, list)) else list(sizes)
-    if node.target == torch.broadcast_to or any(
-            isinstance(sizes[d - (out.dim() - len(sizes))], int) and sizes[d - (out.dim() - len(sizes))] != -1
-            for d in grown if sizes):
-        ctx.freeze(lay, f"{ctx.where()}: expanded to a constant size")
-        return filled(UNKNOWN, out.dim())
-    for d in grown:
-        ctx.freeze(lay, f"{ctx.where()}: one channel expanded over many")
-    return lay
+    nd = out.dim()
+    lay = lay.reshape((1,) * (nd - lay.ndim) + lay.shape)
+    vshape = (1,) * (nd - v.dim()) + tuple(v.shape)
+    grown = [d for d in range(nd) if vshape[d] == 1 and out.shape[d] > 1]
+    if not grown:
+        return lay
+    ctx.freeze(lay, f"{ctx.where()}: one channel expanded over many")
+    if node.target == "expand_as":
+        source = ctx.layout(node.args[1])
+        follow = {d: along(source, d, out.shape[d]) for d in grown} if isinstance(source, np.ndarray) else {}
+    else:
+        sizes = node.args[1:] if node.target == "expand" else (node.args[1],)
+        sizes = list(sizes[0]) if len(sizes) == 1 and isinstance(sizes[0], (tuple, list)) else list(sizes)
+        sizes = [None] * (nd - len(sizes)) + sizes
+        follow = {}
+        for d in grown:
+            count = ctx.layout(sizes[d]) if isinstance(sizes[d], fx.Node) else None
+            if isinstance(count, ChannelCount) and len(count.atoms) == out.shape[d]:
+                follow[d] = count.atoms
+    if any(follow.get(d) is None for d in grown):
+        ctx.flow.unknown_why[node] = f"{ctx.where()}: expanded to a constant size"
+        return filled(UNKNOWN, nd)
+    new = np.where(lay == UNKNOWN, UNKNOWN, NONE)
+    for d, atoms in follow.items():
+        new = ctx.unify(new, on_axis(atoms, d, nd)) if (new >= 0).any() else np.where(
+            new == UNKNOWN, UNKNOWN, on_axis(atoms, d, nd))
+    return new
 
 
 # ----------------------------------------------------------------------------- cat / stack
@@ -91,19 +104,21 @@ def expand_rule(ctx, node):
 @register(torch.cat, torch.concat, torch.concatenate)
 def cat_rule(ctx, node):
     """cat on the channel axis concatenates layouts; on another axis it unifies them."""
-    tensors = node.args[0] if node.args else node.kwargs["tensors"]
+    items = ctx.sequence(node.args[0] if node.args else node.kwargs["tensors"])
     dim = ctx.arg(1, "dim", 0)
     out = ctx.out()
     nd = out.dim()
     dim %= nd
-    lays = [ctx.layout(t) for t in tensors]
-    if not any(lay.shape[dim] > 1 for lay in lays) and all(ctx.val(t).shape[dim] == 1 for t in tensors):
+    if any(lay is None for lay, _ in items):
+        return ctx.unknown()
+    lays = [lay for lay, _ in items]
+    if not any(lay.shape[dim] > 1 for lay in lays) and all(v.shape[dim] == 1 for _, v in items):
         return ctx.unify(*lays)
     if not any(lay.shape[dim] > 1 for lay in lays) and all((lay < 0).all() for lay in lays):
         return ctx.unify(*lays)
     if any(d != dim for lay in lays for d in carrying_axes(lay)):
         return ctx.unknown(f"{ctx.where()}: inputs carry channels on another axis")
-    parts = [along(lay, dim, ctx.val(t).shape[dim]) for lay, t in zip(lays, tensors)]
+    parts = [along(lay, dim, v.shape[dim]) for lay, v in items]
     atoms = np.concatenate(parts)
     ctx.table.tag(atoms, "concat")
     return on_axis(atoms, dim, nd)
@@ -111,9 +126,11 @@ def cat_rule(ctx, node):
 
 @register(torch.stack)
 def stack_rule(ctx, node):
-    tensors = node.args[0]
+    items = ctx.sequence(node.args[0])
+    if any(lay is None for lay, _ in items):
+        return ctx.unknown()
     dim = ctx.arg(1, "dim", 0) % ctx.out().dim()
-    lay = ctx.unify(*[ctx.layout(t) for t in tensors])
+    lay = ctx.unify(*[lay for lay, _ in items])
     return np.expand_dims(lay, dim)
 
 
@@ -133,7 +150,7 @@ def _pieces_rule(ctx, node, dim):
     for piece in out:
         width = piece.shape[dim]
         part = atoms[start:start + width]
-        ctx.constrain(_flow().NonEmpty(part, f"piece of {ctx.where()}"))
+        ctx.constrain(NonEmpty(part, f"piece of {ctx.where()}"))
         ctx.table.tag(part, "split")
         pieces.append(on_axis(part, dim, v.dim()))
         start += width
@@ -169,7 +186,7 @@ def narrow_rule(ctx, node):
     if atoms is None:
         return ctx.unknown(f"{ctx.where()}: channels on several axes")
     part = atoms[start:start + length]
-    ctx.constrain(_flow().NonEmpty(part, f"{ctx.where()}"))
+    ctx.constrain(NonEmpty(part, f"{ctx.where()}"))
     ctx.table.tag(part, "split")
     return on_axis(part, dim, v.dim())
 
@@ -227,7 +244,7 @@ def getitem_rule(ctx, node):
     out = lay[tuple(np_index)]
     if any(isinstance(i, slice) and lay.shape[k] > 1 and i != slice(None)
            for k, i in enumerate(x for x in items if x is not None)):
-        ctx.constrain(_flow().NonEmpty(out.reshape(-1), f"{ctx.where()}"))
+        ctx.constrain(NonEmpty(out.reshape(-1), f"{ctx.where()}"))
         ctx.table.tag(out, "split")
     return np.ascontiguousarray(out)
 
@@ -298,7 +315,7 @@ def channel_shuffle_rule(ctx, node):
     if atoms is None:
         return ctx.unknown()
     grid = atoms.reshape(g, -1)
-    ctx.constrain(_flow().Grid(grid.copy(), ctx.where()))
+    ctx.constrain(Grid(grid.copy(), ctx.where()))
     ctx.table.tag(atoms, "shuffle")
     return on_axis(grid.T.reshape(-1), 1, v.dim())
 

@@ -43,6 +43,8 @@ def plain(gm: fx.GraphModule) -> fx.GraphModule:
     gm.meta.clear()
     for node in gm.graph.nodes:
         node.meta.pop("val", None)
+        node.type = None  # string annotations (``from __future__ import annotations``) do not pickle
+    gm.recompile()
     return gm
 
 

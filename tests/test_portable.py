@@ -52,3 +52,31 @@ def test_pruned_model_loads_without_softprune(tmp_path, name):
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env,
                           cwd=tmp_path, timeout=120)
     assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-2000:]
+
+
+ANNOTATED = '''
+from __future__ import annotations
+import torch
+from torch import nn
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 8, 3), nn.Conv2d(8, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y: torch.Tensor = self.a(x)
+        return self.b(torch.relu(y))
+'''
+
+
+def test_string_annotations_do_not_break_pickling(tmp_path, monkeypatch):
+    (tmp_path / "annotated_model.py").write_text(ANNOTATED)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import annotated_model
+    net, x = annotated_model.Net().eval(), (torch.randn(1, 3, 8, 8),)
+    pruned = sp.prune_channels(net, x, {"a": [0, 1]})
+    torch.save(pruned, tmp_path / "p.pt")
+    loaded = torch.load(tmp_path / "p.pt", weights_only=False)
+    assert torch.equal(loaded(*x), pruned(*x))

@@ -1,0 +1,81 @@
+"""One small model per op family the zoo does not cover: the invariant holds where the op
+has a rule, and the channels it touches are frozen (with the reason) where it has none."""
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import outputs, random_drop, rel_err
+from torch import nn
+
+import softprune_fx as sp
+
+
+class Net(nn.Module):
+    """conv a (3 -> 8) -> op -> conv b; ``op`` is the function under test."""
+
+    def __init__(self, op, mid=8, out_in=None):
+        super().__init__()
+        self.a = nn.Conv2d(3, mid, 3, padding=1)
+        self.op = op
+        self.b = nn.LazyConv2d(4, 1) if out_in is None else nn.Conv2d(out_in, 4, 1)
+
+    def forward(self, x):
+        return self.b(self.op(self, self.a(x)))
+
+
+def attention(self, x, scale=None):
+    n, c, h, w = x.shape
+    q = x.flatten(2).transpose(1, 2)          # (N, HW, C)
+    k = x.flatten(2)                           # (N, C, HW)
+    att = torch.softmax(q @ k / (8.0 if scale is None else scale), dim=-1)   # contracted: a site
+    return x + (att @ q).transpose(1, 2).reshape(n, c, h, w) * 0.1
+
+
+CASES = {
+    # name: (op, prunable "a"?, expected reason fragment when frozen)
+    "matmul": (attention, True, None),
+    "channel_count_as_number": (lambda s, x: attention(s, x, scale=x.shape[1]), False, "channel count"),
+    "expand_channel_count": (lambda s, x: x.mean(1, keepdim=True).expand(-1, x.size(1), -1, -1) * x, True, None),
+    "stack_mean": (lambda s, x: torch.stack([x, x * 2], 0).mean(0), True, None),
+    "tensor_split": (lambda s, x: torch.cat(torch.tensor_split(x, [3, 5], dim=1)[::-1], 1), True, None),
+    "unflatten_movedim": (lambda s, x: x.flatten(2).unflatten(2, (x.shape[2], x.shape[3])).movedim(1, -1)
+                          .movedim(-1, 1), True, None),
+    "view_constant": (lambda s, x: x.view(x.shape[0], 8, 16, 16).relu(), True, None),
+    "instance_norm": (lambda s, x: F.instance_norm(x), True, None),
+    "max_values": (lambda s, x: x * torch.max(x, dim=1, keepdim=True)[0], True, None),
+    "max_indices": (lambda s, x: x * torch.max(x, dim=1, keepdim=True)[1].float(), False, "arg-max"),
+    "softmax_channels": (lambda s, x: torch.softmax(x, 1), False, "inexact"),
+    "lrn": (lambda s, x: F.local_response_norm(x, 2), False, "inexact"),
+    "std_channels": (lambda s, x: x / x.std(1, keepdim=True), False, "inexact"),
+    "reflect_pad_channels": (lambda s, x: F.pad(x.unsqueeze(0), (0, 0, 0, 0, 1, 1), mode="reflect")[0],
+                             False, "pads the channel axis"),
+    "index_select": (lambda s, x: x.index_select(1, torch.tensor([0, 2, 4])), False, "no rule"),
+    "unbind": (lambda s, x: x.unbind(1)[0].unsqueeze(1) + x, False, "unbinds"),
+    "expand_as": (lambda s, x: x.mean(1, keepdim=True).expand_as(x) + x, True, None),
+    "roll": (lambda s, x: torch.roll(x, 1, 1), False, "no rule for torch.roll"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_op(name):
+    op, prunable, reason = CASES[name]
+    torch.manual_seed(0)
+    x = (torch.randn(2, 3, 16, 16, dtype=torch.float64),)
+    net = Net(op).double()
+    net(*x)  # materialise the lazy conv
+    net.eval()
+    cg = sp.analyze(net, x)
+    group = next(g for g in cg.groups if "a" in g.producers)
+    assert group.prunable == prunable, group.frozen_reason
+    if not prunable:
+        assert reason in group.frozen_reason
+        return
+    for seed in range(3):
+        drop = random_drop(cg, seed)
+        assert rel_err(outputs(sp.masked(net, x, drop), x), outputs(sp.prune_channels(net, x, drop), x)) <= 1e-12
+
+
+def test_expand_to_a_constant_size_freezes():
+    net = Net(lambda s, x: x + x.mean(1, keepdim=True).expand(2, 8, 16, 16))
+    net(torch.randn(2, 3, 16, 16))
+    cg = sp.analyze(net.eval(), torch.randn(2, 3, 16, 16))
+    assert not cg.group("a").prunable and "constant size" in cg.group("a").frozen_reason
