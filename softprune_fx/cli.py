@@ -179,7 +179,7 @@ def _run_pruning(args, model, inputs, round_to, step, ckpt: Path) -> tuple[Any, 
 
 def cmd_prune(args, out: Console, err: Console) -> int:
     """The whole pipeline: build, prune, write DIR atomically, verify, summarise."""
-    from . import __version__, analyze
+    from . import analyze
     from .artifacts import write_artifacts
     from .plan_io import make_plan
 
@@ -199,17 +199,9 @@ def cmd_prune(args, out: Console, err: Console) -> int:
                              f"`{PROG} deps {args.spec}` to see why")
     ckpt = Path(f"{args.out}.checkpoints")
     pruned, result, info = _run_pruning(args, model, inputs, round_to, step, ckpt)
+    model.eval()  # training may leave it in train mode; the plan is made in eval mode
     plan = make_plan(model, inputs, result.drop, result, frozen=_frozen(args), allow_inexact=args.allow_inexact)
-    meta = {"spec": absolute_spec(args.spec), "spec_given": args.spec, "input_shape": args.input_shape, "inputs": plan["inputs"],
-            "softprune_version": __version__, "torch_version": torch.__version__, "mode": info.pop("mode"),
-            "options": {k: getattr(args, k) for k in ("ratio", "strict", "allow_inexact", "round_to", "min_width",
-                                                      "seed", "weights", "data", "epochs", "finetune_epochs")},
-            "warnings": warnings}
-    for key in ("accuracy_masked", "accuracy_pruned"):
-        if key in info:
-            meta[key] = info.pop(key)
-    if info:
-        meta["training"] = {k: v for k, v in info.items() if isinstance(v, (int, float, str, bool, list))}
+    meta = _report_meta(args, plan, info, warnings)
     report = write_artifacts(args.out, original=model, pruned=pruned, inputs=inputs, result=result,
                              plan=plan, meta=meta, force=args.force, step=step)
     if ckpt.is_dir():
@@ -217,6 +209,25 @@ def cmd_prune(args, out: Console, err: Console) -> int:
     out.print(cg.summary(short=True))
     out.print(summary_table(report))
     return _prune_verdict(report, args.out, out)
+
+
+def _report_meta(args, plan: dict, info: dict, warnings: list[str]) -> dict:
+    """What report.json records about the run besides the pruning figures."""
+    from . import __version__
+
+    info = dict(info)
+    meta = {"spec": absolute_spec(args.spec), "spec_given": args.spec, "input_shape": args.input_shape,
+            "inputs": plan["inputs"], "softprune_version": __version__, "torch_version": torch.__version__,
+            "mode": info.pop("mode"), "warnings": warnings,
+            "options": {k: getattr(args, k) for k in ("ratio", "strict", "allow_inexact", "round_to", "min_width",
+                                                      "seed", "weights", "data", "epochs", "finetune_epochs")}}
+    meta["options"]["frozen"] = _frozen(args)
+    for key in ("accuracy_masked", "accuracy_pruned"):
+        if key in info:
+            meta[key] = info.pop(key)
+    if info:
+        meta["training"] = {k: v for k, v in info.items() if isinstance(v, (int, float, str, bool, list))}
+    return meta
 
 
 def _flops(n: float) -> str:
@@ -250,6 +261,11 @@ def summary_table(report: dict) -> Table:
 
 def _prune_verdict(report: dict, out_dir: str, out: Console) -> int:
     """Print the verification line and map the report's status to an exit code."""
+    from .artifacts import checked_batches
+
+    for c in (report.get("onnx_check") or {}).get("per_batch", {}).values():
+        if "skipped" in c:
+            _stderr("note", c["skipped"])
     masked = f"pruned == hard-masked in torch (max|diff| {report['max_abs_diff_masked']:.2g})"
     if report["status"] == "onnx_export_failed":
         out.print(f"{masked}; wrote {out_dir}")
@@ -260,7 +276,7 @@ def _prune_verdict(report: dict, out_dir: str, out: Console) -> int:
         _stderr("error", f"{'; '.join(report['failed'])}; {out_dir} was written for inspection "
                          "(see report.json)")
         return EXIT_FAILURE
-    batches = ", ".join(report["onnx_check"]["per_batch"])
+    batches = ", ".join(checked_batches(report["onnx_check"]["per_batch"]))
     out.print(f"[green]verified[/]: {masked}; ONNX Runtime ({report['onnx_exporter']} export) == torch at "
               f"batch {batches} (max|diff| {report['max_abs_diff_onnx']:.2g}); wrote {out_dir}")
     return EXIT_OK

@@ -212,7 +212,7 @@ def apply_plan(model: torch.nn.Module, example_inputs: Any, plan: dict | str | o
     recorded.pop("leaf_classes", None)
     opts = {**recorded, **options}
     inputs = _analysis_inputs(example_inputs, plan)
-    name = type(model).__qualname__
+    name = f"{type(model).__qualname__} (the plan was made on {plan.get('model_class', '?')})"
     cg = analyze(model, inputs, **opts)
     _check_groups(cg, plan, name)
     if graph_fingerprint(cg.gm) != plan["fingerprint"]:

@@ -125,7 +125,8 @@ def build_model(spec: str) -> tuple[nn.Module, ModuleType]:
     except Exception as exc:  # noqa: BLE001 - the user's function raised: show its message
         raise ModelError(f"{spec} raised {type(exc).__name__}: {one_line(exc)}") from exc
     if not isinstance(model, nn.Module):
-        raise ModelError(f"{spec} returned a {type(model).__name__}, not a torch.nn.Module")
+        raise ModelError(f"{spec} returned an object of type {type(model).__name__}, "
+                         "not a torch.nn.Module")
     return model, load_module(spec)
 
 

@@ -25,6 +25,11 @@ from passes.verify import OnnxCheck
 from softprune_fx import apply_plan, verify_artifacts
 from softprune_fx.cli import main
 
+try:
+    from .zoo import ZOO
+except ImportError:  # tests/ on sys.path
+    from zoo import ZOO
+
 TESTS = Path(__file__).resolve().parent
 REPO = TESTS.parent
 FAST_LATENCY = {"SOFTPRUNE_FX_LATENCY_REPEATS": "3", "SOFTPRUNE_FX_LATENCY_WARMUP": "1"}
@@ -150,9 +155,6 @@ def test_pruned_pt_loads_without_softprune(pruned_dir, tmp_path):
 
 def test_safe_path_recreates_the_model(pruned_dir):
     """build() + plan.json + state_dict.pt (weights_only=True) == pruned.pt."""
-    sys.path.insert(0, str(TESTS))
-    from zoo import ZOO
-
     _, out, _, _ = pruned_dir
     model, _ = ZOO["resnet_basic"]()
     plan = json.loads((out / "plan.json").read_text())
@@ -187,7 +189,7 @@ def test_verify_subprocess_and_api(pruned_dir):
     assert proc.returncode == 0, proc.stderr
     assert "verified" in proc.stdout
     result = verify_artifacts(out, latency=False)
-    assert result.ok and set(result.checks) == {"1", "3"} and result.max_abs_diff <= 1e-4
+    assert result.ok and set(result.checks) == {"1", "2", "3"} and result.max_abs_diff <= 1e-4
 
 
 def test_verify_fails_on_tampered_weights(pruned_dir, tmp_path, fast):
@@ -223,8 +225,12 @@ def test_multi_io_in_process(tmp_path, fast, capsys):
     report = json.loads((out / "report.json").read_text())
     assert report["status"] == "ok" and len(report["inputs"]) == 2
     (out / "stale.txt").write_text("old")
-    assert main(["prune", spec, "--ratio", "0.3", "--out", str(out), "--force", "--round-to", "none"]) == 0
+    assert main(["prune", spec, "--ratio", "0.3", "--out", str(out), "--force", "--round-to", "none",
+                 "--frozen", "trunk.0.0"]) == 0
     assert not (out / "stale.txt").exists() and FILES <= {p.name for p in out.iterdir()}
+    report = json.loads((out / "report.json").read_text())
+    widths = {g["id"]: (g["width_before"], g["width_after"]) for g in report["groups"]}
+    assert widths["trunk.0.0"][0] == widths["trunk.0.0"][1]
     assert leftovers(out) == []
 
 
@@ -322,6 +328,36 @@ def test_failure_while_writing_leaves_dir_untouched(bad_setup, monkeypatch, fast
     monkeypatch.setattr("softprune_fx.artifacts.plot_widths", broken)
     assert main(["prune", f"{file}:build", "--ratio", "0.4", "--out", str(out), "--force"]) == 1
     assert [p.name for p in out.iterdir()] == ["keep.txt"] and leftovers(out) == []
+
+
+FIXED_BATCH = """
+import torch, torch.nn as nn
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.c = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.fc = nn.Linear(8 * 4 * 4, 5)
+        nn.init.uniform_(self.c[1].weight, 0.5, 1.5)
+        nn.init.normal_(self.c[1].bias, 0.0, 0.3)
+    def forward(self, x):
+        return self.fc(self.c(x).view(2, -1))  # the batch size is fixed in the code
+def build():
+    return Net()
+def example_inputs():
+    return (torch.randn(2, 3, 4, 4),)
+"""
+
+
+def test_fixed_batch_model_is_checked_at_its_own_batch(tmp_path, capsys, fast):
+    (tmp_path / "fixed.py").write_text(FIXED_BATCH)
+    out = tmp_path / "out"
+    assert main(["prune", f"{tmp_path / 'fixed.py'}:build", "--ratio", "0.3", "--out", str(out)]) == 0
+    assert "torch cannot run batch 1" in capsys.readouterr().err
+    check = json.loads((out / "report.json").read_text())["onnx_check"]
+    assert check["ok"] and "skipped" in check["per_batch"]["3"] and check["per_batch"]["2"]["ok"]
+    result = verify_artifacts(out, latency=False)
+    assert result.ok and result.notes
 
 
 def test_untrained_bn_warning_and_missing_matplotlib(tmp_path, monkeypatch, capsys, fast):
