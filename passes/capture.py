@@ -23,18 +23,13 @@ from typing import Any, Iterable
 import torch
 import torch.fx as fx
 from torch import nn
+from torch.utils._pytree import tree_map_only
 
 from .errors import CaptureError
+from .flops import as_inputs as as_input_tuple  # noqa: F401 (one normaliser for both)
 from .shapes import fast_function_shape, fast_module_shape
 
 MAX_LEAF_RETRIES = 64
-
-
-def as_input_tuple(example_inputs: Any) -> tuple:
-    """``example_inputs`` as a tuple: a bare tensor (or a dict, or any single object) is wrapped."""
-    if isinstance(example_inputs, (tuple, list)):
-        return tuple(example_inputs)
-    return (example_inputs,)
 
 
 class ChannelTracer(fx.Tracer):
@@ -93,24 +88,12 @@ def _one_line(exc: BaseException) -> str:
 
 
 def _to_meta(value: Any) -> Any:
-    if isinstance(value, torch.Tensor):
-        return value.detach().to("meta")
-    if isinstance(value, (tuple, list)):
-        return type(value)(_to_meta(v) for v in value)
-    if isinstance(value, dict):
-        return {k: _to_meta(v) for k, v in value.items()}
-    return value
+    return tree_map_only(torch.Tensor, lambda t: t.detach().to("meta"), value)
 
 
 def _to_zeros(value: Any) -> Any:
     """Real zero tensors of the meta shapes: the fallback for ops without a meta kernel."""
-    if isinstance(value, torch.Tensor):
-        return torch.zeros(value.shape, dtype=value.dtype) if value.device.type == "meta" else value
-    if isinstance(value, (tuple, list)):
-        return type(value)(_to_zeros(v) for v in value)
-    if isinstance(value, dict):
-        return {k: _to_zeros(v) for k, v in value.items()}
-    return value
+    return tree_map_only(torch.Tensor, lambda t: torch.zeros(t.shape, dtype=t.dtype) if t.is_meta else t, value)
 
 
 def _meta_twin(module: nn.Module) -> nn.Module:

@@ -25,9 +25,9 @@ def as_inputs(example_inputs: Inputs) -> tuple[torch.Tensor, ...]:
         >>> len(as_inputs(torch.zeros(1))), len(as_inputs([torch.zeros(1), torch.zeros(2)]))
         (1, 2)
     """
-    if isinstance(example_inputs, torch.Tensor):
-        return (example_inputs,)
-    return tuple(example_inputs)
+    if isinstance(example_inputs, (tuple, list)):
+        return tuple(example_inputs)
+    return (example_inputs,)  # a bare tensor (or any single object) is one argument
 
 
 @contextlib.contextmanager

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.fx as fx
+from torch.utils._pytree import tree_leaves, tree_map
 
 from . import rules_core, rules_shape  # noqa: F401  (they fill the registry)
 from .atoms import NONE, UNKNOWN, AtomTable, filled, on_axis
@@ -171,28 +172,12 @@ def _leaves(layout: Any):
 
 
 def unknown_like(value: Any) -> Any:
-    if isinstance(value, torch.Tensor):
-        return filled(UNKNOWN, value.dim())
-    if isinstance(value, (tuple, list)):
-        return type(value)(unknown_like(v) for v in value)
-    if isinstance(value, dict):
-        return {k: unknown_like(v) for k, v in value.items()}
-    return None
+    """UNKNOWN layouts in the structure of ``value`` (None for non-tensors)."""
+    return tree_map(lambda v: filled(UNKNOWN, v.dim()) if isinstance(v, torch.Tensor) else None, value)
 
 
 def _has_tensor(value: Any) -> bool:
-    return any(True for _ in _tensors(value))
-
-
-def _tensors(value: Any):
-    if isinstance(value, torch.Tensor):
-        yield value
-    elif isinstance(value, (tuple, list)):
-        for v in value:
-            yield from _tensors(v)
-    elif isinstance(value, dict):
-        for v in value.values():
-            yield from _tensors(v)
+    return any(isinstance(v, torch.Tensor) for v in tree_leaves(value))
 
 
 def run_flow(gm: fx.GraphModule, allow_inexact: bool = False) -> ChannelFlow:
