@@ -113,7 +113,7 @@ def prune_one_shot(model: nn.Module, example_inputs: Any, ratio: float = 0.4, *,
             pi = prune_prob(p, scp.k, scp.c0).numpy()
         has = has.numpy()
         fixed = _fixed_keep(cg, index, has, strict)
-        scores = np.where(has, 1.0 - pi, 0.0)
+        scores = np.where(has, 1.0 - p.numpy(), 0.0)  # 1 - pi saturates for live channels
         keep0 = np.where(has, pi < 0.5, True)
         l1 = _consumer_l1(cg, index, model)
         free_bn = has & ~fixed
@@ -161,7 +161,7 @@ class SoftPruner:
 
     def __init__(self, model: nn.Module, example_inputs: Any, ratio: float = 0.4, *, strict: bool = False,
                  frozen=(), min_width=1, round_to="auto", allow_inexact: bool = False, leaf_modules=(),
-                 scp: SCPConfig = SCPConfig(), lambda_lr: float = 0.01, lambda_max: float = 1.0):
+                 scp: SCPConfig = SCPConfig(), kp: float = 0.005, ki: float = 5e-5, lambda_max: float = 0.05):
         if not 0.0 < ratio < 1.0:
             raise SoftpruneError(f"ratio must be in (0, 1), got {ratio}")
         self.inputs = as_input_tuple(example_inputs)
@@ -177,7 +177,7 @@ class SoftPruner:
         for s in sites:
             has[s.flat] = True
         fixed = _fixed_keep(self.cg, self.index, has, strict)
-        self.bank = MaskBank(self.index.size, sites, fixed, self.cost, ratio, scp, lambda_lr, lambda_max)
+        self.bank = MaskBank(self.index.size, sites, fixed, self.cost, ratio, scp, kp, ki, lambda_max)
         marg = self.cost.marginal(np.ones(self.index.size))
         free = ~fixed
         self.weights = torch.as_tensor(marg / max(marg[free].mean(), 1e-12) if free.any() else marg).float()
@@ -248,9 +248,11 @@ class SoftPruner:
             for b in self.model.buffers():
                 dist.broadcast(b, 0)
         with torch.no_grad():
-            pi = self.bank.prune_probs(self._site_params()).cpu().double().numpy()
+            params = self._site_params()
+            pi = self.bank.prune_probs(params).cpu().double().numpy()
+            p = self.bank.deactivation(params).cpu().double().numpy()
         fixed = self.bank.fixed.cpu().numpy()
-        scores = np.where(fixed, np.inf, 1.0 - pi)
+        scores = np.where(fixed, np.inf, 1.0 - p)  # 1 - pi saturates at 1 for every live channel
         keep0 = (pi < 0.5) | fixed
         was = self.base.training
         self.base.eval()

@@ -6,8 +6,10 @@ reads the model's live parameters, under DDP too). Output is a flat vector with 
 mask value per channel plus a trailing constant 1:
 
 - training: the Gumbel-softmax keep sample of ``pi`` (one per channel per forward);
-  the controller advances: ``lambda += lr * (target - hard_ratio)``, clamped to
-  ``[0, lambda_max]``, and halved while the cut overshoots (no wind-up);
+  the controller advances, a PI controller on the gap ``target - hard_ratio``:
+  ``I += ki * gap`` and ``lambda = I + kp * gap``, both clamped to ``[0, lambda_max]``
+  (the clamp on I is the anti-wind-up: an overshoot empties the proportional part at
+  once, and the integral cannot store a deficit);
 - eval: the hard rule ``pi < 0.5`` (0/1), so the masked model predicts the pruned one.
 
 Example::
@@ -29,10 +31,10 @@ from .scp import SCPConfig, gate_init_logit, prune_prob, soft_keep
 
 class MaskBank(nn.Module):
     def __init__(self, size: int, sites: list[BNSite], fixed_keep: np.ndarray, cost: CostModel, target: float,
-                 scp: SCPConfig = SCPConfig(), lambda_lr: float = 0.01, lambda_max: float = 1.0):
+                 scp: SCPConfig = SCPConfig(), kp: float = 0.005, ki: float = 5e-5, lambda_max: float = 0.05):
         super().__init__()
         self.size, self.scp, self.cost = size, scp, cost
-        self.lambda_lr, self.lambda_max = lambda_lr, lambda_max
+        self.kp, self.ki, self.lambda_max = kp, ki, lambda_max
         self.sites = sites
         ent_flat, ent_t, offs = [], [], []
         start = 0
@@ -53,6 +55,7 @@ class MaskBank(nn.Module):
         self.gate_logits = nn.Parameter(torch.full((size,), gate_init_logit()))
         self.register_buffer("target", torch.tensor(float(target)))
         self.register_buffer("lam", torch.tensor(0.0))
+        self.register_buffer("integral", torch.tensor(0.0))
         self.register_buffer("steps", torch.tensor(0, dtype=torch.long))
         self.register_buffer("hard_ratio", torch.tensor(0.0))
         self.force_keep = False
@@ -68,14 +71,20 @@ class MaskBank(nn.Module):
             return z, z
         return torch.cat(gam), torch.cat(bet)
 
-    def prune_probs(self, params) -> torch.Tensor:
-        """pi per channel: SCP from the product of its sites' p, else the learned gate."""
+    def deactivation(self, params) -> torch.Tensor:
+        """p per channel: the product of its BN sites' deactivation probabilities (for a
+        gated channel, its gate's pi). The ranking score of the decision is ``1 - p``."""
         gamma, beta = self.gather(params)
         z = (self.ent_t.to(gamma.dtype) + self.scp.eps - beta) / (1e-8 + gamma.abs())
         logp = torch.log(torch.special.ndtr(z).clamp_min(1e-30))
         logp_flat = torch.zeros(self.size, dtype=logp.dtype, device=logp.device).index_add(0, self.ent_flat, logp)
-        pi_bn = prune_prob(torch.exp(logp_flat), self.scp.k, self.scp.c0)
-        pi = torch.where(self.has_bn, pi_bn, torch.sigmoid(self.gate_logits).to(pi_bn.dtype))
+        p = torch.where(self.has_bn, torch.exp(logp_flat), torch.sigmoid(self.gate_logits).to(logp.dtype))
+        return torch.where(self.fixed, torch.zeros_like(p), p)
+
+    def prune_probs(self, params) -> torch.Tensor:
+        """pi per channel: SCP's ``sigmoid(k (p - c0))`` of the BN sites, else the learned gate."""
+        p = self.deactivation(params)
+        pi = torch.where(self.has_bn, prune_prob(p, self.scp.k, self.scp.c0), p)
         return torch.where(self.fixed, torch.zeros_like(pi), pi)
 
     def forward(self, *params) -> torch.Tensor:
@@ -97,12 +106,12 @@ class MaskBank(nn.Module):
         hard = (pi < 0.5).cpu().numpy()
         ratio = float(self.cost.ratio(hard))
         gap = float(self.target) - ratio
-        lam = float(self.lam) + self.lambda_lr * gap
-        if gap < 0:
-            lam *= 0.5
-        lam = min(max(lam, 0.0), self.lambda_max)
-        self.lam.fill_(lam)
+        clamp = lambda v: min(max(v, 0.0), self.lambda_max)  # noqa: E731
+        integral = clamp(float(self.integral) + self.ki * gap)
+        self.integral.fill_(integral)
+        self.lam.fill_(clamp(integral + self.kp * gap))
         if dist.is_available() and dist.is_initialized():
             dist.broadcast(self.lam, 0)
+            dist.broadcast(self.integral, 0)
         self.hard_ratio.fill_(ratio)
         self.steps += 1
