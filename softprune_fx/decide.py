@@ -21,7 +21,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from passes.errors import BudgetError
-from passes.flow import Balance
+from networkx.utils import UnionFind
+
+from passes.flow import Balance, Grid
 
 from .cost import CostModel
 from .index import ChannelIndex
@@ -53,22 +55,28 @@ class Decision:
 
 
 class _Group:
-    def __init__(self, gid, ids, scores, frozen, blocks, step, lower):
-        self.id, self.ids = gid, ids
-        self.blocks = blocks            # block of each channel (balanced groups) or None
+    """One decision unit: a group, or groups a channel shuffle ties column by column.
+
+    Its channels are kept in *units* (a shuffled column, else one channel), best unit
+    first; per conv block when a grouped conv balances it. Counts are in units.
+    """
+
+    def __init__(self, gid, ids, units, scores, frozen, blocks, step, lower):
+        self.id, self.ids, self.units = gid, ids, units
+        self.blocks = blocks            # block of each unit (balanced groups) or None
         nb = 1 if blocks is None else int(blocks.max()) + 1
         self.nb = nb
         self.step = math.lcm(step, nb)
         self.lower = lower
-        s = np.where(frozen, np.inf, scores)
-        self.order = np.argsort(-s, kind="stable")       # best first
+        unit_scores = np.array([np.inf if frozen[u].any() else scores[u].sum() for u in units])
+        self.order = np.argsort(-unit_scores, kind="stable")       # best first
         if blocks is not None:
             self.block_order = [self.order[blocks[self.order] == b] for b in range(nb)]
-        self.n_frozen = int(frozen.sum())
+        self.n_frozen = int(np.isinf(unit_scores).sum())
 
     @property
     def width(self) -> int:
-        return len(self.ids)
+        return len(self.units)
 
     def allowed(self) -> list[int]:
         lo = max(self.lower, self.n_frozen, self.nb)
@@ -76,11 +84,62 @@ class _Group:
         return ks or [self.width]
 
     def kept(self, count: int) -> np.ndarray:
-        """Flat ids kept at ``count``: the best channels (per block when balanced)."""
+        """Flat ids kept at ``count`` units: the best ones (per block when balanced)."""
         if self.blocks is None:
-            return self.ids[self.order[:count]]
-        per = count // self.nb
-        return self.ids[np.concatenate([o[:per] for o in self.block_order])]
+            chosen = self.order[:count]
+        else:
+            per = count // self.nb
+            chosen = np.concatenate([o[:per] for o in self.block_order])
+        return np.concatenate([self.units[u] for u in chosen]) if len(chosen) else np.zeros(0, np.int64)
+
+
+def _shuffle_units(cg, index: ChannelIndex) -> UnionFind:
+    """Flat channels a channel shuffle keeps or drops together (one grid column)."""
+    uf = UnionFind()
+    for c in cg.constraints:
+        if isinstance(c, Grid):
+            flat = index.atom_ids(c.layout, frozen=True)
+            col_axis = [d for d in range(flat.ndim) if flat.shape[d] > 1][-1]
+            for j in range(flat.shape[col_axis]):
+                col = np.take(flat, j, axis=col_axis).reshape(-1)
+                col = col[col >= 0]
+                if len(col) > 1:
+                    uf.union(*col.tolist())
+    return uf
+
+
+def _decision_groups(cg, index: ChannelIndex, scores, min_width, round_to) -> list[_Group]:
+    """Prunable groups, merged where a shuffle ties them, as decision groups."""
+    prunable = [g for g in cg.groups if g.prunable]
+    units_uf = _shuffle_units(cg, index)
+    group_uf = UnionFind([g.id for g in prunable])
+    group_of = {}
+    for g in prunable:
+        for f in index.ids(g.id).tolist():
+            group_of[f] = g.id
+    for f in list(units_uf.parents):
+        lead = units_uf[f]
+        if f in group_of and lead in group_of:
+            group_uf.union(group_of[f], group_of[lead])
+    out = []
+    for members in group_uf.to_sets():
+        gs = [g for g in prunable if g.id in members]
+        ids = np.concatenate([index.ids(g.id) for g in gs])
+        classes: dict[int, list[int]] = {}
+        for f in ids.tolist():
+            classes.setdefault(units_uf[f] if f in units_uf.parents else f, []).append(f)
+        units = [np.array(u) for u in classes.values()]
+        per_unit = {g.id: g.width / len(units) for g in gs}
+        step, lower = 1, 1
+        uniform = all(float(r).is_integer() and r >= 1 for r in per_unit.values())
+        for g in gs:
+            r = int(per_unit[g.id]) if uniform else 1
+            s = rounding_step(g.width, round_to) if uniform else 1
+            step = math.lcm(step, s // math.gcd(s, r))
+            lower = max(lower, math.ceil(min_count(g.width, min_width) / max(r, 1)))
+        blocks = _balanced_blocks(cg, index, gs[0].id) if len(gs) == 1 and len(units) == len(ids) else None
+        out.append(_Group(gs[0].id, ids, units, np.asarray(scores), index.frozen, blocks, step, lower))
+    return sorted(out, key=lambda grp: index.offsets[grp.id])
 
 
 def _balanced_blocks(cg, index: ChannelIndex, gid: str) -> np.ndarray | None:
@@ -108,17 +167,10 @@ def _balanced_blocks(cg, index: ChannelIndex, gid: str) -> np.ndarray | None:
 def decide(cg, index: ChannelIndex, cost: CostModel, scores: np.ndarray, keep0: np.ndarray, ratio: float, *,
            min_width=1, round_to="auto", tol: float = 0.01) -> Decision:
     """Kept channels per group meeting ``ratio`` within ``tol`` (see the module doc)."""
-    groups = []
-    for g in cg.groups:
-        if not g.prunable:
-            continue
-        ids = index.ids(g.id)
-        groups.append(_Group(g.id, ids, np.asarray(scores)[ids], index.frozen[ids],
-                             _balanced_blocks(cg, index, g.id), rounding_step(g.width, round_to),
-                             min_count(g.width, min_width)))
+    groups = _decision_groups(cg, index, scores, min_width, round_to)
     counts = {}
     for grp in groups:
-        hard = int(np.asarray(keep0)[grp.ids].sum())
+        hard = sum(1 for u in grp.units if np.asarray(keep0)[u].all())
         counts[grp.id] = min((k for k in grp.allowed() if k >= hard), default=grp.width)
     search = _Search(groups, counts, cost, scores, index.size)
     rounding_dropped = search.run(ratio, tol)

@@ -39,18 +39,21 @@ class ChannelIndex:
         self._table = cg.flow.table
         self._flat_of_root = np.full(max(len(self._table), 1), -1, dtype=np.int64)
         for r, f in self.flat_of_root.items():
-            self._flat_of_root[r] = -1 if self.frozen[f] else f
+            self._flat_of_root[r] = f
         self.site_group = {id(g.site): g for g in cg.groups if g.site is not None}
 
     def ids(self, gid: str) -> np.ndarray:
         g = self.cg.by_id[gid]
         return np.arange(self.offsets[gid], self.offsets[gid] + g.width)
 
-    def atom_ids(self, atoms: np.ndarray) -> np.ndarray:
-        """Flat id of each atom's class (-1 for sentinels and frozen channels)."""
+    def atom_ids(self, atoms: np.ndarray, frozen: bool = False) -> np.ndarray:
+        """Flat id of each atom's class: -1 for sentinels, and for frozen channels unless
+        ``frozen`` (they are always kept, so masks and costs treat them as constants)."""
         atoms = np.asarray(atoms, dtype=np.int64)
-        roots = self._table.find(atoms)
-        return np.where(atoms >= 0, self._flat_of_root[np.maximum(roots, 0)], -1)
+        flat = np.where(atoms >= 0, self._flat_of_root[np.maximum(self._table.find(atoms), 0)], -1)
+        if not frozen:
+            flat = np.where((flat >= 0) & self.frozen[np.maximum(flat, 0)], -1, flat)
+        return flat
 
     def site_ids(self, site: Site) -> tuple[np.ndarray, np.ndarray]:
         """Per position of a mask site: (class flat id, site-group flat id), -1 = none."""
