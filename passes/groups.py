@@ -60,7 +60,9 @@ def build_groups(flow: ChannelFlow, frozen: tuple = ()) -> list[Group]:
     creating = np.array([o.kind in CREATING_KINDS for o in table.owners], dtype=bool)
     # which owners each class holds; norms and other channel-wise owners follow their
     # inputs and never link groups, unless a class has no creating owner at all
-    pairs = np.unique(np.stack([roots, owner_of], 1), axis=0) if len(roots) else np.zeros((0, 2), np.int64)
+    n_owners = max(len(table.owners), 1)
+    keys = np.unique(roots * n_owners + owner_of) if len(roots) else np.zeros(0, np.int64)
+    pairs = np.stack([keys // n_owners, keys % n_owners], 1)  # (class, owner), sorted by class
     has_creating = np.zeros(len(roots), dtype=bool)
     has_creating[pairs[creating[pairs[:, 1]], 0]] = True
     linking = pairs[creating[pairs[:, 1]] | ~has_creating[pairs[:, 0]]]
@@ -79,26 +81,28 @@ def build_groups(flow: ChannelFlow, frozen: tuple = ()) -> list[Group]:
     frozen_roots: dict[int, str] = {}
     for atom, reason in table.frozen.items():
         frozen_roots.setdefault(int(roots[atom]), reason)
+    frozen_array = np.fromiter(frozen_roots, dtype=np.int64, count=len(frozen_roots))
     readers = _site_readers(flow, roots, root_lead)
-    tags_by_root: dict[int, set[str]] = {}
+    tags_by_lead: dict[int, set[str]] = {}
     for tag, atoms in table.tags:
-        for r in np.unique(roots[atoms]).tolist():
-            tags_by_root.setdefault(r, set()).add(tag)
+        for g in np.unique(root_lead[roots[atoms]]).tolist():
+            tags_by_lead.setdefault(g, set()).add(tag)
     groups = []
     for members in sorted(by_lead.values(), key=min):
         cand = roots[np.concatenate([table.owners[o].atoms for o in members])]
         cand = cand[root_lead[cand] == lead[members[0]]]
         _, first = np.unique(cand, return_index=True)
-        classes = cand[np.sort(first)].tolist()
+        classes_array = cand[np.sort(first)]
+        classes = classes_array.tolist()
         if not classes:
             continue
         names = [table.owners[o].name for o in members]
         gid = names[0]
-        fz = [i for i, r in enumerate(classes) if r in frozen_roots]
+        fz = np.flatnonzero(np.isin(classes_array, frozen_array)).tolist()
         reason = frozen_roots[classes[fz[0]]] if fz else ""
         if any(n == f or n.startswith(f + ".") for f in frozen for n in names):
             fz, reason = list(range(len(classes))), "frozen by the user"
-        kinds = set().union(*(tags_by_root.get(r, set()) for r in classes)) - {"norm"}
+        kinds = set(tags_by_lead.get(int(lead[members[0]]), ())) - {"norm"}
         site_names = sorted(readers.get(int(lead[members[0]]), ()))
         producers = [n for o, n in zip(members, names) if creating[o]]
         groups.append(Group(gid, len(classes), classes, fz, reason, producers or names[:1], site_names,
