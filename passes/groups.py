@@ -67,11 +67,10 @@ def build_groups(flow: ChannelFlow, frozen: tuple = ()) -> list[Group]:
     has_creating[pairs[creating[pairs[:, 1]], 0]] = True
     linking = pairs[creating[pairs[:, 1]] | ~has_creating[pairs[:, 0]]]
     owners_uf = UnionFind(range(len(table.owners)))
-    col = linking[:, 0]  # sorted by class: each class's owners are contiguous
-    starts = np.flatnonzero(np.r_[True, col[1:] != col[:-1]]) if len(col) else np.zeros(0, int)
-    counts = np.diff(np.r_[starts, len(col)])
-    for owners in {tuple(linking[st:st + c, 1].tolist()) for st, c in zip(starts[counts > 1], counts[counts > 1])}:
-        owners_uf.union(*owners)
+    same = linking[1:, 0] == linking[:-1, 0]  # sorted by class: a class's owners are adjacent
+    edges = np.unique(linking[:-1][same, 1] * n_owners + linking[1:][same, 1]) if len(linking) > 1 else []
+    for e in np.asarray(edges, dtype=np.int64).tolist():
+        owners_uf.union(e // n_owners, e % n_owners)
     lead = np.array([owners_uf[o] for o in range(len(table.owners))], dtype=np.int64)
     root_lead = np.full(len(roots), -1, dtype=np.int64)
     root_lead[linking[:, 0]] = lead[linking[:, 1]]
