@@ -23,7 +23,7 @@ import numpy as np
 from passes.errors import BudgetError
 from networkx.utils import UnionFind
 
-from passes.flow import Balance, Grid
+from passes.flow import Balance, Grid, NonEmpty
 
 from .cost import CostModel
 from .index import ChannelIndex
@@ -172,14 +172,28 @@ def decide(cg, index: ChannelIndex, cost: CostModel, scores: np.ndarray, keep0: 
     for grp in groups:
         hard = sum(1 for u in grp.units if np.asarray(keep0)[u].all())
         counts[grp.id] = min((k for k in grp.allowed() if k >= hard), default=grp.width)
-    search = _Search(groups, counts, cost, scores, index.size)
+    search = _Search(groups, counts, cost, scores, index.size, _nonempty(cg, index))
     rounding_dropped = search.run(ratio, tol)
     keep = search.keep()
     return Decision(keep, index.drop_from_keep(keep), cost.ratio(keep), dict(search.counts), rounding_dropped)
 
 
+def _nonempty(cg, index: ChannelIndex) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(class ids, site-group ids) per position of every tensor that must keep a channel."""
+    out = []
+    for c in cg.constraints:
+        if isinstance(c, NonEmpty):
+            cls, sg = index.site_ids(c.site) if c.site is not None else (index.atom_ids(c.atoms), None)
+            if sg is None:
+                sg = np.full(len(cls), -1, dtype=np.int64)
+            if (cls >= 0).all() or (sg >= 0).any():
+                out.append((cls, sg))
+    return out
+
+
 class _Search:
-    def __init__(self, groups, counts, cost: CostModel, scores, size):
+    def __init__(self, groups, counts, cost: CostModel, scores, size, nonempty=()):
+        self.nonempty = list(nonempty)
         self.groups, self.counts, self.cost = groups, counts, cost
         self.scores = np.where(np.isfinite(scores), scores, 0.0)
         self.size = size
@@ -190,7 +204,20 @@ class _Search:
             count = override[1] if override and override[0] is grp else self.counts[grp.id]
             keep[grp.ids] = False
             keep[grp.kept(count)] = True
-        return keep
+        return self.repair(keep)
+
+    def repair(self, keep: np.ndarray) -> np.ndarray:
+        """Keep the best position of any tensor the counts would empty: a site group and
+        the group it reads may each keep channels, but not the same ones."""
+        ext = np.append(keep, True)
+        score = np.append(self.scores, np.inf)
+        for cls, sg in self.nonempty:
+            alive = ext[cls] & ext[sg]
+            if alive.any() or not len(cls):
+                continue
+            best = int(np.argmax(score[cls] + score[sg] + np.where(ext[cls], 1e6, 0.0)))
+            ext[cls[best]] = ext[sg[best]] = True
+        return ext[:-1]
 
     def _moves(self, down: bool):
         """Candidate single-group steps with their score change per FLOP."""

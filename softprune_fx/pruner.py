@@ -161,7 +161,7 @@ class SoftPruner:
 
     def __init__(self, model: nn.Module, example_inputs: Any, ratio: float = 0.4, *, strict: bool = False,
                  frozen=(), min_width=1, round_to="auto", allow_inexact: bool = False, leaf_modules=(),
-                 scp: SCPConfig = SCPConfig(), kp: float = 0.005, ki: float = 5e-5, lambda_max: float = 0.05):
+                 scp: SCPConfig = SCPConfig(), kp: float = 0.005, ki: float = 1e-4, lambda_max: float = 0.05):
         if not 0.0 < ratio < 1.0:
             raise SoftpruneError(f"ratio must be in (0, 1), got {ratio}")
         self.inputs = as_input_tuple(example_inputs)

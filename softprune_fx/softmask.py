@@ -31,7 +31,7 @@ from .scp import SCPConfig, gate_init_logit, prune_prob, soft_keep
 
 class MaskBank(nn.Module):
     def __init__(self, size: int, sites: list[BNSite], fixed_keep: np.ndarray, cost: CostModel, target: float,
-                 scp: SCPConfig = SCPConfig(), kp: float = 0.005, ki: float = 5e-5, lambda_max: float = 0.05):
+                 scp: SCPConfig = SCPConfig(), kp: float = 0.005, ki: float = 1e-4, lambda_max: float = 0.05):
         super().__init__()
         self.size, self.scp, self.cost = size, scp, cost
         self.kp, self.ki, self.lambda_max = kp, ki, lambda_max

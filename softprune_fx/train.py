@@ -115,14 +115,21 @@ def save_checkpoint(out_dir: Optional[str], state: dict) -> None:
 
 
 def load_checkpoint(out_dir: Optional[str], config: dict, log: Log = None) -> Optional[dict]:
-    """The checkpoint in ``out_dir``, or None if there is none; raises if it was written
-    with a different ``config`` (ratio, epochs, seed), which would not resume exactly."""
+    """Rank 0's ``out_dir/checkpoint.pt`` (sent to every rank), or None if there is none;
+    raises if it was written with another ``config`` (ratio, epochs, seed): no exact resume."""
+    rank, size = world()
     path = Path(out_dir) / CHECKPOINT if out_dir is not None else None
-    if path is None or not path.is_file():
-        if log:
+    state = None
+    if rank == 0 and path is not None and path.is_file():
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    if size > 1:
+        box = [state]
+        dist.broadcast_object_list(box, 0)
+        state = box[0]
+    if state is None:
+        if log and rank == 0:
             log(f"no checkpoint at {path}; starting from scratch")
         return None
-    state = torch.load(path, map_location="cpu", weights_only=True)
     if state.get("config") != config:
         raise SoftpruneError(f"cannot resume from {path}: it was written with {state.get('config')}, "
                              f"this run asks for {config}")
@@ -287,13 +294,15 @@ def train_scp(model: nn.Module, example_inputs: Any, train_loader, val_loader, *
               finetune_epochs: int = 0, lr: float = 0.1, momentum: float = 0.9, weight_decay: float = 1e-4,
               finetune_lr: Optional[float] = None, out_dir: Optional[str] = None, resume: bool = False,
               seed: int = 0, strict: bool = False, allow_inexact: bool = False, round_to="auto", min_width=1,
-              frozen=(), progress: bool = True, log: Log = None) -> tuple[nn.Module, PruneResult, dict]:
+              frozen=(), pruner_options: Optional[dict] = None, progress: bool = True,
+              log: Log = None) -> tuple[nn.Module, PruneResult, dict]:
     """Train ``model`` jointly with SCP masks to a ``ratio`` FLOPs cut, finalize, fine-tune.
 
     Loss: cross-entropy + ``pruner.regularization()``; SGD (Nesterov) on
     ``pruner.param_groups``, per-step cosine schedule. ``out_dir`` receives
     ``checkpoint.pt`` after every epoch (SCP and fine-tune phases); ``resume=True``
     continues from it and ends with the same result as an uninterrupted run.
+    ``pruner_options`` go to ``SoftPruner`` as they are (``scp``, controller gains, ...).
     Returns ``(pruned, result, info)``; info has ``accuracy_masked`` (hard-masked model
     before finalize), ``accuracy_pruned`` (after finalize and fine-tune), ``history``
     (per SCP epoch: loss, train_acc, acc, hard_flops_ratio, lambda), ``finetune_history``,
@@ -307,7 +316,7 @@ def train_scp(model: nn.Module, example_inputs: Any, train_loader, val_loader, *
     config = {"ratio": float(ratio), "epochs": int(epochs), "finetune_epochs": int(finetune_epochs), "seed": int(seed)}
     ckpt = load_checkpoint(out_dir, config, log) if resume else None
     pruner = SoftPruner(model, example_inputs, ratio, strict=strict, frozen=frozen, min_width=min_width,
-                        round_to=round_to, allow_inexact=allow_inexact)
+                        round_to=round_to, allow_inexact=allow_inexact, **(pruner_options or {}))
     with _Bars(progress) as bars:
         history, acc_masked = _scp_phase(pruner, train_loader, val_loader, ckpt, config, bars, log, out_dir,
                                          lr=lr, momentum=momentum, weight_decay=weight_decay)
