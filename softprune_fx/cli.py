@@ -299,6 +299,19 @@ def cmd_verify(args, out: Console, err: Console) -> int:
 
 
 # ------------------------------------------------------------------ parser and main
+def _min_width(text: str):
+    """``--min-width``: an int (channels) or a float in (0, 1) (a fraction of the width)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if value.is_integer() and value >= 1:
+        return int(value)
+    if 0 < value < 1:
+        return value
+    raise argparse.ArgumentTypeError(f"{text!r} is neither a channel count >= 1 nor a fraction in (0, 1)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog=PROG, description="Operation-aware soft channel pruning (SCP) as a torch.fx pass.",
                      epilog="exit codes: 0 ok, 1 failure, 2 usage, 3 pruned but ONNX export failed")
@@ -327,7 +340,10 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--weights", metavar="FILE", help="a state dict to load first")
     prune.add_argument("--strict", action="store_true", help="only prune channels with BN statistics")
     prune.add_argument("--round-to", default="auto", help="channel rounding: auto, none or N")
-    prune.add_argument("--min-width", type=int, default=1, help="keep at least this many channels per group")
+    prune.add_argument("--min-width", type=_min_width, default=1,
+                       help="keep at least N channels per group, or a fraction F in (0, 1) of its width")
+    prune.add_argument("--threads", type=int, default=None,
+                       help="torch CPU threads (default: torch's; 1 is safest on a busy machine)")
     prune.add_argument("--seed", type=int, default=0)
     prune.add_argument("--out", default="softprune-out", metavar="DIR", help="output directory")
     prune.add_argument("--force", action="store_true", help="replace an existing non-empty DIR")
@@ -349,6 +365,8 @@ def main(argv: list[str] | None = None) -> int:
     err = Console(stderr=True)
     try:
         args = build_parser().parse_args(argv)
+        if getattr(args, "threads", None):
+            torch.set_num_threads(args.threads)
         return args.func(args, out, err)
     except UsageError as exc:
         error, code, text = exc, EXIT_USAGE, one_line(exc)
