@@ -15,7 +15,7 @@ from torch import nn
 
 from . import surgery_rules as S
 from .atoms import NONE, UNKNOWN, along, carrying_axes, filled, on_axis
-from .flow_types import Balance, ChannelCount, Grid, NonEmpty
+from .flow_types import Balance, ChannelCount, NonEmpty
 from .registry import register
 
 # ----------------------------------------------------------------------------- per element

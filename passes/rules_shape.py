@@ -14,7 +14,7 @@ from torch import nn
 
 from . import surgery_rules as S
 from .atoms import NONE, UNKNOWN, along, carrying_axes, filled, on_axis, reshape_layout
-from .flow_types import Balance, ChannelCount, Grid, NonEmpty
+from .flow_types import ChannelCount, Grid, NonEmpty
 from .registry import register
 from .rules_core import broadcast_rule
 

@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Any, Callable, ContextManager, Iterator
 
 import torch
-import torch.fx as fx
 from torch import nn
 
 from passes.errors import OnnxExportError
@@ -97,21 +96,9 @@ def staged_dir(out: str | os.PathLike, force: bool = False) -> Iterator[Path]:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def drop_string_annotations(gm: nn.Module) -> nn.Module:
-    """Clear node type annotations that are strings (``from __future__ import annotations``
-    in the model file): torch.fx cannot pickle a GraphModule whose code refers to them."""
-    if isinstance(gm, fx.GraphModule):
-        nodes = [n for n in gm.graph.nodes if isinstance(n.type, str)]
-        for node in nodes:
-            node.type = None
-        if nodes:
-            gm.recompile()
-    return gm
-
-
 def save_models(folder: Path, pruned: nn.Module, plan: dict) -> None:
     """pruned.pt (whole module), state_dict.pt (weights only) and plan.json."""
-    torch.save(drop_string_annotations(pruned), folder / "pruned.pt")
+    torch.save(pruned, folder / "pruned.pt")  # api.plain() already dropped string annotations
     torch.save(pruned.state_dict(), folder / "state_dict.pt")
     save_plan(plan, folder / "plan.json")
 

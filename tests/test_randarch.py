@@ -1,6 +1,5 @@
 """Random architectures nobody wrote by hand keep the invariant (float64, 1e-12)."""
 import pytest
-import torch
 from conftest import outputs, random_drop, rel_err
 from randarch import random_model
 

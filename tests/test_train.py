@@ -16,7 +16,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
-from passes.errors import IllegalDropError
 from softprune_fx.train import CHECKPOINT, epoch_loader, evaluate, train_scp
 
 RATIO = 0.4
