@@ -82,10 +82,7 @@ def build_groups(flow: ChannelFlow, frozen: tuple = ()) -> list[Group]:
         frozen_roots.setdefault(int(roots[atom]), reason)
     frozen_array = np.fromiter(frozen_roots, dtype=np.int64, count=len(frozen_roots))
     readers = _site_readers(flow, roots, root_lead)
-    tags_by_lead: dict[int, set[str]] = {}
-    for tag, atoms in table.tags:
-        for g in np.unique(root_lead[roots[atoms]]).tolist():
-            tags_by_lead.setdefault(g, set()).add(tag)
+    tags_by_lead = _pairs([atoms for _, atoms in table.tags], [tag for tag, _ in table.tags], root_lead, roots)
     groups = []
     for members in sorted(by_lead.values(), key=min):
         cand = roots[np.concatenate([table.owners[o].atoms for o in members])]
@@ -115,15 +112,23 @@ def _site_name(site: Site) -> str:
     return str(node.target) if node.op == "call_module" else node.name
 
 
+def _pairs(chunks: list[np.ndarray], labels: list, root_lead: np.ndarray, roots: np.ndarray) -> dict[int, set]:
+    """{group lead: labels} from per-label atom arrays, with one vectorised unique."""
+    if not chunks:
+        return {}
+    atoms = np.concatenate(chunks)
+    which = np.repeat(np.arange(len(chunks)), [len(c) for c in chunks])
+    keys = np.unique(root_lead[roots[atoms]] * len(chunks) + which)
+    out: dict[int, set] = {}
+    for lead, k in zip((keys // len(chunks)).tolist(), (keys % len(chunks)).tolist()):
+        out.setdefault(lead, set()).add(labels[k])
+    return out
+
+
 def _site_readers(flow: ChannelFlow, roots: np.ndarray, root_lead: np.ndarray) -> dict[int, set[str]]:
     """Names of the mask sites reading each group (by its lead owner)."""
-    readers: dict[int, set[str]] = {}
-    for site in flow.sites:
-        name = _site_name(site)
-        atoms = site.atoms[site.atoms >= 0]
-        for g in np.unique(root_lead[roots[atoms]]).tolist():
-            readers.setdefault(g, set()).add(name)
-    return readers
+    chunks = [site.atoms[site.atoms >= 0] for site in flow.sites]
+    return _pairs(chunks, [_site_name(site) for site in flow.sites], root_lead, roots)
 
 
 def _chain_kind(node: fx.Node, modules) -> str | None:

@@ -163,7 +163,7 @@ def norm_rule(ctx, node):
         return ctx.unknown(f"{ctx.where()}: channels not on axis 1")
     m = ctx.module
     has_state = any(p is not None and p.dim() == 1 and p.shape[0] == v.shape[1]
-                    for p in list(m.parameters(recurse=False)) + list(m.buffers(recurse=False)))
+                    for p in (*m._parameters.values(), *m._buffers.values()))
     if isinstance(m, nn.GroupNorm) and m.num_groups != m.num_channels:
         if ctx.flow.allow_inexact:
                 ctx.constrain(Balance(atoms, m.num_groups, f"GroupNorm {node.target}"))
