@@ -34,6 +34,8 @@ class OpEntry:
 
 
 _REGISTRY: dict[Any, OpEntry] = {}
+# functions of libraries that may not be installed, keyed by "module.name"
+_BY_NAME: dict[str, OpEntry] = {}
 
 
 def op_name(target: Any) -> str:
@@ -56,6 +58,12 @@ def register(*targets: Any, surgery: Callable | None = None):
     return deco
 
 
+def register_name(qualified: str, rule: Callable, surgery: Callable | None = None) -> None:
+    """A rule for a function known only by its qualified name (e.g. torchvision's
+    ``torchvision.ops.stochastic_depth.stochastic_depth``, wrapped as a leaf by fx)."""
+    _BY_NAME[qualified] = OpEntry(qualified, rule, surgery)
+
+
 def register_op(target: Any, rule: Callable, surgery: Callable | None = None) -> None:
     """Public entry point: add (or replace) the rule for a custom op or module class."""
     _REGISTRY[target] = OpEntry(op_name(target), rule, surgery)
@@ -74,9 +82,13 @@ def lookup(node: fx.Node, modules: dict[str, nn.Module]) -> OpEntry | None:
         return None
     if node.op == "call_function":
         try:
-            return _REGISTRY.get(node.target)
+            entry = _REGISTRY.get(node.target)
         except TypeError:  # unhashable target
             return None
+        if entry is None and _BY_NAME:
+            name = f"{getattr(node.target, '__module__', '')}.{getattr(node.target, '__name__', '')}"
+            entry = _BY_NAME.get(name)
+        return entry
     if node.op == "call_method":
         return _REGISTRY.get(node.target)
     return None

@@ -16,7 +16,7 @@ from torch import nn
 from . import surgery_rules as S
 from .atoms import NONE, UNKNOWN, along, carrying_axes, filled, on_axis
 from .flow_types import Balance, ChannelCount, NonEmpty
-from .registry import register
+from .registry import register, register_name
 
 # ----------------------------------------------------------------------------- per element
 
@@ -56,6 +56,8 @@ def same_rule(ctx, node):
 
 for _targets in (ACTIVATION_MODULES, ACTIVATION_FUNCTIONS, ACTIVATION_METHODS):
     register(*_targets)(same_rule)
+# torchvision's stochastic depth: identity in eval, a per-sample (N,1,1,1) scale in training
+register_name("torchvision.ops.stochastic_depth.stochastic_depth", same_rule)
 # PReLU with one weight per channel is a norm-like op: registered below.
 
 

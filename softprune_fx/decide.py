@@ -73,6 +73,7 @@ class _Group:
         if blocks is not None:
             self.block_order = [self.order[blocks[self.order] == b] for b in range(nb)]
         self.n_frozen = int(np.isinf(unit_scores).sum())
+        self._kept: dict[int, np.ndarray] = {}
 
     @property
     def width(self) -> int:
@@ -85,6 +86,12 @@ class _Group:
 
     def kept(self, count: int) -> np.ndarray:
         """Flat ids kept at ``count`` units: the best ones (per block when balanced)."""
+        cached = self._kept.get(count)
+        if cached is None:
+            cached = self._kept[count] = self._select(count)
+        return cached
+
+    def _select(self, count: int) -> np.ndarray:
         if self.blocks is None:
             chosen = self.order[:count]
         else:

@@ -79,3 +79,33 @@ def test_expand_to_a_constant_size_freezes():
     net(torch.randn(2, 3, 16, 16))
     cg = sp.analyze(net.eval(), torch.randn(2, 3, 16, 16))
     assert not cg.group("a").prunable and "constant size" in cg.group("a").frozen_reason
+
+
+def stochastic_depth(x, p, mode, training=True):
+    """Stands in for torchvision.ops.stochastic_depth (not importable beside this torch)."""
+    if not training or p == 0.0:
+        return x
+    noise = torch.empty([x.shape[0]] + [1] * (x.dim() - 1), dtype=x.dtype).bernoulli_(1 - p)
+    return x * noise / (1 - p)
+
+
+stochastic_depth.__module__ = "torchvision.ops.stochastic_depth"
+torch.fx.wrap("stochastic_depth")
+
+
+class StochasticDepthBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        x = self.a(x)
+        return self.c(x + stochastic_depth(self.b(x), 0.2, "row", self.training))
+
+
+def test_torchvision_stochastic_depth_is_channel_wise():
+    net, x = StochasticDepthBlock().eval().double(), (torch.randn(2, 3, 12, 12, dtype=torch.float64),)
+    cg = sp.analyze(net, x)
+    assert cg.group("a").prunable and "residual" in cg.group("a").kinds
+    drop = {"a": [0, 3]}
+    assert rel_err(outputs(sp.masked(net, x, drop), x), outputs(sp.prune_channels(net, x, drop), x)) <= 1e-12
