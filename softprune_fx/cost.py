@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from passes import rules_core
+from passes import rules_mixing
 from passes.atoms import along
 from passes.flops import count_flops
 from passes.registry import lookup
@@ -59,8 +59,8 @@ class CostModel:
         self.constant = self.total0 - self._variable(full)
 
     def _term(self, cg, node, entry, modules, site) -> Term | None:
-        if entry is None or entry.rule not in (rules_core.conv_rule, rules_core.linear_rule,
-                                               rules_core.functional_weight_rule, rules_core.matmul_rule):
+        if entry is None or entry.rule not in (rules_mixing.conv_rule, rules_mixing.linear_rule,
+                                               rules_mixing.functional_weight_rule, rules_mixing.matmul_rule):
             return None
         out = node.meta["val"]
         x = node.args[0].meta["val"]
@@ -68,11 +68,11 @@ class CostModel:
         if not isinstance(out, torch.Tensor) or not isinstance(lay, np.ndarray):
             return None
         in_cls, in_sg = self.index.site_ids(site) if site is not None else (None, None)
-        if entry.rule is rules_core.matmul_rule:
+        if entry.rule is rules_mixing.matmul_rule:
             if site is None:
                 return None
             return Term(node.name, 2.0 * _numel(out.shape), in_cls, in_sg, None)
-        is_linear = entry.rule is rules_core.linear_rule or node.target is torch.nn.functional.linear
+        is_linear = entry.rule is rules_mixing.linear_rule or node.target is torch.nn.functional.linear
         axis = -1 if is_linear else 1
         vec = along(lay, axis, out.shape[axis])
         out_ids = self.index.atom_ids(vec) if vec is not None else None
