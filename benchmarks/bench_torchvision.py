@@ -23,7 +23,7 @@ N(0, 0.2), running_var ~ U(0.5, 1.5)). One torch thread.
   the median of the per-repeat ratios.
 * coverage / invariant: groups / prunable groups and the distinct frozen reasons; then in
   float64 (``model.double()``, a small input: 64 px unless the model needs more) two random legal
-  drops (``tests/conftest.py: random_drop``, seeds 0 and 1): ``prune_channels(m, x, drop)(x)``
+  drops (``tests/drops.py: random_drop``, seeds 0 and 1): ``prune_channels(m, x, drop)(x)``
   must equal ``masked(m, x, drop)(x)`` within ``1e-12 * max(1, max|ref|)``.
 * largest reachable cut: ``prune_one_shot(model, (x,), 0.999, round_to=None)`` (float32, the
   timing input, or ``--cut-px``) raises ``BudgetError`` naming the largest reachable FLOPs cut
@@ -38,7 +38,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import random
 import re
 import signal
 import time
@@ -50,7 +49,8 @@ import torch
 import torchvision
 
 import softprune_fx as sp
-from passes.errors import BudgetError, IllegalDropError
+from drops import random_drop  # tests/drops.py, on sys.path through _common
+from passes.errors import BudgetError
 
 TOL64 = 1e-12
 REPEATS = 5
@@ -83,26 +83,6 @@ def build(name: str) -> torch.nn.Module:
                 m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g) * 0.2)
                 m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
     return model
-
-
-def random_drop(cg, seed: int, max_frac: float = 0.5, tries: int = 8) -> dict:
-    """Copied from tests/conftest.py (which imports pytest): a random legal drop."""
-    rng = random.Random(seed)
-    frac = max_frac
-    for _ in range(tries):
-        drop = {}
-        for g in cg.groups:
-            free = [i for i in range(g.width) if i not in g.frozen_channels]
-            if not g.prunable or len(free) < 2:
-                continue
-            k = rng.randint(0, int(len(free) * frac))
-            if k:
-                drop[g.id] = rng.sample(free, k)
-        try:
-            return cg.legalize(drop)
-        except IllegalDropError:
-            frac /= 2
-    return {}
 
 
 def tensors(out) -> list:

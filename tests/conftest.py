@@ -1,6 +1,5 @@
 """Shared test setup: the zoo on sys.path, one torch thread (2-core CI), helpers."""
 import os
-import random
 import sys
 
 import pytest
@@ -8,7 +7,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-from passes.errors import IllegalDropError  # noqa: E402
+from drops import random_drop  # noqa: E402,F401 (re-exported to the tests)
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -17,27 +16,6 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-def random_drop(cg, seed: int, max_frac: float = 0.5, tries: int = 8) -> dict:
-    """A random legal drop: up to ``max_frac`` of each prunable group's free channels,
-    legalized; the fraction halves while legalization refuses."""
-    rng = random.Random(seed)
-    frac = max_frac
-    for _ in range(tries):
-        drop = {}
-        for g in cg.groups:
-            free = [i for i in range(g.width) if i not in g.frozen_channels]
-            if not g.prunable or len(free) < 2:
-                continue
-            k = rng.randint(0, int(len(free) * frac))
-            if k:
-                drop[g.id] = rng.sample(free, k)
-        try:
-            return cg.legalize(drop)
-        except IllegalDropError:
-            frac /= 2
-    return {}
 
 
 def outputs(model, inputs):
