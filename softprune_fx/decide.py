@@ -4,9 +4,19 @@ Per group the candidate kept counts are at least ``min_width`` (and the frozen c
 and multiples of the rounding step or the full width; a group in front of or behind a
 grouped conv also keeps a multiple of its conv groups, the same count in every block.
 From the hard-rule set the search steps one group at a time, picking the step that loses
-the least score per FLOP saved (or, when the cut is too deep, gains the most score per
+the least value per FLOP saved (or, when the cut is too deep, gains the most value per
 FLOP added), until the cut is within ``tol`` of the target. When rounding makes that
 impossible, rounding is given up on the fewest groups, and the result says which.
+
+A group's value has diminishing returns: ``W_g * log(S_g)``, S_g the summed score of its
+kept channels. Why: with a linear value (score lost per FLOP) and the near-equal scores
+that SCP's saturated ``1 - pi`` and untrained BN statistics give, the search cuts the
+groups with the most FLOPs per channel to the floor (ResNet-50's early 56x56 layers to 16
+channels), and thin layers run far below the throughput of wide ones. W_g is the FLOPs
+of the group's layers in the model cut uniformly to the target, which makes "the same
+kept fraction in every group" the optimum when scores are equal. Only scores relative to
+the rest of their group count: a group whose channels SCP calls dead (low ``1 - pi``)
+loses them cheaply, so it is cut further, and low-scored channels go first.
 
 Example::
 
@@ -202,8 +212,25 @@ class _Search:
     def __init__(self, groups, counts, cost: CostModel, scores, size, nonempty=()):
         self.nonempty = list(nonempty)
         self.groups, self.counts, self.cost = groups, counts, cost
-        self.scores = np.where(np.isfinite(scores), scores, 0.0)
+        self.scores = np.clip(np.where(np.isfinite(scores), scores, 0.0), 0.0, None)
         self.size = size
+        self.weight: dict[str, float] = {}
+
+    def _weigh(self, ratio: float) -> None:
+        """W_g: the FLOPs of each group's layers when every group keeps the same fraction f,
+        f chosen (by bisection on the soft cost model) so that the uniform cut is ``ratio``."""
+        def uniform(f: float) -> np.ndarray:
+            keep = np.ones(self.size)
+            for grp in self.groups:
+                keep[grp.ids] = f
+            return keep
+        lo, hi = 0.0, 1.0
+        for _ in range(30):
+            mid = (lo + hi) / 2
+            lo, hi = (lo, mid) if self.cost.ratio(uniform(mid)) < ratio else (mid, hi)
+        f = max(hi, 1e-3)
+        marg = self.cost.marginal(uniform(f))
+        self.weight = {grp.id: f * float(marg[grp.ids].sum()) for grp in self.groups}
 
     def keep(self, override: tuple | None = None) -> np.ndarray:
         keep = np.ones(self.size, dtype=bool)
@@ -226,8 +253,15 @@ class _Search:
             ext[cls[best]] = ext[sg[best]] = True
         return ext[:-1]
 
+    def _value_change(self, grp: _Group, hi: np.ndarray, lo: np.ndarray) -> float:
+        """Value lost going from kept set ``hi`` down to ``lo``: ``W_g * log(S(hi) / S(lo))``."""
+        s_hi, s_lo = self.scores[hi].sum(), self.scores[lo].sum()
+        if s_hi <= 0:
+            return 0.0
+        return self.weight[grp.id] * math.log(s_hi / max(s_lo, 1e-12 * s_hi))
+
     def _moves(self, down: bool):
-        """Candidate single-group steps with their score change per FLOP."""
+        """Candidate single-group steps with their value change per FLOP."""
         keep = self.keep()
         marg = self.cost.marginal(keep)
         moves = []
@@ -237,15 +271,16 @@ class _Search:
             nxt = max((k for k in ks if k < cur), default=None) if down else min((k for k in ks if k > cur), default=None)
             if nxt is None:
                 continue
-            changed = np.setdiff1d(grp.kept(max(cur, nxt)), grp.kept(min(cur, nxt)))
-            dflops = float(marg[changed].sum())
-            dscore = float(self.scores[changed].sum())
+            hi, lo = grp.kept(max(cur, nxt)), grp.kept(min(cur, nxt))
+            dflops = float(marg[np.setdiff1d(hi, lo)].sum())
+            dvalue = self._value_change(grp, hi, lo)
             if dflops > 0:
-                moves.append((dscore / dflops if down else -dscore / dflops, grp, nxt))
+                moves.append((dvalue / dflops if down else -dvalue / dflops, grp, nxt))
         return sorted(moves, key=lambda m: m[0])
 
     def run(self, ratio: float, tol: float) -> list[str]:
         rounding_dropped: list[str] = []
+        self._weigh(ratio)
         for _ in range(MAX_STEPS):
             cut = self.cost.ratio(self.keep())
             if abs(cut - ratio) <= tol:

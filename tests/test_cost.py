@@ -70,3 +70,53 @@ def test_unreachable_ratio_raises_with_largest_cut():
     model, inputs = ZOO["resnet_basic"]()
     with pytest.raises(BudgetError, match="largest reachable cut"):
         sp.prune_one_shot(model, inputs, 0.99)
+
+
+def _pyramid():
+    """Three conv groups whose channels cost very different FLOPs (32 px, 16 px, 8 px)."""
+    from torch import nn
+    layers, cin = [], 3
+    for cout, stride in ((32, 1), (64, 2), (128, 2)):
+        layers += [nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU()]
+        cin = cout
+    model = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(cin, 10)).eval()
+    return model, (torch.randn(1, 3, 32, 32),)
+
+
+def _decide(scores_fn, ratio=0.4):
+    from softprune_fx.decide import decide
+    model, inputs = _pyramid()
+    cg = sp.analyze(model, inputs)
+    index = ChannelIndex(cg)
+    cost = CostModel(cg, index, model, inputs)
+    scores = scores_fn(cg, index)
+    d = decide(cg, index, cost, scores, np.ones(index.size, bool), ratio, round_to=None)
+    widths = {g.id: (g.width, int(d.keep[index.ids(g.id)].sum())) for g in cg.groups if g.prunable}
+    return d, widths
+
+
+def test_equal_scores_cut_every_group_alike():
+    """With no information in the scores the decision keeps the same fraction everywhere,
+    instead of cutting the group with the most FLOPs per channel to the floor."""
+    d, widths = _decide(lambda cg, index: np.ones(index.size))
+    assert abs(d.achieved - 0.4) <= 0.01
+    fractions = [after / before for before, after in widths.values()]
+    assert len(fractions) == 3 and max(fractions) - min(fractions) <= 0.1, widths
+
+
+def test_low_scores_are_cut_first():
+    """Scores still steer: a group where half the channels score near zero (dead by SCP's
+    rule) loses more channels than the others, and exactly its low-scored ones."""
+    low = {}
+
+    def scores(cg, index):
+        s = np.ones(index.size)
+        ids = index.ids(next(g.id for g in cg.groups if g.prunable))     # the 32 px group
+        s[ids[1::2]] = 0.01
+        low["positions"] = set(range(1, len(ids), 2))
+        return s
+    d, widths = _decide(scores)
+    first = next(iter(widths))
+    fractions = {g: after / before for g, (before, after) in widths.items()}
+    assert fractions[first] < min(f for g, f in fractions.items() if g != first) - 0.1, widths
+    assert set(d.drop[first]) <= low["positions"]
