@@ -18,6 +18,11 @@ the original and all six pruned files of a model are timed in one interleaved
 core of this 2-core machine), median and p10/p90. A measurement where any file's
 (p90 - p10)/median exceeds 0.25 is repeated (at most twice) and the tightest one kept.
 
+With ``--torch-pruning 8 16`` the same runs also time Torch-Pruning's default pruner
+(``MagnitudePruner``, L1 importance, the same ratio in every layer, the classifier
+ignored, ``round_to`` 8 and 16), its per-layer ratio bisected to each FLOPs cut, as the
+peer reference (needs ``pip install torch-pruning --no-deps``).
+
 Reported: latency cut = 1 - t_pruned / t_orig, FLOPs cut = ``achieved_ratio`` and their
 quotient. Issue 4's target: ResNet-50 at 0.4 with the defaults, quotient >= 0.92.
 Writes ``benchmarks/results/bench_latency.json``.
@@ -69,6 +74,28 @@ def measure(paths: dict, x, warmup: int, repeats: int, max_spread: float = 0.25)
     return best[0], tries
 
 
+def torch_pruning_cut(model, inputs, ratio: float, round_to: int):
+    """Torch-Pruning's default (uniform) pruning of a copy, its layer ratio bisected so the
+    FLOPs cut is ``ratio`` (as near as its rounding allows)."""
+    import copy
+
+    import torch_pruning as tp
+    from passes.flops import count_flops
+    f0 = count_flops(model, inputs)
+    lo, hi, best = 0.0, 0.9, None
+    for _ in range(14):
+        mid = (lo + hi) / 2
+        m = copy.deepcopy(model)
+        ignored = [mod for mod in m.modules() if isinstance(mod, torch.nn.Linear)]
+        tp.pruner.MagnitudePruner(m, inputs[0], importance=tp.importance.MagnitudeImportance(p=1),
+                                  pruning_ratio=mid, ignored_layers=ignored, round_to=round_to).step()
+        cut = 1 - count_flops(m, inputs) / f0
+        if best is None or abs(cut - ratio) < abs(best[1] - ratio):
+            best = (m, cut)
+        lo, hi = (mid, hi) if cut < ratio else (lo, mid)
+    return best
+
+
 def bench_model(name: str, args, tmp: Path) -> list[dict]:
     model, inputs = BIG[name]()
     randomize_norms(model, seed=0)
@@ -94,6 +121,17 @@ def bench_model(name: str, args, tmp: Path) -> list[dict]:
                              rounding_dropped=len(res.rounding_dropped),
                              prune_seconds=time.perf_counter() - start)
             C.console.print(f"  {name} {key}: FLOPs cut {res.achieved_ratio:.3f}, onnx ok {chk.ok}", style="dim")
+        for step in args.torch_pruning:
+            key = f"{ratio}/torch-pruning {step}"
+            peer, cut = torch_pruning_cut(model, inputs, ratio, step)
+            paths[key] = str(tmp / f"{name}_{ratio}_tp{step}.onnx")
+            export_onnx(peer.eval(), inputs, paths[key])
+            chk = check_onnx(peer, batch, paths[key])
+            info[key] = dict(ratio=ratio, rounding=f"torch-pruning {step}", flops_cut=cut,
+                             params_before=sum(p.numel() for p in model.parameters()),
+                             params_after=sum(p.numel() for p in peer.parameters()), onnx_ok=chk.ok,
+                             onnx_max_abs_diff=max(chk.max_abs_diff.values()))
+            C.console.print(f"  {name} {key}: FLOPs cut {cut:.3f}, onnx ok {chk.ok}", style="dim")
     stats, tries = measure(paths, batch, args.warmup, args.repeats)
     rows = []
     orig = stats["orig"]
@@ -117,6 +155,8 @@ def main() -> None:
     ap.add_argument("--roundings", nargs="+", default=["auto", "none"], help="auto, none or a step, e.g. 32")
     ap.add_argument("--tag", default="", help="suffix of the JSON file name")
     ap.add_argument("--ort-threads", type=int, default=0, help="ORT intra-op threads (0: ORT's default)")
+    ap.add_argument("--torch-pruning", type=int, nargs="*", default=[], metavar="ROUND_TO",
+                    help="also time Torch-Pruning's uniform pruning with these round_to steps")
     args = ap.parse_args()
     if args.ort_threads:
         pin_ort_threads(args.ort_threads)

@@ -232,10 +232,12 @@ class _Search:
         marg = self.cost.marginal(uniform(f))
         self.weight = {grp.id: f * float(marg[grp.ids].sum()) for grp in self.groups}
 
-    def keep(self, override: tuple | None = None) -> np.ndarray:
+    def keep(self, *steps: tuple) -> np.ndarray:
+        """The keep vector at the current counts, with ``(group, count)`` steps applied."""
+        counts = {**self.counts, **{grp.id: count for grp, count in steps}}
         keep = np.ones(self.size, dtype=bool)
         for grp in self.groups:
-            count = override[1] if override and override[0] is grp else self.counts[grp.id]
+            count = counts[grp.id]
             keep[grp.ids] = False
             keep[grp.kept(count)] = True
         return self.repair(keep)
@@ -278,6 +280,23 @@ class _Search:
                 moves.append((dvalue / dflops if down else -dvalue / dflops, grp, nxt))
         return sorted(moves, key=lambda m: m[0])
 
+    def _closest(self, cut: float, ratio: float, width: int = 20) -> bool:
+        """When no single step lands in the window (tiny models, whose channels are each a
+        big share of the FLOPs): take the single step, or the pair of one step up in one
+        group and one down in another (the ``width`` best of each), that lands nearest
+        ``ratio``, if it is nearer than ``cut``. Says whether it took one."""
+        up = [(grp, nxt) for _, grp, nxt in self._moves(False)[:width]]
+        down = [(grp, nxt) for _, grp, nxt in self._moves(True)[:width]]
+        options = [(s,) for s in up + down] + [(a, b) for a in up for b in down if a[0] is not b[0]]
+        best, best_gap = None, abs(cut - ratio)
+        for steps in options:
+            gap = abs(self.cost.ratio(self.keep(*steps)) - ratio)
+            if gap < best_gap - 1e-12:
+                best, best_gap = steps, gap
+        for grp, count in best or ():
+            self.counts[grp.id] = count
+        return best is not None
+
     def run(self, ratio: float, tol: float) -> list[str]:
         rounding_dropped: list[str] = []
         self._weigh(ratio)
@@ -300,8 +319,10 @@ class _Search:
                     break
             if landed is None:  # every step jumps over the window: give up rounding on one group
                 rounded = [grp for _, grp, _ in moves if grp.step > max(1, grp.nb)]
-                if not rounded:
-                    return rounding_dropped  # the window is narrower than any single step
+                if not rounded:  # the window is narrower than any single step: get closer
+                    if self._closest(cut, ratio):
+                        continue  # each such step narrows the gap, so this ends
+                    return rounding_dropped
                 rounded[0].step = max(1, rounded[0].nb)
                 rounding_dropped.append(rounded[0].id)
                 continue
