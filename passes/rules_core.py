@@ -290,7 +290,12 @@ def size_layout(ctx, x, dim):
         return None
 
     def count(d):
-        return ChannelCount(np.unique(lay[lay >= 0])) if lay.shape[d] > 1 and (lay >= 0).any() else None
+        if lay.shape[d] == 1 or not (lay >= 0).any():
+            return None
+        vec = along(lay, d, v.shape[d])  # in position order where the axis is one channel axis
+        if vec is not None and (vec >= 0).all() and len(np.unique(vec)) == len(vec):
+            return ChannelCount(vec)
+        return ChannelCount(np.unique(lay[lay >= 0]))
     if dim is not None:
         return count(dim % v.dim())
     return tuple(count(d) for d in range(v.dim()))

@@ -30,10 +30,45 @@ def reshape_rule(ctx, node):
     new = reshape_layout(lay, tuple(v.shape), tuple(out.shape))
     if new is None:
         return ctx.unknown(f"{ctx.where()}: reshape not followed")
+    for d, count in _size_counts(ctx, node, out.dim()).items():
+        _check_count(ctx, new, d, out.shape[d], count)
     if len(carrying_axes(new)) > 1 and (new >= 0).any():
         ctx.constrain(Grid(new.copy(), f"{ctx.where()}"))
         ctx.table.tag(new, "shuffle")
     return new
+
+
+def _size_counts(ctx, node, nd: int) -> dict:
+    """Output axis -> ChannelCount for the sizes of view/reshape/unflatten read from a shape."""
+    name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
+    if name in ("view", "reshape") and node.op != "call_module":
+        sizes = node.args[1:] if node.op == "call_method" else node.args[1:2]
+        sizes = list(sizes[0]) if len(sizes) == 1 and isinstance(sizes[0], (tuple, list)) else list(sizes)
+        first = 0
+    elif name == "unflatten" and node.op != "call_module" and len(node.args) > 2:
+        sizes, first = list(node.args[2]), node.args[1] % nd
+    else:
+        return {}
+    counts = {first + i: ctx.layout(s) for i, s in enumerate(sizes) if isinstance(s, fx.Node)}
+    return {d: c for d, c in counts.items() if isinstance(c, ChannelCount) and d < nd}
+
+
+def _check_count(ctx, new: np.ndarray, d: int, extent: int, count: ChannelCount) -> None:
+    """A size read from a channel axis follows that axis's pruned extent at run time, so the
+    output axis it sizes must carry those channels. Where it carries other channels of the
+    same extent they are pruned alike (unified); where it carries none (attention heads x
+    head dim sized by the stream's width, as in EdgeNeXt's XCA) the count must not change,
+    and its channels are frozen."""
+    carried = np.unique(new[new >= 0]) if new.shape[d] > 1 else np.zeros(0, np.int64)
+    if carried.size and np.isin(carried, count.atoms).all():
+        return
+    vec = along(new, d, extent)
+    if carried.size and vec is not None and len(vec) == len(count.atoms) and (vec >= 0).all():
+        ctx.unify(vec, count.atoms.copy())
+        return
+    why = f"{ctx.where()}: a channel count sizes an axis that does not carry those channels"
+    ctx.freeze(count.atoms, why)
+    ctx.freeze(new, why)
 
 
 register(torch.reshape, torch.flatten, torch.squeeze, torch.unsqueeze, nn.Flatten, nn.Unflatten,

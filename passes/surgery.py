@@ -102,6 +102,10 @@ def on_full(vec: np.ndarray, axis: int, ndim: int) -> np.ndarray:
 def _slice_params(sctx: SurgeryContext) -> None:
     """Plain parameters with one channel axis (owned atoms) lose their dropped entries."""
     table = sctx.flow.table
+    users: dict[str, set] = {}
+    for node in sctx.graph.nodes:
+        if node.op == "get_attr":
+            users.setdefault(node.target, set()).update(node.users)
     for node in list(sctx.graph.nodes):
         if node.op != "get_attr" or not isinstance(sctx.flow.layouts.get(node), ParamRef):
             continue
@@ -110,12 +114,29 @@ def _slice_params(sctx: SurgeryContext) -> None:
             continue
         value = sctx.flow.layouts[node].value
         axis = next(d for d, s in enumerate(value.shape) if s > 1)
-        keep = sctx.plan.keep_layout(table.owners[idx].atoms)
+        keep = sctx.plan.keep_layout(table.owners[idx].atoms) & _chain_keep(sctx, users[node.target])
         if keep.all():
             continue
         owner, name = sctx.owner_of(node.target)
         tensor = getattr(owner, name).data
         set_tensor(owner, name, tensor.index_select(axis, torch.as_tensor(np.flatnonzero(keep))))
+
+
+def _chain_keep(sctx: SurgeryContext, users: set) -> np.ndarray | bool:
+    """Position keep of the site-group chain whose op reads a parameter (``users``: the nodes
+    reading it; a functional BN inside a chain, as timm's BatchNormAct2d traces), or True
+    when no chain reads it.
+
+    Its entries are the chain's positions, so they drop what the site group drops as well as
+    what the classes drop. A parameter read both inside a chain and elsewhere (or by two
+    chains) would need two slicings; we refuse it rather than guess."""
+    chains = {id(sctx.plan.chain_group.get(u)): sctx.plan.chain_group.get(u) for u in users}
+    if set(chains) == {id(None)}:
+        return True
+    if len(chains) > 1:
+        raise SurgeryError(f"a parameter read by {sorted(u.name for u in users)} is read inside a "
+                           "site-group chain and elsewhere")
+    return sctx.plan.position_keep(next(iter(chains.values())))
 
 
 def _select_for_site_groups(sctx: SurgeryContext) -> None:

@@ -88,7 +88,12 @@ def functional_weight_surgery(sctx, node):
     if not sctx.first_call(node, key=w.target):
         return
     axis = -1 if node.target is torch.nn.functional.linear else 1
-    ok, ik = _idx(sctx.keep_along(node, axis)), _idx(sctx.site_keep(sctx.site_of(node)))
+    site = sctx.site_of(node)  # none where the input carries no prunable channel (e.g. the image)
+    in_keep = sctx.site_keep(site) if site is not None else sctx.keep_along(node.args[0], axis)
+    out_keep = sctx.keep_along(node, axis)
+    if out_keep.all() and in_keep.all():
+        return  # nothing dropped (a grouped or computed-weight conv is frozen by its rule)
+    ok, ik = _idx(out_keep), _idx(in_keep)
     owner, name = sctx.owner_of(w.target)
     set_tensor(owner, name, getattr(owner, name).data[ok][:, ik])
 

@@ -248,3 +248,25 @@ def test_functional_layer_norm_and_per_channel_clamp_bounds_prune_exactly():
     pruned = sp.prune_channels(net, x, drop)
     assert pruned.get_parameter("bound").shape[1] == 13
     assert rel_err(outputs(sp.masked(net, x, drop), x), outputs(pruned, x)) < 1e-12
+
+
+def test_count_sizing_other_channels_freezes_them():
+    """x.shape[1] reshaping a tensor whose channel axis is not x's channels: x's group must
+    keep its width (else the pruned reshape reads the wrong number); a tensor reshaped by a
+    count of its own channels stays prunable."""
+    _, _, cg = groups_of("count_sized")
+    stem = containing(cg, "stem.0")
+    assert not stem.prunable and "channel count sizes an axis" in stem.frozen_reason
+    assert containing(cg, "mix.0").prunable
+
+
+def test_functional_bn_in_a_site_group_chain_is_sliced_by_position():
+    """timm's BatchNormAct2d traces to F.batch_norm on get_attr buffers; inside a site group
+    the buffers must lose the positions the site group drops, not only the class drops."""
+    model, inputs, cg = groups_of("bnact_blocks")
+    assert {"pre_conv1:in", "pw:in"} <= {g.id for g in cg.groups if g.prunable}
+    drop = {"pre_conv1:in": [0, 3, 5], "pw:in": [1]}
+    pruned = sp.prune_channels(model, inputs, drop)
+    assert pruned.pre_bn.running_mean.shape[0] == 13 and pruned.pre_conv1.in_channels == 13
+    assert pruned.dw_bn.weight.shape[0] == 15 and pruned.stem.out_channels == 16
+    assert rel_err(outputs(sp.masked(model, inputs, drop), inputs), outputs(pruned, inputs)) <= 1e-5

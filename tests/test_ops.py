@@ -74,6 +74,31 @@ def test_op(name):
         assert rel_err(outputs(sp.masked(net, x, drop), x), outputs(sp.prune_channels(net, x, drop), x)) <= 1e-12
 
 
+def test_grouped_functional_conv_on_a_buffer_freezes_and_prunes_the_rest():
+    """TResNet's anti-aliasing: a depthwise blur ``F.conv2d(x, self.filt, groups=C)`` on a
+    buffer. Its channels are frozen, and pruning the other groups must leave it alone."""
+    class Blur(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Conv2d(3, 8, 3, padding=1)
+            self.register_buffer("filt", torch.ones(8, 1, 3, 3) / 9)
+            self.b = nn.Conv2d(8, 6, 1)
+            self.c = nn.Conv2d(6, 4, 1)
+
+        def forward(self, x):
+            x = F.conv2d(F.pad(self.a(x), (1, 1, 1, 1)), self.filt, stride=2, groups=8)
+            return self.c(torch.relu(self.b(x)))
+
+    torch.manual_seed(0)
+    net, x = Blur().double().eval(), (torch.randn(2, 3, 16, 16, dtype=torch.float64),)
+    cg = sp.analyze(net, x)
+    assert not next(g for g in cg.groups if "a" in g.producers).prunable
+    drop = {next(g for g in cg.groups if "b" in g.producers).id: [1, 4]}
+    pruned = sp.prune_channels(net, x, drop)
+    assert pruned.filt.shape == (8, 1, 3, 3) and pruned.b.out_channels == 4
+    assert rel_err(outputs(sp.masked(net, x, drop), x), outputs(pruned, x)) <= 1e-12
+
+
 def test_expand_to_a_constant_size_freezes():
     net = Net(lambda s, x: x + x.mean(1, keepdim=True).expand(2, 8, 16, 16))
     net(torch.randn(2, 3, 16, 16))

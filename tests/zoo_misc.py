@@ -67,6 +67,72 @@ def functional_bn():
     return finish(FunctionalBN(), (BATCH, 3, 16, 16))
 
 
+# ----------------------------------------------------------------------------- bnact_blocks
+class BNAct(nn.BatchNorm2d):
+    """timm's BatchNormAct2d: a BatchNorm2d subclass whose forward calls F.batch_norm on its
+    own buffers and parameters, then ReLU. torch.fx traces into it (it is not a torch.nn
+    class), so get_attr nodes, not a module, carry the BN's channel axis."""
+
+    def forward(self, x):
+        x = F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
+        return F.relu(x)
+
+
+class BNActBlocks(nn.Module):
+    """Residual stream read by several convs, with private BNAct -> conv chains on it (site
+    groups whose BN is functional): a pre-activation block (BNAct -> 3x3 conv) and a
+    depthwise-separable block (depthwise conv -> BNAct -> 1x1 conv, as in timm's MixNet,
+    MobileNetV4, DPN and DenseNet)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1)
+        self.pre_bn, self.pre_conv1 = BNAct(16), nn.Conv2d(16, 12, 3, padding=1)
+        self.pre_bn2, self.pre_conv2 = BNAct(12), nn.Conv2d(12, 16, 3, padding=1)
+        self.dw = nn.Conv2d(16, 16, 3, padding=1, groups=16)
+        self.dw_bn, self.pw = BNAct(16), nn.Conv2d(16, 16, 1)
+        self.head_bn, self.head = BNAct(16), Head(16)
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = x + self.pre_conv2(self.pre_bn2(self.pre_conv1(self.pre_bn(x))))
+        x = x + self.pw(self.dw_bn(self.dw(x)))
+        return self.head(self.head_bn(x))
+
+
+def bnact_blocks():
+    seeded()
+    return finish(BNActBlocks(), (BATCH, 3, 16, 16))
+
+
+# ----------------------------------------------------------------------------- count_sized
+class CountSized(nn.Module):
+    """A size read from one tensor's channel axis reshapes another tensor whose channel axis
+    is not those channels (EdgeNeXt's XCA sizes heads x head_dim by the stream's width): the
+    counted channels must keep their extent, so they are frozen. A second reshape by a
+    count of its own channels (``z.view(B, C, -1)``) stays prunable."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = conv_bn_relu(3, 16)
+        self.proj = nn.Conv2d(16, 16, 1)
+        self.mix = conv_bn_relu(16, 12)
+        self.head = Head(12)
+
+    def forward(self, x):
+        x = self.stem(x)
+        b, c, h, w = x.shape
+        y = torch.roll(self.proj(x), 1, dims=1).flatten(2)   # channels no longer followed
+        z = self.mix(y.reshape(b, c, h, w))
+        bz, cz = z.shape[:2]
+        return self.head(z.view(bz, cz, -1).view(bz, cz, h, w))
+
+
+def count_sized():
+    seeded()
+    return finish(CountSized(), (BATCH, 3, 16, 16))
+
+
 # ----------------------------------------------------------------------------- multi_io
 class MultiIO(nn.Module):
     """Two inputs (3 and 1 channels) through separate stems, fused by add; returns
@@ -252,6 +318,8 @@ def _misc(cls):
 ZOO_MISC = {
     "untraceable": untraceable,
     "functional_bn": functional_bn,
+    "bnact_blocks": bnact_blocks,
+    "count_sized": count_sized,
     "multi_io": multi_io,
     "glu": glu,
     "pixel_shuffle": pixel_shuffle,
