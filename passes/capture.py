@@ -68,7 +68,9 @@ def trace(model: nn.Module, leaf_modules: Iterable = ()) -> fx.GraphModule:
     for _ in range(MAX_LEAF_RETRIES):
         tracer = ChannelTracer(leaf_modules, fallback)
         try:
-            graph = tracer.trace(model)
+            with python_state_kept(model):  # also drops the tracer's _tensor_constant attributes
+                graph = tracer.trace(model)
+                gm = fx.GraphModule(tracer.root, graph, type(model).__name__)  # copies what it reads
         except Exception as exc:  # noqa: BLE001 - any tracing failure is retried or reported
             if not tracer.failing or tracer.failing in fallback:
                 raise CaptureError(
@@ -77,10 +79,50 @@ def trace(model: nn.Module, leaf_modules: Iterable = ()) -> fx.GraphModule:
                     "that cannot be traced") from exc
             fallback.append(tracer.failing)
             continue
-        gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
         gm.meta["untraced"] = list(fallback)
         return gm
     raise CaptureError(f"gave up after {MAX_LEAF_RETRIES} untraceable submodules")
+
+
+_MODULE_INTERNALS = frozenset(vars(nn.Module()))
+
+
+class python_state_kept:
+    """Restore the plain-Python containers and attributes of every module after tracing.
+
+    A forward may cache into ``self`` (timm's LeViT stores ``attention_biases[:, idxs]`` in
+    ``self.attention_bias_cache`` outside tracing-aware branches): traced, that caches a
+    Proxy, which a later trace would read from an old graph and which the user's model
+    would keep. Dicts, lists and sets are restored in place, attributes the forward
+    added are removed; parameters, buffers and submodules are not touched.
+
+    Example::
+
+        with python_state_kept(model):
+            graph = tracer.trace(model)
+    """
+
+    def __init__(self, model: nn.Module):
+        self.saved = []
+        for m in model.modules():
+            attrs = {k: v for k, v in vars(m).items() if k not in _MODULE_INTERNALS}
+            containers = {k: copy.copy(v) for k, v in attrs.items() if isinstance(v, (dict, list, set))}
+            self.saved.append((m, attrs, containers))
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        for m, attrs, containers in self.saved:
+            for k in [k for k in vars(m) if k not in _MODULE_INTERNALS and k not in attrs]:
+                delattr(m, k)
+            for k, v in attrs.items():
+                if vars(m).get(k) is not v:
+                    object.__setattr__(m, k, v)
+                if k in containers:
+                    v.clear()
+                    (v.extend if isinstance(v, list) else v.update)(containers[k])
+        return False
 
 
 def _one_line(exc: BaseException) -> str:

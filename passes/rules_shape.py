@@ -296,8 +296,8 @@ def pad_rule(ctx, node):
     for j in range(len(pad) // 2):
         d = nd - 1 - j
         before, after = pad[2 * j], pad[2 * j + 1]
-        if (before, after) == (0, 0) or (d >= 2 and lay.shape[d] == 1):
-            continue
+        if (before, after) == (0, 0) or (lay.shape[d] == 1 and (d >= 2 or v.shape[d] > 1)):
+            continue  # an axis that carries no channels (spatial, or H of a channels-last map)
         if d == 0 and lay.shape[0] == 1:
             continue
         atoms = along(lay, d, v.shape[d])

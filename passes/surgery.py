@@ -152,6 +152,7 @@ def _select_for_site_groups(sctx: SurgeryContext) -> None:
         first = g.chain[0]
         with sctx.graph.inserting_before(first):
             sel = sctx.graph.call_function(torch.index_select, (g.source, 1, sctx.const(idx)))
+        sel.meta["val"] = g.source.meta["val"]  # surgery rules read unpruned shapes, as elsewhere
         first.replace_input_with(g.source, sel)
 
 

@@ -86,3 +86,36 @@ def test_inplace_slices_the_users_modules():
     pruned = sp.prune_channels(model, inputs, {g.id: [0]}, inplace=True)
     conv = pruned.get_submodule(g.id)
     assert conv is model.get_submodule(g.id) and conv.out_channels == keep.get_submodule(g.id).out_channels - 1
+
+
+class CachesInForward(nn.Module):
+    """Caches a derived tensor in a dict on ``self`` (timm's LeViT attention-bias cache) and
+    counts its calls: traced, the cache would hold a Proxy of a finished graph."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 3, padding=1)
+        self.scale = nn.Parameter(torch.ones(8, 1, 1))
+        self.b = nn.Conv2d(8, 4, 1)
+        self.cache, self.calls = {}, []
+
+    def forward(self, x):
+        key = str(x.device)
+        if key not in self.cache:
+            self.cache[key] = self.scale * 2
+        self.calls.append(1)
+        self.note = "ran"
+        return self.b(self.a(x) * self.cache[key])
+
+
+def test_tracing_leaves_the_models_python_state_as_it_was():
+    model, x = CachesInForward().eval(), (torch.randn(1, 3, 8, 8),)
+    model.cache["cpu"] = torch.full((8, 1, 1), 3.0)
+    for _ in range(2):  # a second trace must not read a Proxy cached by the first
+        cg = sp.analyze(model, x)
+    assert list(model.cache) == ["cpu"] and isinstance(model.cache["cpu"], torch.Tensor)
+    assert model.calls == [] and not hasattr(model, "note")
+    drop = {next(g for g in cg.groups if "a" in g.producers).id: [2, 5]}
+    pruned = sp.prune_channels(model, x, drop)
+    ref = sp.masked(model, x, drop)
+    assert torch.allclose(pruned(*x), ref(*x), atol=1e-6)

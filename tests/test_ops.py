@@ -52,6 +52,9 @@ CASES = {
     "unbind": (lambda s, x: x.unbind(1)[0].unsqueeze(1) + x, False, "unbinds"),
     "expand_as": (lambda s, x: x.mean(1, keepdim=True).expand_as(x) + x, True, None),
     "roll": (lambda s, x: torch.roll(x, 1, 1), False, "no rule for torch.roll"),
+    # Swin: a channels-last LayerNorm (rewritten exactly) read directly by a spatial pad
+    "layer_norm_then_pad": (lambda s, x: F.pad(F.layer_norm(x.permute(0, 2, 3, 1), (8,)), (0, 0, 0, 1, 0, 1))
+                            [:, :16, :16].permute(0, 3, 1, 2), True, None),
 }
 
 
