@@ -36,6 +36,13 @@ class SurgeryContext:
             self._sites.setdefault(site.node, site)
         self._done: set = set()
         self._consts = 0
+        self.alias: dict[fx.Node, fx.Node] = {}  # a node surgery made -> the node it stands for
+
+    def stands_for(self, new: fx.Node, old: fx.Node) -> None:
+        """Record that ``new`` (made by a rule) carries ``old``'s value: later rules read its
+        unpruned shape, layout and keeps from ``old``."""
+        new.meta["val"] = old.meta["val"]
+        self.alias[new] = self.alias.get(old, old)
 
     def module(self, node: fx.Node) -> nn.Module:
         return self.modules[node.target]
@@ -48,13 +55,14 @@ class SurgeryContext:
         return True
 
     def layout(self, node: fx.Node):
-        return self.flow.layout_of(node)
+        return self.flow.layout_of(self.alias.get(node, node))
 
     def keep(self, layout: np.ndarray) -> np.ndarray:
         return self.plan.keep_layout(layout)
 
     def keep_along(self, node: fx.Node, axis: int) -> np.ndarray:
         """Kept positions of a node's value along ``axis`` (site-group chains included)."""
+        node = self.alias.get(node, node)
         v = node.meta["val"]
         lay = self.flow.layout_of(node)
         vec = along(lay, axis, v.shape[axis])
@@ -152,7 +160,7 @@ def _select_for_site_groups(sctx: SurgeryContext) -> None:
         first = g.chain[0]
         with sctx.graph.inserting_before(first):
             sel = sctx.graph.call_function(torch.index_select, (g.source, 1, sctx.const(idx)))
-        sel.meta["val"] = g.source.meta["val"]  # surgery rules read unpruned shapes, as elsewhere
+        sctx.stands_for(sel, g.source)  # surgery rules read unpruned shapes, as elsewhere
         first.replace_input_with(g.source, sel)
 
 

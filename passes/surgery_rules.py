@@ -151,7 +151,7 @@ def layer_norm_surgery(sctx, node):
             y = g.call_function(operator.mul, (y, weight))
         if bias is not None:
             y = g.call_function(operator.add, (y, bias))
-    y.meta["val"] = node.meta["val"]  # later rules read unpruned shapes from their inputs
+    sctx.stands_for(y, node)  # later rules read its unpruned shape and layout from the LayerNorm
     node.replace_all_uses_with(y)
     g.erase_node(node)
 
