@@ -230,21 +230,23 @@ def getitem_surgery(sctx, node):
             idx = ranks[kept]
             with sctx.graph.inserting_before(node):
                 container = sctx.graph.call_function(torch.index_select, (container, d, sctx.const(idx)))
-            k = _raw_index(index, d)
+            k = _raw_index(index, d, lay_in.ndim)
             new_items[k] = slice(None)
         d += 1
     node.args = (container, tuple(new_items) if isinstance(index, tuple) else new_items[0])
 
 
-def _raw_index(index, axis: int) -> int:
-    """Position in the raw index tuple that addresses input axis ``axis``."""
+def _raw_index(index, axis: int, ndim: int) -> int:
+    """Position in the raw index tuple that addresses input axis ``axis`` of an ``ndim``
+    tensor (an Ellipsis stands for the axes no other item addresses)."""
     items = list(index) if isinstance(index, tuple) else [index]
+    used = sum(1 for i in items if i is not None and i is not Ellipsis)
     d = 0
     for k, item in enumerate(items):
         if item is None:
             continue
         if item is Ellipsis:
-            d += 0
+            d += ndim - used
             continue
         if d == axis:
             return k

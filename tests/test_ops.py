@@ -55,6 +55,9 @@ CASES = {
     # Swin: a channels-last LayerNorm (rewritten exactly) read directly by a spatial pad
     "layer_norm_then_pad": (lambda s, x: F.pad(F.layer_norm(x.permute(0, 2, 3, 1), (8,)), (0, 0, 0, 1, 0, 1))
                             [:, :16, :16].permute(0, 3, 1, 2), True, None),
+    # ViT-like: slicing right after the rewritten LayerNorm (here the channel axis itself)
+    "layer_norm_then_channel_slice": (lambda s, x: F.layer_norm(x.permute(0, 2, 3, 1), (8,))[..., 2:]
+                                      .permute(0, 3, 1, 2), True, None),
 }
 
 
