@@ -149,6 +149,14 @@ def along(layout: np.ndarray, axis: int, extent: int) -> np.ndarray | None:
     return np.broadcast_to(vec, (extent,)).copy() if vec.size != extent else vec.copy()
 
 
+def fixed(atoms: np.ndarray) -> np.ndarray:
+    """``atoms`` with NONE entries (an axis no prunable channel reaches, so its extent is
+    fixed) as UNKNOWN: atoms a channel-wise op ties to them position by position (a BN's
+    parameters, a depthwise conv's filters) must keep their extent too, so unifying with
+    the result freezes them."""
+    return np.where(atoms == NONE, UNKNOWN, atoms)
+
+
 def on_axis(atoms: np.ndarray, axis: int, ndim: int) -> np.ndarray:
     """A layout with ``atoms`` on ``axis`` of an ``ndim`` tensor."""
     shape = [1] * ndim

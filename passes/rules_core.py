@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import surgery_rules as S
-from .atoms import NONE, UNKNOWN, along, carrying_axes, filled, on_axis
+from .atoms import NONE, UNKNOWN, along, carrying_axes, filled, fixed, on_axis
 from .flow_types import Balance, ChannelCount
 from .registry import register, register_name
 
@@ -173,7 +173,7 @@ def norm_rule(ctx, node):
     if isinstance(m, nn.PReLU) and m.num_parameters == 1:
         return lay
     if has_state:
-        atoms = ctx.unify(atoms, ctx.owned(v.shape[1], "norm"))
+        atoms = ctx.unify(fixed(atoms), ctx.owned(v.shape[1], "norm"))
         ctx.table.tag(atoms, "norm")
     return on_axis(atoms, 1, v.dim())
 
@@ -196,6 +196,7 @@ def functional_norm_rule(ctx, node):
               if a is not None and hasattr(a, "op")]
     if any(p.op != "get_attr" for p in params):
         return ctx.unknown(f"{ctx.where()}: statistics not plain parameters")
+    atoms = fixed(atoms)
     for p in params:
         atoms = ctx.unify(atoms, along(ctx.layout(p), 0, v.shape[1]))
     return on_axis(atoms, 1, v.dim())

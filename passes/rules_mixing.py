@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import surgery_rules as S
-from .atoms import NONE, UNKNOWN, along, filled, on_axis
+from .atoms import NONE, UNKNOWN, along, filled, fixed, on_axis
 from .flow_types import Balance, NonEmpty
 from .registry import register
 
@@ -43,7 +43,7 @@ def conv_like(ctx, node, key, x, cin, cout, groups, transposed, weight_dims):
     if groups == 1:
         site = ctx.site(0, atoms_in, 1, "conv")
     elif groups == cin and not transposed:
-        ctx.unify(np.repeat(atoms_in, cout // cin), out_atoms)
+        ctx.unify(fixed(np.repeat(atoms_in, cout // cin)), out_atoms)
         ctx.table.tag(out_atoms, "depthwise")
         site = None
     elif transposed:

@@ -140,3 +140,34 @@ def test_torchvision_stochastic_depth_is_channel_wise():
     assert cg.group("a").prunable and "residual" in cg.group("a").kinds
     drop = {"a": [0, 3]}
     assert rel_err(outputs(sp.masked(net, x, drop), x), outputs(sp.prune_channels(net, x, drop), x)) <= 1e-12
+
+
+def test_channel_wise_params_on_a_fixed_axis_are_frozen():
+    """A BN, a depthwise conv and a functional BN after a tensor whose channel axis no
+    prunable channel reaches (a Gram matrix's rows, as HaloNet's attention output): their
+    parameters may not own prunable channels, since the input cannot lose any."""
+    class Gram(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Conv2d(3, 8, 3, padding=1)
+            self.bn = nn.BatchNorm2d(16)
+            self.dw = nn.Conv2d(16, 16, 3, padding=1, groups=16)
+            self.w, self.b = nn.Parameter(torch.rand(16) + 0.5), nn.Parameter(torch.randn(16))
+            self.register_buffer("rm", torch.randn(16))
+            self.register_buffer("rv", torch.rand(16) + 0.5)
+            self.c = nn.Conv2d(16, 4, 1)
+
+        def forward(self, x):
+            t = self.a(x).flatten(2)                                   # (N, 8, 16)
+            g = (t.transpose(1, 2) @ t).reshape(x.shape[0], 16, 4, 4)  # rows: spatial positions
+            g = self.dw(torch.relu(self.bn(g)))
+            return self.c(torch.relu(F.batch_norm(g, self.rm, self.rv, self.w, self.b)))
+
+    torch.manual_seed(0)
+    net, x = Gram().double().eval(), (torch.randn(2, 3, 4, 4, dtype=torch.float64),)
+    cg = sp.analyze(net, x)
+    for producer in ("bn", "dw"):
+        assert not any(g.prunable for g in cg.groups if producer in g.producers), producer
+    for seed in range(3):
+        drop = random_drop(cg, seed)
+        assert rel_err(outputs(sp.masked(net, x, drop), x), outputs(sp.prune_channels(net, x, drop), x)) <= 1e-12
