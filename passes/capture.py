@@ -18,6 +18,7 @@ Example::
 from __future__ import annotations
 
 import copy
+import inspect
 from typing import Any, Iterable
 
 import torch
@@ -60,16 +61,19 @@ class ChannelTracer(fx.Tracer):
             raise
 
 
-def trace(model: nn.Module, leaf_modules: Iterable = ()) -> fx.GraphModule:
+def trace(model: nn.Module, leaf_modules: Iterable = (), n_inputs: int | None = None) -> fx.GraphModule:
     """Trace ``model`` (not copied: the GraphModule shares its submodules), retrying
-    untraceable submodules as leaves. ``gm.meta["untraced"]`` lists them."""
+    untraceable submodules as leaves. ``gm.meta["untraced"]`` lists them. With ``n_inputs``,
+    forward parameters past the first ``n_inputs`` that have defaults are traced at their
+    defaults, as a call with that many inputs runs them."""
     leaf_modules = tuple(leaf_modules)
+    concrete = _defaults_after(model, n_inputs)
     fallback: list[str] = []
     for _ in range(MAX_LEAF_RETRIES):
         tracer = ChannelTracer(leaf_modules, fallback)
         try:
             with python_state_kept(model):  # also drops the tracer's _tensor_constant attributes
-                graph = tracer.trace(model)
+                graph = tracer.trace(model, concrete_args=concrete)
                 gm = fx.GraphModule(tracer.root, graph, type(model).__name__)  # copies what it reads
         except Exception as exc:  # noqa: BLE001 - any tracing failure is retried or reported
             if not tracer.failing or tracer.failing in fallback:
@@ -82,6 +86,24 @@ def trace(model: nn.Module, leaf_modules: Iterable = ()) -> fx.GraphModule:
         gm.meta["untraced"] = list(fallback)
         return gm
     raise CaptureError(f"gave up after {MAX_LEAF_RETRIES} untraceable submodules")
+
+
+def _defaults_after(model: nn.Module, n_inputs: int | None) -> dict | None:
+    """``{name: default}`` of forward's parameters after the first ``n_inputs`` (hiera's
+    ``forward(x, mask=None)``: traced as a Proxy, ``mask is not None`` would take the
+    mask branch). None when any of them has no default: tracing keeps them as inputs."""
+    if n_inputs is None:
+        return None
+    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD,
+             inspect.Parameter.KEYWORD_ONLY)
+    try:
+        params = [p for p in inspect.signature(model.forward).parameters.values() if p.kind in kinds]
+    except (TypeError, ValueError):
+        return None
+    extra = params[n_inputs:]
+    if not extra or any(p.default is inspect.Parameter.empty for p in extra):
+        return None
+    return {p.name: p.default for p in extra}
 
 
 _MODULE_INTERNALS = frozenset(vars(nn.Module()))
@@ -139,11 +161,12 @@ def _to_zeros(value: Any) -> Any:
 
 
 def _meta_twin(module: nn.Module) -> nn.Module:
-    """A shallow copy of a childless module whose parameters and buffers are meta tensors."""
-    twin = copy.copy(module)
-    twin._parameters = {k: None if v is None else v.detach().to("meta") for k, v in module._parameters.items()}
-    twin._buffers = {k: None if v is None else v.detach().to("meta") for k, v in module._buffers.items()}
-    return twin
+    """A copy of ``module`` whose parameters and buffers are meta tensors (no data copied).
+
+    Whatever its forward writes (a buffer it recomputes, like ConViT's ``rel_indices``, a
+    cache) lands in the copy, never in the user's module."""
+    memo = {id(t): t.detach().to("meta") for t in (*module.parameters(), *module.buffers())}
+    return copy.deepcopy(module, memo)
 
 
 class MetaShapeProp(fx.Interpreter):
@@ -186,9 +209,6 @@ class MetaShapeProp(fx.Interpreter):
         fast = fast_module_shape(module, args, kwargs) if self.fast else None
         if fast is not None:
             return fast
-        if next(module.children(), None) is not None:
-            state = {k: v.detach().to("meta") for k, v in module.state_dict(keep_vars=True).items()}
-            return torch.func.functional_call(module, state, args, kwargs)
         twin = self._twins.get(target)
         if twin is None:
             twin = self._twins[target] = _meta_twin(module)
@@ -213,7 +233,7 @@ def capture(model: nn.Module, example_inputs: Any, leaf_modules: Iterable = ()) 
     The model is read, never changed: modes, parameters and buffers stay as they were.
     """
     inputs = as_input_tuple(example_inputs)
-    gm = trace(model, leaf_modules)
+    gm = trace(model, leaf_modules, n_inputs=len(inputs))
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     if len(inputs) > len(placeholders):
         raise CaptureError(f"{len(inputs)} example inputs given but forward takes {len(placeholders)}")

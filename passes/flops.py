@@ -71,7 +71,7 @@ def count_flops(model: nn.Module, example_inputs: Inputs, meta: bool = True) -> 
         from .capture import MetaShapeProp, trace
         with eval_mode(model):
             try:
-                gm = trace(model)
+                gm = trace(model, n_inputs=len(inputs))
             except Exception:  # noqa: BLE001 - count on the real forward instead
                 gm = None
             if gm is not None:

@@ -110,6 +110,19 @@ def functional_weight_rule(ctx, node):
     return out
 
 
+def _contracted_atoms(lay: np.ndarray, axis: int, extent: int) -> np.ndarray:
+    """Atoms along a matmul operand's contracted axis. A layout that varies only on another
+    axis puts none there (NONE), and neither does a one-channel tensor on an axis of extent
+    > 1 (GCNet: ``x @ softmax(conv_attn(x))`` contracts the spatial axis; the attention's
+    single channel sits on an axis of extent 1). UNKNOWN stays UNKNOWN."""
+    if lay.shape[axis] > 1:
+        return np.broadcast_to(lay.reshape(-1), (extent,))
+    value = lay.reshape(-1)[0]
+    if lay.size > 1 or (value >= 0 and extent > 1):
+        value = NONE
+    return np.full(extent, value, dtype=np.int64)
+
+
 @register(torch.matmul, operator.matmul, "matmul", torch.bmm, "bmm")
 def matmul_rule(ctx, node):
     """``a @ b`` between activations: the contracted axes unify and are a mask site on
@@ -123,8 +136,7 @@ def matmul_rule(ctx, node):
             (la.shape[-1] > 1 and la.shape[-2] > 1) or (lb.shape[-1] > 1 and lb.shape[-2] > 1) or \
             (la.shape[-2] > 1 and lb.shape[-1] > 1):
         return ctx.unknown(f"{ctx.where()}: operands carry channels on several axes")
-    ka = np.broadcast_to(la.reshape(-1) if la.shape[-1] > 1 else la.reshape(-1)[:1], (va.shape[-1],))
-    kb = np.broadcast_to(lb.reshape(-1) if lb.shape[-2] > 1 else lb.reshape(-1)[:1], (vb.shape[-2],))
+    ka, kb = _contracted_atoms(la, -1, va.shape[-1]), _contracted_atoms(lb, -2, vb.shape[-2])
     for mine, other in ((ka, kb), (kb, ka)):  # a fixed contraction extent freezes the other side
         if (mine == NONE).all() and (other >= 0).any():
             ctx.freeze(other, f"{ctx.where()}: contracted with a tensor of fixed size")

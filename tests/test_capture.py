@@ -119,3 +119,53 @@ def test_tracing_leaves_the_models_python_state_as_it_was():
     pruned = sp.prune_channels(model, x, drop)
     ref = sp.masked(model, x, drop)
     assert torch.allclose(pruned(*x), ref(*x), atol=1e-6)
+
+
+class RecomputesBuffer(nn.Module):
+    """ConViT's GPSA: data-dependent Python (so it becomes a frozen leaf) that recomputes a
+    buffer when the input size changes, and holds children."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Conv2d(8, 8, 1)
+        self.register_buffer("table", torch.zeros(1, 1, 1, 1), persistent=False)
+
+    def forward(self, x):
+        if self.table.shape[-1] != x.shape[-1]:
+            self.table = torch.ones(1, 1, 1, int(x.shape[-1]))
+        return self.proj(x) * self.table
+
+
+def test_leaf_that_rewrites_a_buffer_leaves_the_users_module_alone():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), RecomputesBuffer(), nn.Conv2d(8, 4, 1)).eval()
+    x = (torch.randn(1, 3, 8, 8),)
+    table = model[1].table
+    cg = sp.analyze(model, x)
+    assert cg.untraced == ["1"]
+    assert model[1].table is table and table.device.type == "cpu" and table.shape == (1, 1, 1, 1)
+    assert torch.equal(sp.masked(model, x, {})(*x), model(*x))
+
+
+class OptionalMask(nn.Module):
+    """hiera's ``forward(x, mask=None)``: traced as a Proxy, ``mask is not None`` is true and
+    the mask branch would be captured; called with one input it never runs."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 4, 1)
+
+    def forward(self, x, mask=None, scale: float = 2.0):
+        x = torch.relu(self.a(x))
+        if mask is not None:
+            x = x * mask.view(x.shape[0], 1, *x.shape[2:])
+        return self.b(x) * scale
+
+
+def test_forward_defaults_past_the_inputs_are_traced_at_their_defaults():
+    model, x = OptionalMask().eval(), (torch.randn(2, 3, 8, 8),)
+    cg = sp.analyze(model, x)
+    assert not any(n.target == "view" for n in cg.gm.graph.nodes)
+    drop = {next(g for g in cg.groups if "a" in g.producers).id: [1, 6]}
+    pruned = sp.prune_channels(model, x, drop)
+    assert torch.allclose(pruned(*x), sp.masked(model, x, drop)(*x), atol=1e-6)
+    assert pruned.a.out_channels == 6

@@ -171,3 +171,33 @@ def test_channel_wise_params_on_a_fixed_axis_are_frozen():
     for seed in range(3):
         drop = random_drop(cg, seed)
         assert rel_err(outputs(sp.masked(net, x, drop), x), outputs(sp.prune_channels(net, x, drop), x)) <= 1e-12
+
+
+def test_global_context_attention_keeps_its_single_channel_apart():
+    """GCNet's context block: ``x @ softmax(conv_attn(x))`` contracts the spatial axis. The
+    attention map's single channel must not join x's channels (it did, through the
+    contracted axis, and the decision then dropped it)."""
+    class GC(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Conv2d(3, 8, 3, padding=1)
+            self.conv_attn = nn.Conv2d(8, 1, 1)
+            self.b = nn.Conv2d(8, 4, 1)
+
+        def forward(self, x):
+            x = torch.relu(self.a(x))
+            n, c, h, w = x.shape
+            attn = torch.softmax(self.conv_attn(x).reshape(n, 1, h * w), dim=-1).unsqueeze(3)
+            context = (x.reshape(n, c, h * w).unsqueeze(1) @ attn).view(n, c, 1, 1)
+            return self.b(x + context)
+
+    torch.manual_seed(0)
+    net, x = GC().double().eval(), (torch.randn(2, 3, 8, 8, dtype=torch.float64),)
+    cg = sp.analyze(net, x)
+    stream = next(g for g in cg.groups if "a" in g.producers)
+    assert stream.prunable and stream.width == 8 and "conv_attn" not in stream.producers
+    for seed in range(3):
+        drop = random_drop(cg, seed)
+        assert rel_err(outputs(sp.masked(net, x, drop), x), outputs(sp.prune_channels(net, x, drop), x)) <= 1e-12
+    pruned, result = sp.prune_one_shot(net.float(), (x[0].float(),), 0.25, round_to=None)  # 2 of 8
+    assert pruned.conv_attn.out_channels == 1 and abs(result.achieved_ratio - 0.25) <= 0.01
