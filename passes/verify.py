@@ -178,6 +178,13 @@ def _quiet() -> Iterator[None]:
             logger.setLevel(level)
 
 
+def _batch_of_two(inputs: tuple) -> tuple:
+    """torch.export specialises a dimension of size 1, so a batch-1 example can give the
+    dynamo exporter a fixed batch: it gets the example twice along the batch axis."""
+    return tuple(torch.cat([t, t]) if isinstance(t, torch.Tensor) and t.dim() and t.shape[0] == 1 else t
+                 for t in inputs)
+
+
 def export_onnx(model: nn.Module, example_inputs: Inputs, path: str | os.PathLike) -> ExportInfo:
     """Export ``model`` (eval mode) to a self-contained ONNX file with a dynamic batch axis.
 
@@ -208,9 +215,10 @@ def export_onnx(model: nn.Module, example_inputs: Inputs, path: str | os.PathLik
     try:
         for exporter, kwargs in attempts:
             start = time.perf_counter()
+            args = inputs if exporter == "torchscript" else _batch_of_two(inputs)
             try:
                 with eval_mode(model), _quiet():
-                    torch.onnx.export(model, inputs, tmp, input_names=input_names,
+                    torch.onnx.export(model, args, tmp, input_names=input_names,
                                       output_names=output_names, **kwargs)
             except Exception as exc:  # noqa: BLE001 - any exporter failure means "try next"
                 errors.append(f"{exporter}: {_one_line(exc)}")
