@@ -152,7 +152,8 @@ def _one_line(exc: BaseException) -> str:
 
 @contextlib.contextmanager
 def _quiet() -> Iterator[None]:
-    """Silence exporter noise: warnings, torch.onnx logging, stdout (also C++ prints)."""
+    """Silence exporter noise: warnings, torch.onnx logging, stdout (also C++ prints) and
+    Python's stderr (the exporters' messages reach the caller in the exception)."""
     loggers = [logging.getLogger(name) for name in _QUIET_LOGGERS]
     levels = [logger.level for logger in loggers]
     for logger in loggers:
@@ -167,7 +168,8 @@ def _quiet() -> Iterator[None]:
         with open(os.devnull, "wb") as devnull:
             os.dup2(devnull.fileno(), 1)
     try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), \
+                contextlib.redirect_stderr(io.StringIO()):  # torch.fx prints failing code there
             warnings.simplefilter("ignore")
             yield
     finally:

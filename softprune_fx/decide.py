@@ -195,8 +195,15 @@ def decide(cg, index: ChannelIndex, cost: CostModel, scores: np.ndarray, keep0: 
     return Decision(keep, index.drop_from_keep(keep), cost.ratio(keep), dict(search.counts), rounding_dropped)
 
 
-def _nonempty(cg, index: ChannelIndex) -> list[tuple[np.ndarray, np.ndarray]]:
-    """(class ids, site-group ids) per position of every tensor that must keep a channel."""
+def _nonempty(cg, index: ChannelIndex) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """(class ids, site-group ids, conv block) per position of every tensor that must keep a
+    channel. The block is that of a grouped conv reading exactly these positions (else 0):
+    such a conv keeps the same count in every block, so every block must keep one."""
+    balances = []
+    for c in cg.constraints:
+        if isinstance(c, Balance):
+            flat = index.atom_ids(c.atoms)
+            balances.append((flat, np.arange(len(flat)) // max(1, len(flat) // c.blocks)))
     out = []
     for c in cg.constraints:
         if isinstance(c, NonEmpty):
@@ -204,7 +211,13 @@ def _nonempty(cg, index: ChannelIndex) -> list[tuple[np.ndarray, np.ndarray]]:
             if sg is None:
                 sg = np.full(len(cls), -1, dtype=np.int64)
             if (cls >= 0).all() or (sg >= 0).any():
-                out.append((cls, sg))
+                block = np.zeros(len(cls), dtype=np.int64)
+                for flat, blocks in balances:
+                    if len(flat) == len(cls) and (flat >= 0).all() and set(flat.tolist()) == set(cls.tolist()):
+                        where = {f: b for f, b in zip(flat.tolist(), blocks.tolist())}
+                        block = np.array([where[f] for f in cls.tolist()], dtype=np.int64)
+                        break
+                out.append((cls, sg, block))
     return out
 
 
@@ -243,16 +256,18 @@ class _Search:
         return self.repair(keep)
 
     def repair(self, keep: np.ndarray) -> np.ndarray:
-        """Keep the best position of any tensor the counts would empty: a site group and
-        the group it reads may each keep channels, but not the same ones."""
+        """Keep the best position of any tensor the counts would empty (of each conv block
+        of it, where a grouped conv reads it): a site group and the group it reads may
+        each keep channels, but not the same ones."""
         ext = np.append(keep, True)
         score = np.append(self.scores, np.inf)
-        for cls, sg in self.nonempty:
-            alive = ext[cls] & ext[sg]
-            if alive.any() or not len(cls):
-                continue
-            best = int(np.argmax(score[cls] + score[sg] + np.where(ext[cls], 1e6, 0.0)))
-            ext[cls[best]] = ext[sg[best]] = True
+        for cls, sg, block in self.nonempty:
+            for b in np.unique(block):
+                pos = np.flatnonzero(block == b)
+                if (ext[cls[pos]] & ext[sg[pos]]).any() or not len(pos):
+                    continue
+                best = pos[int(np.argmax(score[cls[pos]] + score[sg[pos]] + np.where(ext[cls[pos]], 1e6, 0.0)))]
+                ext[cls[best]] = ext[sg[best]] = True
         return ext[:-1]
 
     def _value_change(self, grp: _Group, hi: np.ndarray, lo: np.ndarray) -> float:

@@ -139,3 +139,45 @@ def test_lands_from_a_cut_that_is_too_deep(name, seed):
     scores = rng.random(index.size)
     d = decide(cg, index, cost, scores, keep0, 0.4)
     assert abs(d.achieved - 0.4) <= 0.01, d.achieved
+
+
+def test_decision_keeps_a_channel_in_every_block_of_a_split_piece():
+    """Res2NeXt (timm's res2next50): a 1x1 conv's output is split into pieces, each read by
+    a grouped conv. Scores that condemn a whole piece must still leave one channel in each
+    of its conv blocks, or balancing that conv empties the piece (IllegalDropError)."""
+    from torch import nn
+    from softprune_fx.decide import decide
+
+    class Res2NeXtBlock(nn.Module):
+        def __init__(self, width=8, scale=4, groups=2):
+            super().__init__()
+            self.scale = scale
+            self.conv1 = nn.Sequential(nn.Conv2d(8, width * scale, 1), nn.BatchNorm2d(width * scale), nn.ReLU())
+            self.convs = nn.ModuleList(nn.Sequential(nn.Conv2d(width, width, 3, padding=1, groups=groups),
+                                                     nn.BatchNorm2d(width), nn.ReLU()) for _ in range(scale - 1))
+            self.conv3 = nn.Conv2d(width * scale, 4, 1)
+
+        def forward(self, x):
+            spx = torch.chunk(self.conv1(x), self.scale, 1)
+            sp_, outs = self.convs[0](spx[0]), []
+            outs.append(sp_)
+            for i in range(1, self.scale - 1):
+                sp_ = self.convs[i](sp_ + spx[i])
+                outs.append(sp_)
+            return self.conv3(torch.cat(outs + [spx[-1]], 1))
+
+    torch.manual_seed(0)
+    model, inputs = Res2NeXtBlock().eval(), (torch.randn(1, 8, 8, 8),)
+    cg = sp.analyze(model, inputs)
+    index = ChannelIndex(cg)
+    cost = CostModel(cg, index, model, inputs)
+    gid = next(g.id for g in cg.groups if "conv1.0" in g.producers)
+    scores = np.ones(index.size)
+    scores[index.ids(gid)[8:16]] = 0.0           # the second piece: every channel scores 0
+    d = decide(cg, index, cost, scores, np.ones(index.size, bool), 0.3, round_to=None)
+    drop = cg.legalize(d.drop)
+    kept = np.ones(32, bool)
+    kept[drop.get(gid, [])] = False
+    for piece in range(4):
+        blocks = kept[piece * 8:(piece + 1) * 8].reshape(2, 4)
+        assert blocks.any(axis=1).all(), (piece, drop.get(gid))
