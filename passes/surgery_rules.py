@@ -89,7 +89,8 @@ def functional_weight_surgery(sctx, node):
         return
     axis = -1 if node.target is torch.nn.functional.linear else 1
     site = sctx.site_of(node)  # none where the input carries no prunable channel (e.g. the image)
-    in_keep = sctx.site_keep(site) if site is not None else sctx.keep_along(node.args[0], axis)
+    x = node.args[0] if node.args else node.kwargs["input"]
+    in_keep = sctx.site_keep(site) if site is not None else sctx.keep_along(x, axis)
     out_keep = sctx.keep_along(node, axis)
     if out_keep.all() and in_keep.all():
         return  # nothing dropped (a grouped or computed-weight conv is frozen by its rule)

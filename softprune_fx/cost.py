@@ -42,6 +42,11 @@ def _numel(shape) -> int:
     return int(math.prod(shape))
 
 
+def _arg(node, index: int, name: str):
+    """A call's argument by position or keyword (``F.linear(x, weight=w)`` as in timm's EVA)."""
+    return node.args[index] if len(node.args) > index else node.kwargs[name]
+
+
 class CostModel:
     def __init__(self, cg, index: ChannelIndex, model: nn.Module, example_inputs, total: int | None = None):
         self.index = index
@@ -63,7 +68,7 @@ class CostModel:
                                                rules_mixing.functional_weight_rule, rules_mixing.matmul_rule):
             return None
         out = node.meta["val"]
-        x = node.args[0].meta["val"]
+        x = _arg(node, 0, "input").meta["val"]
         lay = cg.flow.layouts.get(node)
         if not isinstance(out, torch.Tensor) or not isinstance(lay, np.ndarray):
             return None
@@ -77,7 +82,7 @@ class CostModel:
         vec = along(lay, axis, out.shape[axis])
         out_ids = self.index.atom_ids(vec) if vec is not None else None
         if is_linear:
-            w = modules[node.target].weight if node.op == "call_module" else node.args[1].meta["val"]
+            w = modules[node.target].weight if node.op == "call_module" else _arg(node, 1, "weight").meta["val"]
             flops = 2.0 * _numel(out.shape[:-1]) * w.shape[1] * w.shape[0]
             return Term(node.name, flops / (w.shape[1] * w.shape[0]), in_cls, in_sg, out_ids)
         if node.op == "call_module":
@@ -85,7 +90,7 @@ class CostModel:
             w, groups = m.weight, m.groups
             transposed = isinstance(m, nn.modules.conv._ConvTransposeNd)
         else:
-            w, groups, transposed = node.args[1].meta["val"], 1, False
+            w, groups, transposed = _arg(node, 1, "weight").meta["val"], 1, False
         kernel = _numel(w.shape[2:])
         cin, cout = x.shape[1], out.shape[1]
         spatial = _numel(x.shape) // cin if transposed else _numel(out.shape) // cout

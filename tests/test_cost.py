@@ -181,3 +181,29 @@ def test_decision_keeps_a_channel_in_every_block_of_a_split_piece():
     for piece in range(4):
         blocks = kept[piece * 8:(piece + 1) * 8].reshape(2, 4)
         assert blocks.any(axis=1).all(), (piece, drop.get(gid))
+
+
+def test_functional_linear_with_keyword_weight_is_costed():
+    """``F.linear(x, weight=w, bias=b)`` (timm's EVA): the cost model reads keyword weights."""
+    from torch import nn
+    import torch.nn.functional as F
+
+    class KwLinear(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Conv2d(3, 8, 3, padding=1)
+            self.w, self.b = nn.Parameter(torch.randn(12, 8) * 0.3), nn.Parameter(torch.zeros(12))
+            self.c = nn.Linear(12, 4)
+
+        def forward(self, x):
+            x = torch.relu(self.a(x)).permute(0, 2, 3, 1)
+            return self.c(torch.relu(F.linear(x, weight=self.w, bias=self.b)))
+
+    model, inputs = KwLinear().eval(), (torch.randn(1, 3, 8, 8),)
+    cg = sp.analyze(model, inputs)
+    index = ChannelIndex(cg)
+    cost = CostModel(cg, index, model, inputs)
+    assert cost.flops(np.ones(index.size)) == flops(model, inputs)
+    drop = {next(g.id for g in cg.groups if "w" in g.producers): [0, 5, 7]}
+    pruned = sp.prune_channels(model, inputs, drop)
+    assert cost.flops(index.keep_from_drop(drop)) == pytest.approx(flops(pruned, inputs), rel=1e-9)
