@@ -189,21 +189,30 @@ def decide(cg, index: ChannelIndex, cost: CostModel, scores: np.ndarray, keep0: 
     for grp in groups:
         hard = sum(1 for u in grp.units if np.asarray(keep0)[u].all())
         counts[grp.id] = min((k for k in grp.allowed() if k >= hard), default=grp.width)
-    search = _Search(groups, counts, cost, scores, index.size, _nonempty(cg, index))
+    search = _Search(groups, counts, cost, scores, index.size, _nonempty(cg, index), _balances(cg, index),
+                     index.frozen)
     rounding_dropped = search.run(ratio, tol)
     keep = search.keep()
     return Decision(keep, index.drop_from_keep(keep), cost.ratio(keep), dict(search.counts), rounding_dropped)
+
+
+def _balances(cg, index: ChannelIndex) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(class ids, conv block per position) of every grouped conv's input or output whose
+    positions are all channel classes (site-group balances are left to ``legalize``)."""
+    out = []
+    for c in cg.constraints:
+        if isinstance(c, Balance):
+            flat = index.atom_ids(c.atoms)
+            if (flat >= 0).all():
+                out.append((flat, np.arange(len(flat)) // max(1, len(flat) // c.blocks)))
+    return out
 
 
 def _nonempty(cg, index: ChannelIndex) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """(class ids, site-group ids, conv block) per position of every tensor that must keep a
     channel. The block is that of a grouped conv reading exactly these positions (else 0):
     such a conv keeps the same count in every block, so every block must keep one."""
-    balances = []
-    for c in cg.constraints:
-        if isinstance(c, Balance):
-            flat = index.atom_ids(c.atoms)
-            balances.append((flat, np.arange(len(flat)) // max(1, len(flat) // c.blocks)))
+    balances = _balances(cg, index)
     out = []
     for c in cg.constraints:
         if isinstance(c, NonEmpty):
@@ -222,8 +231,9 @@ def _nonempty(cg, index: ChannelIndex) -> list[tuple[np.ndarray, np.ndarray, np.
 
 
 class _Search:
-    def __init__(self, groups, counts, cost: CostModel, scores, size, nonempty=()):
-        self.nonempty = list(nonempty)
+    def __init__(self, groups, counts, cost: CostModel, scores, size, nonempty=(), balances=(), frozen=None):
+        self.nonempty, self.balances = list(nonempty), list(balances)
+        self.frozen = np.zeros(size, bool) if frozen is None else np.asarray(frozen, bool)
         self.groups, self.counts, self.cost = groups, counts, cost
         self.scores = np.clip(np.where(np.isfinite(scores), scores, 0.0), 0.0, None)
         self.size = size
@@ -253,7 +263,26 @@ class _Search:
             count = counts[grp.id]
             keep[grp.ids] = False
             keep[grp.kept(count)] = True
-        return self.repair(keep)
+        return self.balance(self.repair(keep))
+
+    def balance(self, keep: np.ndarray) -> np.ndarray:
+        """What ``legalize`` will do to a grouped conv whose blocks keep different counts
+        (a split piece read by a grouped conv, in a group the counts treat as one): drop
+        each block's lowest-scored channels down to the smallest count, so the search
+        prices the keep set that will really be cut."""
+        for _ in range(len(self.balances) + 1):
+            changed = False
+            for flat, blocks in self.balances:
+                counts = np.bincount(blocks, weights=keep[flat])
+                target = counts.min()
+                for b in np.flatnonzero(counts > target):
+                    pos = flat[(blocks == b) & keep[flat] & ~self.frozen[flat]]
+                    drop = pos[np.argsort(self.scores[pos], kind="stable")][:int(counts[b] - target)]
+                    keep[drop] = False
+                    changed |= len(drop) > 0
+            if not changed:
+                break
+        return keep
 
     def repair(self, keep: np.ndarray) -> np.ndarray:
         """Keep the best position of any tensor the counts would empty (of each conv block

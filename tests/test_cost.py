@@ -181,6 +181,9 @@ def test_decision_keeps_a_channel_in_every_block_of_a_split_piece():
     for piece in range(4):
         blocks = kept[piece * 8:(piece + 1) * 8].reshape(2, 4)
         assert blocks.any(axis=1).all(), (piece, drop.get(gid))
+    # the search prices the balanced keep set, so legalizing changes nothing: what it
+    # reports is what will be cut
+    assert cost.ratio(index.keep_from_drop(drop)) == pytest.approx(d.achieved)
 
 
 def test_functional_linear_with_keyword_weight_is_costed():
