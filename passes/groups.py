@@ -19,7 +19,7 @@ import numpy as np
 import torch.fx as fx
 from networkx.utils import UnionFind
 
-from .atoms import along
+from .atoms import along, unique_ints
 from .flow import ChannelFlow, Site
 from .registry import lookup
 
@@ -61,14 +61,14 @@ def build_groups(flow: ChannelFlow, frozen: tuple = ()) -> list[Group]:
     # which owners each class holds; norms and other channel-wise owners follow their
     # inputs and never link groups, unless a class has no creating owner at all
     n_owners = max(len(table.owners), 1)
-    keys = np.unique(roots * n_owners + owner_of) if len(roots) else np.zeros(0, np.int64)
+    keys = unique_ints(roots * n_owners + owner_of) if len(roots) else np.zeros(0, np.int64)
     pairs = np.stack([keys // n_owners, keys % n_owners], 1)  # (class, owner), sorted by class
     has_creating = np.zeros(len(roots), dtype=bool)
     has_creating[pairs[creating[pairs[:, 1]], 0]] = True
     linking = pairs[creating[pairs[:, 1]] | ~has_creating[pairs[:, 0]]]
     owners_uf = UnionFind(range(len(table.owners)))
     same = linking[1:, 0] == linking[:-1, 0]  # sorted by class: a class's owners are adjacent
-    edges = np.unique(linking[:-1][same, 1] * n_owners + linking[1:][same, 1]) if len(linking) > 1 else []
+    edges = unique_ints(linking[:-1][same, 1] * n_owners + linking[1:][same, 1]) if len(linking) > 1 else []
     for e in np.asarray(edges, dtype=np.int64).tolist():
         owners_uf.union(e // n_owners, e % n_owners)
     lead = np.array([owners_uf[o] for o in range(len(table.owners))], dtype=np.int64)
@@ -87,7 +87,7 @@ def build_groups(flow: ChannelFlow, frozen: tuple = ()) -> list[Group]:
     for members in sorted(by_lead.values(), key=min):
         cand = roots[np.concatenate([table.owners[o].atoms for o in members])]
         cand = cand[root_lead[cand] == lead[members[0]]]
-        _, first = np.unique(cand, return_index=True)
+        _, first = unique_ints(cand, return_index=True)
         classes_array = cand[np.sort(first)]
         classes = classes_array.tolist()
         if not classes:
@@ -118,7 +118,7 @@ def _pairs(chunks: list[np.ndarray], labels: list, root_lead: np.ndarray, roots:
         return {}
     atoms = np.concatenate(chunks)
     which = np.repeat(np.arange(len(chunks)), [len(c) for c in chunks])
-    keys = np.unique(root_lead[roots[atoms]] * len(chunks) + which)
+    keys = unique_ints(root_lead[roots[atoms]] * len(chunks) + which)
     out: dict[int, set] = {}
     for lead, k in zip((keys // len(chunks)).tolist(), (keys % len(chunks)).tolist()):
         out.setdefault(lead, set()).add(labels[k])
@@ -156,7 +156,7 @@ def _site_groups(flow: ChannelFlow, roots: np.ndarray, frozen: tuple) -> list[Gr
             calls[node.target] = calls.get(node.target, 0) + 1
     readers = np.zeros(len(roots) + 1, dtype=np.int64)  # distinct sites reading each class
     for site in flow.sites:
-        readers[np.unique(roots[site.atoms[site.atoms >= 0]])] += 1
+        readers[unique_ints(roots[site.atoms[site.atoms >= 0]])] += 1
     out = []
     for k, site in enumerate(flow.sites):
         if site.kind not in ("conv", "linear") or site.axis != 1 or site.arg != 0:
