@@ -80,7 +80,8 @@ def build_groups(flow: ChannelFlow, frozen: tuple = ()) -> list[Group]:
     frozen_roots: dict[int, str] = {}
     for atom, reason in table.frozen.items():
         frozen_roots.setdefault(int(roots[atom]), reason)
-    frozen_array = np.fromiter(frozen_roots, dtype=np.int64, count=len(frozen_roots))
+    is_frozen = np.zeros(len(roots), dtype=bool)
+    is_frozen[np.fromiter(frozen_roots, dtype=np.int64, count=len(frozen_roots))] = True
     readers = _site_readers(flow, roots, root_lead)
     tags_by_lead = _pairs([atoms for _, atoms in table.tags], [tag for tag, _ in table.tags], root_lead, roots)
     groups = []
@@ -94,7 +95,7 @@ def build_groups(flow: ChannelFlow, frozen: tuple = ()) -> list[Group]:
             continue
         names = [table.owners[o].name for o in members]
         gid = names[0]
-        fz = np.flatnonzero(np.isin(classes_array, frozen_array)).tolist()
+        fz = np.flatnonzero(is_frozen[classes_array]).tolist()
         reason = frozen_roots[classes[fz[0]]] if fz else ""
         if any(n == f or n.startswith(f + ".") for f in frozen for n in names):
             fz, reason = list(range(len(classes))), "frozen by the user"
