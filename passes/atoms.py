@@ -80,11 +80,16 @@ class AtomTable:
 
         Where an atom meets ``UNKNOWN`` it is frozen with ``reason``.
         """
-        a, b = np.broadcast_arrays(np.asarray(a), np.asarray(b))
-        both = (a >= 0) & (b >= 0) & (a != b)
+        a, b = np.asarray(a), np.asarray(b)
+        if a.shape != b.shape:
+            a, b = np.broadcast_arrays(a, b)
+        a_ok, b_ok = a >= 0, b >= 0
+        both = a_ok & b_ok & (a != b)
         if both.any():
             self._edges.append(np.stack([a[both], b[both]], 1))
             self._roots = None
+        if a_ok.all() and b_ok.all():  # the common case: two channel vectors, nothing unknown
+            return a.astype(np.int64, copy=True)
         for mine, other in ((a, b), (b, a)):
             hit = (mine >= 0) & (other == UNKNOWN)
             if hit.any():
