@@ -24,7 +24,7 @@ from torch.utils._pytree import tree_leaves, tree_map
 from . import rules_core, rules_mixing, rules_shape  # noqa: F401  (they fill the registry)
 from .atoms import NONE, UNKNOWN, AtomTable, filled, on_axis
 from .flow_types import Balance, ChannelCount, Grid, NonEmpty, ParamRef, Site  # noqa: F401 (re-exported)
-from .registry import describe, lookup
+from .registry import describe, lookup, node_arg
 
 
 @dataclass
@@ -65,9 +65,7 @@ class FlowContext:
         return f"{describe(self.node, self.modules)} at node {self.node.name}"
 
     def arg(self, index: int, name: str | None = None, default: Any = None) -> Any:
-        if index < len(self.node.args):
-            return self.node.args[index]
-        return self.node.kwargs.get(name, default) if name else default
+        return node_arg(self.node, index, name, default)
 
     def val(self, arg: Any) -> Any:
         return arg.meta.get("val") if isinstance(arg, fx.Node) else arg

@@ -69,6 +69,13 @@ def register_op(target: Any, rule: Callable, surgery: Callable | None = None) ->
     _REGISTRY[target] = OpEntry(op_name(target), rule, surgery)
 
 
+def node_arg(node: fx.Node, index: int, name: str | None = None, default: Any = None) -> Any:
+    """A call's argument by position, else by keyword ``name`` (``F.linear(x, weight=w)``)."""
+    if index < len(node.args):
+        return node.args[index]
+    return node.kwargs.get(name, default) if name else default
+
+
 def lookup(node: fx.Node, modules: dict[str, nn.Module]) -> OpEntry | None:
     """The entry for a node: by module class (a subclass only if it keeps the registered
     class's forward), by function, or by method name."""

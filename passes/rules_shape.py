@@ -40,15 +40,7 @@ def reshape_rule(ctx, node):
 
 def _size_counts(ctx, node, nd: int) -> dict:
     """Output axis -> ChannelCount for the sizes of view/reshape/unflatten read from a shape."""
-    name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
-    if name in ("view", "reshape") and node.op != "call_module":
-        sizes = node.args[1:] if node.op == "call_method" else node.args[1:2]
-        sizes = list(sizes[0]) if len(sizes) == 1 and isinstance(sizes[0], (tuple, list)) else list(sizes)
-        first = 0
-    elif name == "unflatten" and node.op != "call_module" and len(node.args) > 2:
-        sizes, first = list(node.args[2]), node.args[1] % nd
-    else:
-        return {}
+    _, first, sizes, _ = S.reshape_sizes(node, nd)
     counts = {first + i: ctx.layout(s) for i, s in enumerate(sizes) if isinstance(s, fx.Node)}
     return {d: c for d, c in counts.items() if isinstance(c, ChannelCount) and d < nd}
 

@@ -12,6 +12,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from .registry import node_arg
+
 
 def _param(old: torch.Tensor | None, new: torch.Tensor | None):
     if old is None:
@@ -84,12 +86,12 @@ def linear_surgery(sctx, node):
 def functional_weight_surgery(sctx, node):
     """``F.conv2d`` / ``F.linear`` on a plain parameter: slice the weight (the bias is a
     one-axis parameter, sliced by the generic parameter pass)."""
-    w = node.args[1] if len(node.args) > 1 else node.kwargs["weight"]
+    w = node_arg(node, 1, "weight")
     if not sctx.first_call(node, key=w.target):
         return
     axis = -1 if node.target is torch.nn.functional.linear else 1
     site = sctx.site_of(node)  # none where the input carries no prunable channel (e.g. the image)
-    x = node.args[0] if node.args else node.kwargs["input"]
+    x = node_arg(node, 0, "input")
     in_keep = sctx.site_keep(site) if site is not None else sctx.keep_along(x, axis)
     out_keep = sctx.keep_along(node, axis)
     if out_keep.all() and in_keep.all():
@@ -169,25 +171,37 @@ def reshape_surgery(sctx, node):
             dim = m.dim % len(extents)
             m.unflattened_size = tuple(extents[dim:dim + len(m.unflattened_size)])
         return
-    name = node.target if isinstance(node.target, str) else node.target.__name__
+    kind, first, sizes, packed = reshape_sizes(node, len(extents))
+    if kind is None:
+        return
+    new = [extents[first + i] if isinstance(s, int) and s != -1 else s for i, s in enumerate(sizes)]
+    if kind == "unflatten":
+        node.args = (node.args[0], node.args[1], tuple(new))
+    else:
+        node.args = (node.args[0], tuple(new)) if packed or node.target is torch.reshape else (node.args[0], *new)
+
+
+def reshape_sizes(node, ndim: int) -> tuple:
+    """``(kind, first output axis, size arguments, packed)`` of a view/reshape (kind "view")
+    or unflatten call, ``packed`` when the sizes came as one tuple; kind None otherwise.
+    The flow rule reads the sizes that come from shapes, the surgery rule re-emits them."""
+    if node.op == "call_module":
+        return None, 0, [], False
+    name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
     if name in ("view", "reshape"):
         sizes = node.args[1:]
         packed = len(sizes) == 1 and isinstance(sizes[0], (tuple, list))
-        sizes = list(sizes[0]) if packed else list(sizes)
-        new = [extents[i] if isinstance(s, int) and s != -1 else s for i, s in enumerate(sizes)]
-        node.args = (node.args[0], tuple(new)) if packed or node.target is torch.reshape else (node.args[0], *new)
-    elif name == "unflatten":
-        dim = node.args[1] % len(extents)
-        sizes = list(node.args[2])
-        node.args = (node.args[0], node.args[1], tuple(
-            extents[dim + i] if isinstance(s, int) and s != -1 else s for i, s in enumerate(sizes)))
+        return "view", 0, list(sizes[0]) if packed else list(sizes), packed
+    if name == "unflatten" and len(node.args) > 2:
+        return "unflatten", node.args[1] % ndim, list(node.args[2]), True
+    return None, 0, [], False
 
 
 def split_surgery(sctx, node):
     """split/chunk on the channel axis become ``torch.split`` with the kept sizes."""
     pieces = sctx.layout(node)
     x = node.args[0]
-    dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
+    dim = node_arg(node, 2, "dim", 0)
     dim %= x.meta["val"].dim()
     if all(p.shape[dim] == 1 for p in pieces):
         return
@@ -257,7 +271,7 @@ def _raw_index(index, axis: int, ndim: int) -> int:
 
 def pad_surgery(sctx, node):
     x = node.args[0]
-    pad = list(node.args[1] if len(node.args) > 1 else node.kwargs["pad"])
+    pad = list(node_arg(node, 1, "pad"))
     v = x.meta["val"]
     nd = v.dim()
     out_lay = sctx.layout(node)

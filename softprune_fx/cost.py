@@ -24,7 +24,7 @@ from torch import nn
 from passes import rules_mixing
 from passes.atoms import along
 from passes.flops import count_flops
-from passes.registry import lookup
+from passes.registry import lookup, node_arg
 
 from .index import ChannelIndex
 
@@ -41,10 +41,6 @@ class Term:
 def _numel(shape) -> int:
     return int(math.prod(shape))
 
-
-def _arg(node, index: int, name: str):
-    """A call's argument by position or keyword (``F.linear(x, weight=w)`` as in timm's EVA)."""
-    return node.args[index] if len(node.args) > index else node.kwargs[name]
 
 
 class CostModel:
@@ -68,7 +64,7 @@ class CostModel:
                                                rules_mixing.functional_weight_rule, rules_mixing.matmul_rule):
             return None
         out = node.meta["val"]
-        x = _arg(node, 0, "input").meta["val"]
+        x = node_arg(node, 0, "input").meta["val"]
         lay = cg.flow.layouts.get(node)
         if not isinstance(out, torch.Tensor) or not isinstance(lay, np.ndarray):
             return None
@@ -82,7 +78,7 @@ class CostModel:
         vec = along(lay, axis, out.shape[axis])
         out_ids = self.index.atom_ids(vec) if vec is not None else None
         if is_linear:
-            w = modules[node.target].weight if node.op == "call_module" else _arg(node, 1, "weight").meta["val"]
+            w = modules[node.target].weight if node.op == "call_module" else node_arg(node, 1, "weight").meta["val"]
             flops = 2.0 * _numel(out.shape[:-1]) * w.shape[1] * w.shape[0]
             return Term(node.name, flops / (w.shape[1] * w.shape[0]), in_cls, in_sg, out_ids)
         if node.op == "call_module":
@@ -90,7 +86,7 @@ class CostModel:
             w, groups = m.weight, m.groups
             transposed = isinstance(m, nn.modules.conv._ConvTransposeNd)
         else:
-            w, groups, transposed = _arg(node, 1, "weight").meta["val"], 1, False
+            w, groups, transposed = node_arg(node, 1, "weight").meta["val"], 1, False
         kernel = _numel(w.shape[2:])
         cin, cout = x.shape[1], out.shape[1]
         spatial = _numel(x.shape) // cin if transposed else _numel(out.shape) // cout

@@ -189,7 +189,8 @@ def decide(cg, index: ChannelIndex, cost: CostModel, scores: np.ndarray, keep0: 
     for grp in groups:
         hard = sum(1 for u in grp.units if np.asarray(keep0)[u].all())
         counts[grp.id] = min((k for k in grp.allowed() if k >= hard), default=grp.width)
-    search = _Search(groups, counts, cost, scores, index.size, _nonempty(cg, index), _balances(cg, index),
+    balances = _balances(cg, index)
+    search = _Search(groups, counts, cost, scores, index.size, _nonempty(cg, index, balances), balances,
                      index.frozen)
     rounding_dropped = search.run(ratio, tol)
     keep = search.keep()
@@ -208,11 +209,10 @@ def _balances(cg, index: ChannelIndex) -> list[tuple[np.ndarray, np.ndarray]]:
     return out
 
 
-def _nonempty(cg, index: ChannelIndex) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+def _nonempty(cg, index: ChannelIndex, balances: list) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """(class ids, site-group ids, conv block) per position of every tensor that must keep a
-    channel. The block is that of a grouped conv reading exactly these positions (else 0):
-    such a conv keeps the same count in every block, so every block must keep one."""
-    balances = _balances(cg, index)
+    channel. The block is that of a grouped conv (``balances``) reading exactly these
+    positions (else 0): it keeps the same count in every block, so every block must keep one."""
     out = []
     for c in cg.constraints:
         if isinstance(c, NonEmpty):

@@ -201,3 +201,26 @@ def test_global_context_attention_keeps_its_single_channel_apart():
         assert rel_err(outputs(sp.masked(net, x, drop), x), outputs(sp.prune_channels(net, x, drop), x)) <= 1e-12
     pruned, result = sp.prune_one_shot(net.float(), (x[0].float(),), 0.25, round_to=None)  # 2 of 8
     assert pruned.conv_attn.out_channels == 1 and abs(result.achieved_ratio - 0.25) <= 0.01
+
+
+def test_count_sizing_other_channels_of_the_same_width_couples_them():
+    """``c(x).view(n, x.shape[1], -1)``: the size follows x's pruned width at run time, so c's
+    output channels (the same width, another group) must be pruned with x's, not apart."""
+    class Sized(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.c, self.b = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 1), nn.Conv2d(8, 4, 1)
+
+        def forward(self, x):
+            x = torch.relu(self.a(x))
+            y = self.c(x).view(x.shape[0], x.shape[1], -1).view(x.shape[0], -1, x.shape[2], x.shape[3])
+            return self.b(torch.relu(y))
+
+    torch.manual_seed(0)
+    net, x = Sized().double().eval(), (torch.randn(2, 3, 8, 8, dtype=torch.float64),)
+    cg = sp.analyze(net, x)
+    a = next(g for g in cg.groups if "a" in g.producers)
+    assert a.prunable and "c" in a.producers
+    for seed in range(3):
+        drop = random_drop(cg, seed)
+        assert rel_err(outputs(sp.masked(net, x, drop), x), outputs(sp.prune_channels(net, x, drop), x)) <= 1e-12
