@@ -44,7 +44,7 @@ sys.path.insert(0, str(C.ROOT / "examples"))
 import digits  # noqa: E402
 
 import softprune_fx  # noqa: E402
-from passes.atoms import along  # noqa: E402
+from softprune_fx.passes.atoms import along  # noqa: E402
 from softprune_fx.cost import CostModel  # noqa: E402
 from softprune_fx.index import ChannelIndex  # noqa: E402
 from softprune_fx.pruner import _finish  # noqa: E402

@@ -32,9 +32,9 @@ import torch.nn as nn
 import torch_pruning as tp
 from zoo_big import BIG, resnet50
 
-from passes.capture import MetaShapeProp, trace
-from passes.flow import run_flow
-from passes.groups import build_groups
+from softprune_fx.passes.capture import MetaShapeProp, trace
+from softprune_fx.passes.flow import run_flow
+from softprune_fx.passes.groups import build_groups
 from softprune_fx.graph import ChannelGraph
 
 

@@ -37,9 +37,9 @@ from conftest import outputs, random_drop, rel_err
 from zoo import ZOO
 
 import softprune_fx as sp
-from passes.errors import BudgetError
-from passes.flops import count_flops
-from passes.verify import flatten_outputs
+from softprune_fx.passes.errors import BudgetError
+from softprune_fx.passes.flops import count_flops
+from softprune_fx.onnx_check import flatten_outputs
 
 TOL64 = 1e-12
 TP_TARGET = 0.40

@@ -11,7 +11,7 @@ running statistics are randomised with a fixed seed (``randomize_norms``, seed 0
 ~ U(0.5, 1.5), bias ~ N(0, 0.2), running_mean ~ N(0, 0.2), running_var ~ U(0.5, 1.5)) as
 a stand-in for trained statistics; ``prune_one_shot`` cuts 20%, 40%, 60% of the FLOPs
 with the default rounding (``round_to="auto"``) and with ``round_to=None``. Every file is
-exported with ``passes.verify.export_onnx`` and checked against torch (``check_onnx``);
+exported with ``softprune_fx.onnx_check.export_onnx`` and checked against torch (``check_onnx``);
 the original and all six pruned files of a model are timed in one interleaved
 ``ort_latency`` call (round-robin, ``allow_spinning=0``, ORT's default thread count, or
 ``--ort-threads N``: one thread gives figures that hold while another process holds a
@@ -40,8 +40,8 @@ from zoo_big import BIG
 from zoo_common import randomize_norms
 
 import softprune_fx
-from passes import verify
-from passes.verify import check_onnx, export_onnx, ort_latency
+from softprune_fx import onnx_check as verify
+from softprune_fx.onnx_check import check_onnx, export_onnx, ort_latency
 
 RATIOS = (0.2, 0.4, 0.6)
 TARGET = 0.92
@@ -80,7 +80,7 @@ def torch_pruning_cut(model, inputs, ratio: float, round_to: int):
     import copy
 
     import torch_pruning as tp
-    from passes.flops import count_flops
+    from softprune_fx.passes.flops import count_flops
     f0 = count_flops(model, inputs)
     lo, hi, best = 0.0, 0.9, None
     for _ in range(14):

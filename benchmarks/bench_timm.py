@@ -41,8 +41,8 @@ import torch
 import softprune_fx as sp
 from drops import random_drop  # tests/drops.py, on sys.path through _common
 from zoo_common import randomize_norms
-from passes.errors import BudgetError
-from passes.verify import check_onnx, export_onnx
+from softprune_fx.passes.errors import BudgetError
+from softprune_fx.onnx_check import check_onnx, export_onnx
 
 TOL64 = 1e-10
 LIMIT_S = 240

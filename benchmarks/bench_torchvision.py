@@ -50,7 +50,7 @@ import torchvision
 
 import softprune_fx as sp
 from drops import random_drop  # tests/drops.py, on sys.path through _common
-from passes.errors import BudgetError
+from softprune_fx.passes.errors import BudgetError
 
 TOL64 = 1e-12
 REPEATS = 5

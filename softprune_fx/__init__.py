@@ -1,7 +1,7 @@
 """softprune-fx: Operation-Aware Soft Channel Pruning as a torch.fx compiler pass."""
-from passes.errors import (BudgetError, CaptureError, IllegalDropError, OnnxExportError, SoftpruneError,
+from softprune_fx.passes.errors import (BudgetError, CaptureError, IllegalDropError, OnnxExportError, SoftpruneError,
                            SurgeryError)
-from passes.registry import register_op
+from softprune_fx.passes.registry import register_op
 
 from .api import analyze, masked, prune_channels
 from .graph import ChannelGraph

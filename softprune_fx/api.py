@@ -14,11 +14,11 @@ from typing import Any, Iterable
 import torch.fx as fx
 from torch import nn
 
-from passes.capture import as_input_tuple, capture
-from passes.flow import run_flow
-from passes.groups import build_groups
-from passes.masks import insert_hard_masks
-from passes.surgery import apply_surgery
+from softprune_fx.passes.capture import as_input_tuple, capture
+from softprune_fx.passes.flow import run_flow
+from softprune_fx.passes.groups import build_groups
+from softprune_fx.passes.masks import insert_hard_masks
+from softprune_fx.passes.surgery import apply_surgery
 
 from .graph import ChannelGraph
 

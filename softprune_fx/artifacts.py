@@ -26,9 +26,9 @@ from typing import Any, Callable, ContextManager, Iterator
 import torch
 from torch import nn
 
-from passes.errors import OnnxExportError
-from passes.flops import eval_mode
-from passes.verify import check_onnx, export_onnx, ort_latency
+from softprune_fx.passes.errors import OnnxExportError
+from softprune_fx.passes.flops import eval_mode
+from softprune_fx.onnx_check import check_onnx, export_onnx, ort_latency
 
 from .cli_errors import UsageError, one_line
 from .plan_io import inputs_from_specs, save_plan

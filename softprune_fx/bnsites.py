@@ -22,7 +22,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from passes.atoms import along
+from softprune_fx.passes.atoms import along
 
 from .index import ChannelIndex
 from .scp import rectifier_threshold

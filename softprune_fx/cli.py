@@ -26,7 +26,7 @@ from rich.table import Table
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from passes.errors import SoftpruneError
+from softprune_fx.passes.errors import SoftpruneError
 
 from .cli_errors import EXIT_FAILURE, EXIT_OK, EXIT_ONNX_EXPORT, EXIT_USAGE, ModelError, UsageError, one_line
 from .spec import absolute_spec, build_model, example_inputs_for, load_data, load_weights

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import re
 
-from passes.errors import SoftpruneError
+from softprune_fx.passes.errors import SoftpruneError
 
 EXIT_OK = 0
 EXIT_FAILURE = 1

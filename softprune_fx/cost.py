@@ -21,10 +21,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from passes import rules_mixing
-from passes.atoms import along
-from passes.flops import count_flops
-from passes.registry import lookup, node_arg
+from softprune_fx.passes import rules_mixing
+from softprune_fx.passes.atoms import along
+from softprune_fx.passes.flops import count_flops
+from softprune_fx.passes.registry import lookup, node_arg
 
 from .index import ChannelIndex
 

@@ -30,10 +30,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from passes.errors import BudgetError
+from softprune_fx.passes.errors import BudgetError
 from networkx.utils import UnionFind
 
-from passes.flow import Balance, Grid, NonEmpty
+from softprune_fx.passes.flow import Balance, Grid, NonEmpty
 
 from .cost import CostModel
 from .index import ChannelIndex

@@ -16,10 +16,10 @@ import networkx as nx
 import torch.fx as fx
 from rich.table import Table
 
-from passes.flow import ChannelFlow
-from passes.groups import Group
-from passes.legalize import check_plan, legalize_plan
-from passes.plan import Plan
+from softprune_fx.passes.flow import ChannelFlow
+from softprune_fx.passes.groups import Group
+from softprune_fx.passes.legalize import check_plan, legalize_plan
+from softprune_fx.passes.plan import Plan
 
 
 @dataclass

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from passes.flow import Site
+from softprune_fx.passes.flow import Site
 
 from .graph import ChannelGraph
 

@@ -21,8 +21,8 @@ import torch
 import torch.fx as fx
 from torch.fx.node import _get_qualified_name
 
-from passes.capture import as_input_tuple
-from passes.errors import SoftpruneError
+from softprune_fx.passes.capture import as_input_tuple
+from softprune_fx.passes.errors import SoftpruneError
 
 from .api import analyze, prune_channels
 

@@ -21,11 +21,11 @@ import torch.distributed as dist
 import torch.fx as fx
 from torch import nn
 
-from passes.capture import as_input_tuple
-from passes.errors import SoftpruneError
-from passes.flops import count_flops, count_params
-from passes.masks import insert_soft_masks
-from passes.verify import max_abs_diff
+from softprune_fx.passes.capture import as_input_tuple
+from softprune_fx.passes.errors import SoftpruneError
+from softprune_fx.passes.flops import count_flops, count_params
+from softprune_fx.passes.masks import insert_soft_masks
+from softprune_fx.onnx_check import max_abs_diff
 
 from .api import analyze, masked, prune_channels
 from .bnsites import bn_probabilities, find_bn_sites

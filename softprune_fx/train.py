@@ -31,7 +31,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, IterableDataset, RandomSampler
 
-from passes.errors import SoftpruneError
+from softprune_fx.passes.errors import SoftpruneError
 
 from .pruner import PruneResult, SoftPruner
 

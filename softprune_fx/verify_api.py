@@ -17,7 +17,7 @@ from typing import Callable, ContextManager
 
 import torch
 
-from passes.errors import OnnxExportError
+from softprune_fx.passes.errors import OnnxExportError
 
 from .artifacts import ONNX_REL, check_batches, check_failures, checked_batches, time_models
 from .cli_errors import ModelError, UsageError, one_line

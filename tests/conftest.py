@@ -19,7 +19,7 @@ def _one_thread():
 
 
 def outputs(model, inputs):
-    from passes.verify import flatten_outputs
+    from softprune_fx.onnx_check import flatten_outputs
     with torch.no_grad():
         return [t for _, t in flatten_outputs(model(*inputs))]
 

@@ -1,7 +1,7 @@
 """Random legal drops, shared by the tests and the benchmarks (no pytest import here)."""
 import random
 
-from passes.errors import IllegalDropError
+from softprune_fx.passes.errors import IllegalDropError
 
 
 def random_drop(cg, seed: int, max_frac: float = 0.5, tries: int = 8) -> dict:

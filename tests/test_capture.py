@@ -7,8 +7,8 @@ from torch import nn
 from zoo import ZOO
 
 import softprune_fx as sp
-from passes.capture import capture
-from passes.errors import CaptureError
+from softprune_fx.passes.capture import capture
+from softprune_fx.passes.errors import CaptureError
 
 
 def state(model):

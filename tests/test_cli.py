@@ -20,8 +20,8 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from passes.errors import OnnxExportError
-from passes.verify import OnnxCheck
+from softprune_fx.passes.errors import OnnxExportError
+from softprune_fx.onnx_check import OnnxCheck
 from softprune_fx import apply_plan, verify_artifacts
 from softprune_fx.cli import main
 

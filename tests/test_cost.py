@@ -7,7 +7,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from zoo import ZOO
 
 import softprune_fx as sp
-from passes.errors import BudgetError
+from softprune_fx.passes.errors import BudgetError
 from softprune_fx.cost import CostModel
 from softprune_fx.index import ChannelIndex
 

@@ -8,7 +8,7 @@ from torch import nn
 from zoo import ZOO
 
 import softprune_fx as sp
-from passes.errors import IllegalDropError
+from softprune_fx.passes.errors import IllegalDropError
 
 
 def groups_of(name, **kw):
@@ -41,7 +41,7 @@ def test_se_gate_joins_its_block_group():
 
 
 def test_shuffle_unit_gets_grid_constraint_and_legalize_drops_whole_columns():
-    from passes.flow import Grid
+    from softprune_fx.passes.flow import Grid
     _, _, cg = groups_of("shufflenetv2")
     assert any(isinstance(c, Grid) for c in cg.constraints)
     g = next(g for g in cg.groups if "shuffle" in g.kinds and g.prunable)
@@ -52,7 +52,7 @@ def test_shuffle_unit_gets_grid_constraint_and_legalize_drops_whole_columns():
 
 
 def test_grouped_conv_balance():
-    from passes.flow import Balance
+    from softprune_fx.passes.flow import Balance
     model, inputs, cg = groups_of("resnext")
     assert sum(isinstance(c, Balance) for c in cg.constraints) >= 4
     g = containing(cg, "layers.0.0.conv1")
@@ -155,8 +155,8 @@ class CustomAct(nn.Module):
 
 
 def test_register_op_makes_a_custom_op_prunable():
-    from passes.registry import _REGISTRY
-    from passes.rules_core import same_rule
+    from softprune_fx.passes.registry import _REGISTRY
+    from softprune_fx.passes.rules_core import same_rule
     net, x = CustomAct(), (torch.randn(1, 3, 10, 10),)
     assert not containing(sp.analyze(net, x), "a").prunable  # no rule: frozen
     sp.register_op(my_act, rule=same_rule)

@@ -9,8 +9,8 @@ from torch import nn
 from zoo import ZOO
 
 import softprune_fx as sp
-from passes.masks import SiteMask, insert_hard_masks
-from passes.plan import Plan
+from softprune_fx.passes.masks import SiteMask, insert_hard_masks
+from softprune_fx.passes.plan import Plan
 from softprune_fx.scp import deactivation_prob, prune_prob
 
 MODELS = ["resnet_basic", "preact_resnet", "densenet", "mobilenetv2", "mobilenetv3", "efficientnet",

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from passes.errors import IllegalDropError, SoftpruneError
+from softprune_fx.passes.errors import IllegalDropError, SoftpruneError
 from softprune_fx import analyze, apply_plan, make_plan, prune_channels
 from softprune_fx.cli_errors import ModelError, UsageError
 from softprune_fx.plan_io import graph_fingerprint, load_plan, save_plan
@@ -38,7 +38,7 @@ def half_drop(model, inputs) -> dict:
 
 
 def outputs(model, inputs):
-    from passes.verify import flatten_outputs
+    from softprune_fx.onnx_check import flatten_outputs
 
     with torch.no_grad():
         return [t for _, t in flatten_outputs(model.eval()(*inputs))]

@@ -1,4 +1,4 @@
-"""Tests for passes.verify (ONNX export/check, output comparison, latency) and passes.flops."""
+"""Tests for softprune_fx.onnx_check (ONNX export/check, output comparison, latency) and passes.flops."""
 from __future__ import annotations
 
 import copy
@@ -8,10 +8,10 @@ import pytest
 import torch
 import torch.nn as nn
 
-from passes import verify
-from passes.errors import OnnxExportError, SoftpruneError
-from passes.flops import count_flops, count_params
-from passes.verify import (
+from softprune_fx import onnx_check as verify
+from softprune_fx.passes.errors import OnnxExportError, SoftpruneError
+from softprune_fx.passes.flops import count_flops, count_params
+from softprune_fx.onnx_check import (
     check_onnx,
     export_onnx,
     flatten_outputs,

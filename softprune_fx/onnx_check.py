@@ -25,8 +25,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from passes.errors import OnnxExportError
-from passes.flops import Inputs, as_inputs, eval_mode
+from softprune_fx.passes.errors import OnnxExportError
+from softprune_fx.passes.flops import Inputs, as_inputs, eval_mode
 
 TORCHSCRIPT_OPSET = 17
 _QUIET_LOGGERS = ("torch.onnx", "torch.export", "torch._export", "onnxscript")
