@@ -294,7 +294,7 @@ def train_scp(model: nn.Module, example_inputs: Any, train_loader, val_loader, *
               finetune_epochs: int = 0, lr: float = 0.1, momentum: float = 0.9, weight_decay: float = 1e-4,
               finetune_lr: Optional[float] = None, out_dir: Optional[str] = None, resume: bool = False,
               seed: int = 0, strict: bool = False, allow_inexact: bool = False, round_to="auto", min_width=1,
-              frozen=(), pruner_options: Optional[dict] = None, progress: bool = True,
+              frozen=(), leaf_modules=(), pruner_options: Optional[dict] = None, progress: bool = True,
               log: Log = None) -> tuple[nn.Module, PruneResult, dict]:
     """Train ``model`` jointly with SCP masks to a ``ratio`` FLOPs cut, finalize, fine-tune.
 
@@ -316,7 +316,8 @@ def train_scp(model: nn.Module, example_inputs: Any, train_loader, val_loader, *
     config = {"ratio": float(ratio), "epochs": int(epochs), "finetune_epochs": int(finetune_epochs), "seed": int(seed)}
     ckpt = load_checkpoint(out_dir, config, log) if resume else None
     pruner = SoftPruner(model, example_inputs, ratio, strict=strict, frozen=frozen, min_width=min_width,
-                        round_to=round_to, allow_inexact=allow_inexact, **(pruner_options or {}))
+                        round_to=round_to, allow_inexact=allow_inexact, leaf_modules=leaf_modules,
+                        **(pruner_options or {}))
     with _Bars(progress) as bars:
         history, acc_masked = _scp_phase(pruner, train_loader, val_loader, ckpt, config, bars, log, out_dir,
                                          lr=lr, momentum=momentum, weight_decay=weight_decay)

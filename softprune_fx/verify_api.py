@@ -40,6 +40,11 @@ class VerifyResult:
     failed: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
+    @property
+    def exit_code(self) -> int:
+        """The CLI's exit code: 0 verified, 1 a check failed."""
+        return 0 if self.ok else 1
+
     def summary(self) -> str:
         """One line: verdict, worst difference, latencies."""
         if not self.ok:

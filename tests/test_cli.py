@@ -286,7 +286,8 @@ def test_non_empty_dir_refused_without_force(bad_setup, capsys):
 def test_errors_in_a_real_process(bad_setup):
     """Exit codes and one-line stderr from the interpreter itself; --debug shows the traceback."""
     folder, file, out = bad_setup
-    proc = run_cli("prune", f"{file}:raises", "--ratio", "0.4", "--out", str(out), "--force", cwd=folder)
+    proc = run_cli("prune", f"{file}:raises", "--ratio", "0.4", "--out", str(out), "--force", "--quiet",
+                   cwd=folder)
     assert proc.returncode == 1 and proc.stderr.strip().count("\n") == 0
     assert "the builder broke on purpose" in proc.stderr and "Traceback" not in proc.stderr
     proc = run_cli("prune", f"{file}:raises", "--ratio", "0.4", "--out", str(out), "--force", "--debug", cwd=folder)

@@ -1,0 +1,163 @@
+"""``softprune-fx prune``: build, prune (one-shot or SCP training), write DIR, verify, summarise."""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+from rich.table import Table
+from torch import nn
+
+from softprune_fx.passes.errors import SoftpruneError
+
+from .cli_args import PROG, parse_round_to
+from .cli_common import Reporter, analysis_options, flops_text, frozen, prepare, stderr_line
+from .cli_errors import EXIT_FAILURE, EXIT_OK, EXIT_ONNX_EXPORT, UsageError
+from .spec import absolute_spec, load_data
+
+
+def bn_looks_untrained(model: nn.Module) -> bool:
+    """True when every BatchNorm has gamma 1, beta 0, running mean 0 and running var 1."""
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    defaults = (("weight", 1.0), ("bias", 0.0), ("running_mean", 0.0), ("running_var", 1.0))
+    return bool(bns) and all(getattr(m, name) is None or bool(torch.all(getattr(m, name) == value))
+                             for m in bns for name, value in defaults)
+
+
+def check_prune_args(args) -> Any:
+    """Usage checks that need no model; returns the parsed --round-to."""
+    from .artifacts import check_out_dir
+
+    if not 0.0 < args.ratio < 1.0:
+        raise UsageError(f"--ratio must be between 0 and 1 (exclusive), not {args.ratio:g}")
+    if args.min_width < 1:
+        raise UsageError(f"--min-width must be at least 1, not {args.min_width}")
+    if not args.data and (args.epochs or args.finetune_epochs or args.resume or args.loss or args.metric
+                          or args.batch_size):
+        raise UsageError("--epochs, --finetune-epochs, --resume, --loss, --metric and --batch-size need --data")
+    if args.data and not args.epochs:
+        raise UsageError("--data needs --epochs N (N >= 1)")
+    round_to = parse_round_to(args.round_to)
+    check_out_dir(args.out, args.force)
+    return round_to
+
+
+def run_pruning(args, model, inputs, round_to, rep: Reporter, ckpt: Path) -> tuple[Any, Any, dict]:
+    """One-shot or SCP training: ``(pruned, result, info)``."""
+    options = dict(strict=args.strict, min_width=args.min_width, round_to=round_to, **analysis_options(args))
+    if not args.data:
+        from . import prune_one_shot
+
+        with rep.step(f"one-shot pruning to a {args.ratio:.0%} FLOPs cut"):
+            pruned, result = prune_one_shot(model, inputs, args.ratio, **options)
+        return pruned, result, {"mode": "one-shot (BN statistics)"}
+    from .train import train_scp
+
+    train_loader, val_loader = load_data(args.data)
+    pruned, result, info = train_scp(
+        model, inputs, train_loader, val_loader, ratio=args.ratio, epochs=args.epochs,
+        finetune_epochs=args.finetune_epochs, out_dir=str(ckpt), resume=args.resume, seed=args.seed,
+        progress=rep.bars, log=rep.log_fn, lr=args.lr, **options)
+    return pruned, result, {"mode": "SCP training", **dict(info or {})}
+
+
+def cmd_prune(args, out: Console, rep: Reporter) -> int:
+    """The whole pipeline: build, prune, write DIR atomically, verify, summarise."""
+    from . import analyze
+    from .artifacts import write_artifacts
+    from .plan_io import make_plan
+
+    round_to = check_prune_args(args)
+    with rep.step("building the model"):
+        model, inputs = prepare(args)
+    warnings = []
+    if not args.data and bn_looks_untrained(model):
+        warnings.append("every BatchNorm has gamma 1, beta 0 and running stats 0/1: the weights look "
+                        "untrained, so the one-shot ranking is meaningless (pass --weights or --data)")
+        stderr_line("warning", warnings[-1])
+    with rep.step("analysing channel dependencies"):
+        cg = analyze(model, inputs, **analysis_options(args))
+    if not any(g.prunable for g in cg.groups):
+        reasons = sorted({g.frozen_reason for g in cg.groups if g.frozen_reason})[:3]
+        raise SoftpruneError(f"no prunable channel group ({'; '.join(reasons)}); run "
+                             f"`{PROG} deps {args.spec}` to see why")
+    ckpt = Path(f"{args.out}.checkpoints")
+    pruned, result, info = run_pruning(args, model, inputs, round_to, rep, ckpt)
+    model.eval()  # training may leave it in train mode; the plan is made in eval mode
+    plan = make_plan(model, inputs, result.drop, result, **analysis_options(args))
+    meta = report_meta(args, plan, info, warnings)
+    report = write_artifacts(args.out, original=model, pruned=pruned, inputs=inputs, result=result,
+                             plan=plan, meta=meta, force=args.force, step=rep.step)
+    if ckpt.is_dir():
+        shutil.rmtree(ckpt, ignore_errors=True)
+    out.print(cg.summary(short=True))
+    out.print(summary_table(report))
+    return prune_verdict(report, args.out, out)
+
+
+def report_meta(args, plan: dict, info: dict, warnings: list[str]) -> dict:
+    """What report.json records about the run besides the pruning figures."""
+    from . import __version__
+
+    info = dict(info)
+    meta = {"spec": absolute_spec(args.spec), "spec_given": args.spec, "input_shape": args.input_shape,
+            "inputs": plan["inputs"], "softprune_version": __version__, "torch_version": torch.__version__,
+            "mode": info.pop("mode"), "warnings": warnings,
+            "options": {k: getattr(args, k) for k in ("ratio", "strict", "allow_inexact", "round_to", "min_width",
+                                                      "seed", "weights", "data", "epochs", "finetune_epochs",
+                                                      "lr", "batch_size", "loss", "metric")}}
+    meta["options"]["frozen"] = frozen(args)
+    meta["options"]["leaf_modules"] = analysis_options(args)["leaf_modules"]
+    for key in ("accuracy_masked", "accuracy_pruned"):
+        if key in info:
+            meta[key] = info.pop(key)
+    if info:
+        meta["training"] = {k: v for k, v in info.items() if isinstance(v, (int, float, str, bool, list))}
+    return meta
+
+
+def _change(before, after) -> str:
+    return f"{(after - before) / before:+.1%}" if before and after is not None else "-"
+
+
+def summary_table(report: dict) -> Table:
+    """Before/after: FLOPs, params, ORT latency, accuracy when trained."""
+    table = Table(title=f"pruned {report['spec_given']} (target {report['target_ratio']:.0%} FLOPs cut)")
+    for col in ("", "before", "after", "change"):
+        table.add_column(col, justify="right" if col else "left")
+    fb, fa, pb, pa = (report[k] for k in ("flops_before", "flops_after", "params_before", "params_after"))
+    table.add_row("FLOPs", flops_text(fb), flops_text(fa), _change(fb, fa))
+    table.add_row("params", f"{pb:,}", f"{pa:,}", _change(pb, pa))
+    lb, la = report.get("latency_ms_before"), report.get("latency_ms_after")
+    if la is not None:
+        table.add_row("ORT latency (median)", f"{lb:.3f} ms" if lb is not None else "-", f"{la:.3f} ms",
+                      _change(lb, la))
+    if "accuracy_pruned" in report:
+        table.add_row("val accuracy (masked -> pruned)", f"{report.get('accuracy_masked', float('nan')):.2%}",
+                      f"{report['accuracy_pruned']:.2%}", "")
+    return table
+
+
+def prune_verdict(report: dict, out_dir: str, out: Console) -> int:
+    """Print the verification line and map the report's status to an exit code."""
+    from .artifacts import checked_batches
+
+    for c in (report.get("onnx_check") or {}).get("per_batch", {}).values():
+        if "skipped" in c:
+            stderr_line("note", c["skipped"])
+    masked = f"pruned == hard-masked in torch (max|diff| {report['max_abs_diff_masked']:.2g})"
+    if report["status"] == "onnx_export_failed":
+        out.print(f"{masked}; wrote {out_dir}")
+        stderr_line("error", f"pruned and written to {out_dir}, but ONNX export failed with both exporters, "
+                             f"so the ONNX Runtime check could not run: {report['onnx_error']}")
+        return EXIT_ONNX_EXPORT
+    if report["status"] != "ok":
+        stderr_line("error", f"{'; '.join(report['failed'])}; {out_dir} was written for inspection "
+                             "(see report.json)")
+        return EXIT_FAILURE
+    batches = ", ".join(checked_batches(report["onnx_check"]["per_batch"]))
+    out.print(f"[green]verified[/]: {masked}; ONNX Runtime ({report['onnx_exporter']} export) == torch at "
+              f"batch {batches} (max|diff| {report['max_abs_diff_onnx']:.2g}); wrote {out_dir}")
+    return EXIT_OK
