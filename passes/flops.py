@@ -12,6 +12,7 @@ import contextlib
 from collections.abc import Iterator, Sequence
 
 import torch
+import torch.fx as fx
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -81,6 +82,27 @@ def count_flops(model: nn.Module, example_inputs: Inputs, meta: bool = True) -> 
     with eval_mode(model), FlopCounterMode(display=False) as counter:
         model(*inputs)
     return int(counter.get_total_flops())
+
+
+def count_graph_flops(gm: fx.GraphModule, example_inputs: Inputs) -> int:
+    """``count_flops`` of a GraphModule without tracing it again: its own graph runs on
+    meta tensors. The nodes' ``meta["val"]`` are left as they were."""
+    from .capture import MetaShapeProp
+    nodes = list(gm.graph.nodes)
+    saved = [n.meta.get("val", _NO_VALUE) for n in nodes]
+    try:
+        with eval_mode(gm), FlopCounterMode(display=False) as counter:
+            MetaShapeProp(gm, fast=False).propagate(*as_inputs(example_inputs))
+    finally:
+        for n, v in zip(nodes, saved):
+            if v is _NO_VALUE:
+                n.meta.pop("val", None)
+            else:
+                n.meta["val"] = v
+    return int(counter.get_total_flops())
+
+
+_NO_VALUE = object()
 
 
 def count_params(model: nn.Module) -> int:

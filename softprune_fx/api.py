@@ -8,7 +8,6 @@ Example::
 """
 from __future__ import annotations
 
-import copy
 from typing import Any, Iterable
 
 import torch.fx as fx
@@ -17,8 +16,6 @@ from torch import nn
 from softprune_fx.passes.capture import as_input_tuple, capture
 from softprune_fx.passes.flow import run_flow
 from softprune_fx.passes.groups import build_groups
-from softprune_fx.passes.masks import insert_hard_masks
-from softprune_fx.passes.surgery import apply_surgery
 
 from .graph import ChannelGraph
 
@@ -31,9 +28,11 @@ def analyze(model: nn.Module, example_inputs: Any, *, frozen: Iterable[str] = ()
     module classes or names not to trace into; ``allow_inexact`` lets groups through ops
     that mix statistics across channels be pruned (not exact: the report says so).
     """
-    gm = capture(model, example_inputs, leaf_modules)
+    inputs = as_input_tuple(example_inputs)
+    gm = capture(model, inputs, leaf_modules)
     flow = run_flow(gm, allow_inexact=allow_inexact)
-    return ChannelGraph(gm, flow, build_groups(flow, tuple(frozen)))
+    options = dict(frozen=tuple(frozen), leaf_modules=tuple(leaf_modules), allow_inexact=allow_inexact)
+    return ChannelGraph(gm, flow, build_groups(flow, tuple(frozen)), inputs, options)
 
 
 def plain(gm: fx.GraphModule) -> fx.GraphModule:
@@ -49,16 +48,15 @@ def plain(gm: fx.GraphModule) -> fx.GraphModule:
 
 
 def masked(model: nn.Module, example_inputs: Any, drop: dict | None, **options) -> fx.GraphModule:
-    """A copy of ``model`` with the dropped channels zeroed by hard masks at every mask site."""
-    cg = analyze(copy.deepcopy(model), example_inputs, **options)
-    plan = cg.plan(drop)
-    return plain(insert_hard_masks(cg.gm, cg.flow, plan))
+    """A copy of ``model`` with the dropped channels zeroed by hard masks at every mask site.
+
+    ``ChannelGraph.masked`` does the same from an analysis made before (no new trace)."""
+    return analyze(model, example_inputs, **options).masked(drop)
 
 
 def prune_channels(model: nn.Module, example_inputs: Any, drop: dict | None, *, inplace: bool = False,
                    **options) -> fx.GraphModule:
-    """The physically pruned model: equal to ``masked(model, example_inputs, drop)`` in eval mode."""
-    cg = analyze(model if inplace else copy.deepcopy(model), example_inputs, **options)
-    plan = cg.plan(drop)
-    gm = apply_surgery(cg.gm, cg.flow, plan, as_input_tuple(example_inputs))
-    return plain(gm)
+    """The physically pruned model: equal to ``masked(model, example_inputs, drop)`` in eval mode.
+
+    ``ChannelGraph.prune`` does the same from an analysis made before (no new trace)."""
+    return analyze(model, example_inputs, **options).prune(drop, inplace=inplace)

@@ -10,26 +10,71 @@ Example::
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import cached_property
 
 import networkx as nx
 import torch.fx as fx
 from rich.table import Table
 
+from softprune_fx.passes.analysis import fork
+from softprune_fx.passes.flops import count_graph_flops
 from softprune_fx.passes.flow import ChannelFlow
 from softprune_fx.passes.groups import Group
 from softprune_fx.passes.legalize import check_plan, legalize_plan
 from softprune_fx.passes.plan import Plan
 
 
-@dataclass
+@dataclass(eq=False)
 class ChannelGraph:
+    """One analysis of a model: its captured graph (sharing the model's modules, never
+    edited), the channel flow and the groups. Every later pass of a pipeline run reads
+    it: ``masked`` and ``prune`` work on forks of it, ``flops`` counts on its graph, so a
+    run traces the user's model once."""
+
     gm: fx.GraphModule
     flow: ChannelFlow
     groups: list[Group]
+    inputs: tuple = ()                      # the example inputs the graph was captured with
+    options: dict = field(default_factory=dict)  # analyze's options, for plans and reports
 
     def __post_init__(self):
         self.by_id = {g.id: g for g in self.groups}
+
+    @cached_property
+    def index(self):
+        """The flat channel index of this analysis (built once)."""
+        from .index import ChannelIndex
+        return ChannelIndex(self)
+
+    @cached_property
+    def flops(self) -> int:
+        """FlopCounterMode's count of the analysed model on the example inputs (meta tensors)."""
+        return count_graph_flops(self.gm, self.inputs)
+
+    # ------------------------------------------------------------------ passes on forks
+    def fork(self, *, copy_modules: bool = True) -> "ChannelGraph":
+        """A private copy (graph, flow, groups; modules too unless ``copy_modules=False``)."""
+        gm, flow, groups = fork(self.gm, self.flow, self.groups, copy_modules=copy_modules)
+        return ChannelGraph(gm, flow, groups, self.inputs, self.options)
+
+    def masked(self, drop: dict | None, *, share_weights: bool = False) -> fx.GraphModule:
+        """The model with the dropped channels zeroed by hard masks at every mask site
+        (a copy; with ``share_weights`` it calls this analysis's modules)."""
+        from softprune_fx.passes.masks import insert_hard_masks
+
+        from .api import plain
+        f = self.fork(copy_modules=not share_weights)
+        return plain(insert_hard_masks(f.gm, f.flow, f.plan(drop)))
+
+    def prune(self, drop: dict | None, *, inplace: bool = False) -> fx.GraphModule:
+        """The physically pruned model; equal to ``masked(drop)`` in eval mode. With
+        ``inplace`` the analysed model's own modules are sliced."""
+        from softprune_fx.passes.surgery import apply_surgery
+
+        from .api import plain
+        f = self.fork(copy_modules=not inplace)
+        return plain(apply_surgery(f.gm, f.flow, f.plan(drop), self.inputs))
 
     @property
     def constraints(self) -> list:

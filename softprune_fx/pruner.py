@@ -12,7 +12,7 @@ Example::
 from __future__ import annotations
 
 import copy
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import numpy as np
@@ -23,11 +23,11 @@ from torch import nn
 
 from softprune_fx.passes.capture import as_input_tuple
 from softprune_fx.passes.errors import SoftpruneError
-from softprune_fx.passes.flops import count_flops, count_params
+from softprune_fx.passes.flops import count_graph_flops, count_params
 from softprune_fx.passes.masks import insert_soft_masks
 from softprune_fx.onnx_check import max_abs_diff
 
-from .api import analyze, masked, prune_channels
+from .api import analyze
 from .bnsites import bn_probabilities, find_bn_sites
 from .cost import CostModel
 from .decide import decide
@@ -51,9 +51,10 @@ class PruneResult:
     rounding_dropped: list = field(default_factory=list)
     inexact: list = field(default_factory=list)
     scores: str = "scp"
+    analysis: Any = field(default=None, repr=False, compare=False)  # the ChannelGraph the run used
 
     def to_dict(self) -> dict:
-        d = asdict(self)
+        d = {f.name: copy.deepcopy(getattr(self, f.name)) for f in fields(self) if f.name != "analysis"}
         d["widths"] = {k: list(v) for k, v in self.widths.items()}
         return d
 
@@ -73,39 +74,45 @@ def _fixed_keep(cg, index: ChannelIndex, has_bn: np.ndarray, strict: bool) -> np
     return fixed
 
 
-def _finish(cg, model, inputs, index, cost, scores, keep0, ratio, *, min_width, round_to, options, how):
+def _finish(cg, index, cost, scores, keep0, ratio, *, min_width, round_to, how):
+    """Decide, legalize, prune and check ``pruned == masked`` on one analysis (no new trace)."""
     decision = decide(cg, index, cost, scores, keep0, ratio, min_width=min_width, round_to=round_to)
     drop = cg.legalize(decision.drop, {g.id: scores[index.ids(g.id)] for g in cg.groups})
-    pruned = prune_channels(model, inputs, drop, **options)
-    reference = masked(model, inputs, drop, **options)
+    pruned = cg.prune(drop)
+    reference = cg.masked(drop, share_weights=True)
+    inputs = cg.inputs
     with torch.no_grad():
         diff = max_abs_diff(reference.eval()(*inputs), pruned.eval()(*inputs))
-    flops_after = count_flops(pruned, inputs)
+    flops_after = count_graph_flops(pruned, inputs)
     widths, kinds = {}, {}
     for g in cg.groups:
         widths[g.id] = (g.width, g.width - len(drop.get(g.id, ())))
         kinds[g.id] = sorted(g.kinds)
-    result = PruneResult(cost.total0, flops_after, count_params(model), count_params(pruned), ratio,
+    result = PruneResult(cost.total0, flops_after, count_params(cg.gm), count_params(pruned), ratio,
                          1.0 - flops_after / cost.total0, drop, widths, kinds, diff,
                          decision.rounding_dropped, list(cg.flow.inexact), how)
+    result.analysis = cg
     return pruned, result
 
 
 def prune_one_shot(model: nn.Module, example_inputs: Any, ratio: float = 0.4, *, strict: bool = False,
                    frozen=(), min_width=1, round_to="auto", allow_inexact: bool = False, leaf_modules=(),
-                   scp: SCPConfig = SCPConfig()) -> tuple[fx.GraphModule, PruneResult]:
+                   scp: SCPConfig = SCPConfig(), analysis=None) -> tuple[fx.GraphModule, PruneResult]:
     """Prune a trained model without data: SCP deactivation probabilities of its BN
     statistics rank channels; groups without a BN-rectifier site fall back to the L1 norm
-    of their consumer weights, cut by the BN-scored groups' average fraction."""
+    of their consumer weights, cut by the BN-scored groups' average fraction.
+
+    ``analysis`` (``analyze(model, example_inputs, ...)`` made before, in eval mode) is
+    used instead of tracing again; ``result.analysis`` is the one the run used."""
     inputs = as_input_tuple(example_inputs)
     options = dict(frozen=frozen, leaf_modules=leaf_modules, allow_inexact=allow_inexact)
     was_training = model.training
     model.eval()
     try:
-        cg = analyze(model, inputs, **options)
+        cg = analysis if analysis is not None else analyze(model, inputs, **options)
         _prunable_or_raise(cg)
-        index = ChannelIndex(cg)
-        cost = CostModel(cg, index, model, inputs)
+        index = cg.index
+        cost = CostModel(cg, index, model, inputs, total=cg.flops)
         sites = find_bn_sites(cg, index)
         params = dict(model.named_parameters())
         with torch.no_grad():
@@ -127,8 +134,8 @@ def prune_one_shot(model: nn.Module, example_inputs: Any, ratio: float = 0.4, *,
                 keep0[gate] = rank >= int(round(frac * len(gate)))
         scores = np.where(fixed, np.inf, scores)
         keep0 = keep0 | fixed
-        return _finish(cg, model, inputs, index, cost, scores, keep0, ratio, min_width=min_width,
-                       round_to=round_to, options=options, how="bn-statistics")
+        return _finish(cg, index, cost, scores, keep0, ratio, min_width=min_width,
+                       round_to=round_to, how="bn-statistics")
     finally:
         model.train(was_training)
 
@@ -161,17 +168,21 @@ class SoftPruner:
 
     def __init__(self, model: nn.Module, example_inputs: Any, ratio: float = 0.4, *, strict: bool = False,
                  frozen=(), min_width=1, round_to="auto", allow_inexact: bool = False, leaf_modules=(),
-                 scp: SCPConfig = SCPConfig(), kp: float = 0.005, ki: float = 1e-4, lambda_max: float = 0.05):
+                 scp: SCPConfig = SCPConfig(), kp: float = 0.005, ki: float = 1e-4, lambda_max: float = 0.05,
+                 analysis=None):
         if not 0.0 < ratio < 1.0:
             raise SoftpruneError(f"ratio must be in (0, 1), got {ratio}")
         self.inputs = as_input_tuple(example_inputs)
         self.ratio, self.strict, self.min_width, self.round_to = ratio, strict, min_width, round_to
         self.options = dict(frozen=frozen, leaf_modules=leaf_modules, allow_inexact=allow_inexact)
-        self.base = copy.deepcopy(model)
-        self.cg = analyze(self.base, self.inputs, **self.options)
+        # one trace: the analysis of the user's model, forked with its own copy of the
+        # weights (``base``), which the masked model trains and finalize prunes
+        cg = analysis if analysis is not None else analyze(model, self.inputs, **self.options)
+        self.cg = cg.fork(copy_modules=True)
+        self.base = self.cg.gm
         _prunable_or_raise(self.cg)
-        self.index = ChannelIndex(self.cg)
-        self.cost = CostModel(self.cg, self.index, self.base, self.inputs)
+        self.index = self.cg.index
+        self.cost = CostModel(self.cg, self.index, self.base, self.inputs, total=cg.flops)
         sites = find_bn_sites(self.cg, self.index)
         has = np.zeros(self.index.size, dtype=bool)
         for s in sites:
@@ -257,7 +268,7 @@ class SoftPruner:
         was = self.base.training
         self.base.eval()
         try:
-            return _finish(self.cg, self.base, self.inputs, self.index, self.cost, scores, keep0, self.ratio,
-                           min_width=self.min_width, round_to=self.round_to, options=self.options, how="scp")
+            return _finish(self.cg, self.index, self.cost, scores, keep0, self.ratio,
+                           min_width=self.min_width, round_to=self.round_to, how="scp")
         finally:
             self.base.train(was)
