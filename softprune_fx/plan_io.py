@@ -24,7 +24,7 @@ from torch.fx.node import _get_qualified_name
 from softprune_fx.passes.capture import as_input_tuple
 from softprune_fx.passes.errors import SoftpruneError
 
-from .api import analyze, prune_channels
+from .api import analyze
 
 PLAN_FORMAT = "softprune-fx-plan"
 PLAN_VERSION = 1
@@ -111,15 +111,19 @@ def _options(frozen: Iterable = (), allow_inexact: bool = False, leaf_modules: I
 
 
 def make_plan(model: torch.nn.Module, example_inputs: Any, drop: dict, result: Any = None, *,
-              frozen: Iterable = (), allow_inexact: bool = False, leaf_modules: Iterable = ()) -> dict:
+              frozen: Iterable = (), allow_inexact: bool = False, leaf_modules: Iterable = (),
+              analysis=None) -> dict:
     """The plan for pruning ``model`` by the legal ``drop`` (checked; raises IllegalDropError).
 
     ``result`` (a PruneResult, optional) adds its FLOPs and parameter figures. The analysis
-    options must be the ones the drop was computed with.
+    options must be the ones the drop was computed with. ``analysis`` (default: the
+    result's) is the analysis of ``model`` to use instead of tracing it again.
     """
     from . import __version__
 
-    cg = analyze(model, example_inputs, frozen=frozen, allow_inexact=allow_inexact, leaf_modules=leaf_modules)
+    cg = analysis if analysis is not None else getattr(result, "analysis", None)
+    if cg is None:
+        cg = analyze(model, example_inputs, frozen=frozen, allow_inexact=allow_inexact, leaf_modules=leaf_modules)
     cg.plan(drop)
     groups = {}
     for g in cg.groups:
@@ -222,4 +226,4 @@ def apply_plan(model: torch.nn.Module, example_inputs: Any, plan: dict | str | o
         raise SoftpruneError(f"{name} does not match the plan: its traced graph differs from the one the "
                              f"plan was made on{hint}; build it with the same builder and arguments")
     drop = {gid: g["dropped"] for gid, g in plan["groups"].items() if g["dropped"]}
-    return prune_channels(model, inputs, drop, **opts)
+    return cg.prune(drop)
