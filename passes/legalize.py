@@ -1,168 +1,302 @@
-"""Legalize a drop: add the drops that every constraint needs, or say why it cannot be.
+"""Legalize a drop: the nearest legal drop, by the constraint engine (``constraints``).
 
-- ``Balance`` (grouped conv): every block keeps the same count; blocks above the smallest
-  count drop their lowest-scored positions (a site group's own position first).
-- ``Grid`` (channel shuffle, a view splitting channels): a column is dropped whole.
-- ``NonEmpty`` (a split piece, a conv's input) and every group keep at least one channel.
+``nearest(engine, keep, score)`` returns the legal keep vector that
+
+1. changes the fewest channels from ``keep`` (drops added or taken back), then
+2. drops the most channels, then the lowest summed score, then the highest summed flat id;
+3. keeps every group, split piece and conv group non-empty, and drops something whenever
+   ``keep`` drops something and a non-empty legal drop exists.
+
+How: the per-unit optimum (a Grid unit goes the way most of its channels went) is the
+answer when it is legal. Otherwise the violated rules are added to a relaxation, its
+connected components (units tied by a rule) are solved exactly, and rules the solution
+violates join; a relaxed optimum that is legal is the optimum. A component is solved by
+enumeration (up to ``EXACT_UNITS`` free units) or, for one grouped conv with distinct
+positions, by trying every common block count; larger mixed components use the rules'
+local repairs and, failing those, keep the component whole (always legal). Only those
+last components may be farther than the nearest.
+
+``check_plan`` stays strict: ``masked``, ``prune_channels`` and ``apply_plan`` refuse an
+illegal drop; only ``legalize`` repairs.
 
 Example::
 
     plan = Plan.from_drop(flow, groups, {"conv1": [0]})
-    legalize_plan(plan, constraints, scores=None)
+    legalize_plan(plan, flow.constraints, scores=None)
 """
 from __future__ import annotations
 
 import numpy as np
+from networkx.utils import UnionFind
 
-from .atoms import carrying_axes
+from .constraints import BalanceRule, Constraints, Space
 from .errors import IllegalDropError
-from .flow import Balance, Grid, NonEmpty
 from .plan import Plan
 
-MAX_ROUNDS = 1000
+EXACT_UNITS = 16
+LOCAL_ROUNDS = 30
 
 
-class _Slots:
-    """Maps atoms to (group, index) for scores and frozen checks."""
+class _Problem:
+    """Unit-level costs of one legalize call: dropping unit u instead of keeping it
+    changes the key (changes, -drops, score dropped, -flat ids dropped) by ``delta[u]``."""
 
-    def __init__(self, plan: Plan, scores: dict | None):
-        self.plan = plan
-        self.where: dict[int, tuple] = {}
-        self.frozen: set[int] = set()
-        for g in plan.groups:
-            if g.is_site_group:
-                continue
-            fz = set(g.frozen_channels)
-            for i, r in enumerate(g.classes):
-                self.where[r] = (g, i)
-                if i in fz:
-                    self.frozen.add(r)
-        self.scores = {k: np.asarray(v, dtype=float) for k, v in (scores or {}).items()}
+    def __init__(self, engine: Constraints, keep0: np.ndarray, score: np.ndarray):
+        self.engine = engine
+        unit = engine.unit_of[:-1]
+        k = engine.unit_size.astype(float)
+        d = np.bincount(unit, weights=~keep0, minlength=engine.n_units)
+        s = np.bincount(unit, weights=score, minlength=engine.n_units)
+        ids = np.bincount(unit, weights=np.arange(len(unit), dtype=float), minlength=engine.n_units)
+        self.delta = np.stack([k - 2 * d, -k, np.round(s, 9), -ids], 1)
+        self.touched = d > 0
+        self.best = self.touched & (2 * d >= k) & ~engine.forced     # True = unit dropped
 
-    def score(self, root: int) -> float:
-        g, i = self.where[root]
-        s = self.scores.get(g.id)
-        return float(s[i]) if s is not None else -float(i)
+    def keep(self, dropped: np.ndarray) -> np.ndarray:
+        return ~dropped[self.engine.unit_of[:-1]]
 
-    def site_score(self, gid: str, pos: int, root: int | None) -> float:
-        s = self.scores.get(gid)
-        if s is not None:
-            return float(s[pos])
-        return self.score(root) if root is not None else -float(pos)
+    def key(self, dropped: np.ndarray) -> tuple:
+        return tuple(np.round(self.delta[dropped].sum(0), 6).tolist())
 
 
-def _positions(plan: Plan, atoms: np.ndarray, site) -> tuple[np.ndarray, object]:
-    keep = plan.site_keep(site) if site is not None else plan.keep_layout(atoms)
-    return keep, plan.site_group_of.get(id(site)) if site is not None else None
+def _rule_units(engine: Constraints, rule) -> tuple[np.ndarray, np.ndarray]:
+    return engine.unit_of[rule.a], engine.unit_of[rule.b]
 
 
-def _drop_position(plan: Plan, slots: _Slots, atom: int, pos: int, sg) -> bool:
-    if sg is not None:
-        plan.site_drops.setdefault(sg.id, set()).add(pos)
-        return True
-    if atom < 0:
-        return False
-    root = plan.root(atom)
-    if root in slots.frozen:
-        return False
-    plan.dropped_classes.add(root)
-    return True
+def _lexmin(keys: np.ndarray) -> int:
+    return int(np.lexsort(keys.T[::-1])[0])
 
 
-def _balance(plan: Plan, slots: _Slots, c: Balance) -> bool:
-    keep, sg = _positions(plan, c.atoms, c.site)
-    blocks = np.split(np.arange(len(c.atoms)), c.blocks)
-    counts = [int(keep[b].sum()) for b in blocks]
-    target = min(counts)
-    changed = False
-    for b, count in zip(blocks, counts):
-        if count == target:
-            continue
-        alive = [p for p in b if keep[p]]
+def _enumerate(prob: _Problem, free: np.ndarray, rules: list, state: np.ndarray):
+    """Exact: every assignment of the ``free`` units (at most EXACT_UNITS)."""
+    n = len(free)
+    bits = ((np.arange(1 << n)[:, None] >> np.arange(n)) & 1).astype(bool)     # True = dropped
+    local = {int(u): j for j, u in enumerate(free)}
+    kept = np.concatenate([~bits, np.ones((len(bits), 1), bool), np.zeros((len(bits), 1), bool)], 1)
+    ok = np.ones(len(bits), dtype=bool)
 
-        def score(p):
-            a = int(c.atoms[p])
-            if sg is not None:
-                return slots.site_score(sg.id, p, plan.root(a) if a >= 0 else None)
-            return slots.score(plan.root(a)) if a >= 0 and plan.root(a) in slots.where else float("inf")
-        need = count - target
-        for p in sorted(alive, key=score):
-            if need == 0:
-                break
-            if _drop_position(plan, slots, int(c.atoms[p]), p, sg):
-                need -= 1
-                changed = True
-        if need:
-            raise IllegalDropError(f"{c.where}: every conv group must keep the same number of channels, "
-                                   f"and a group holds frozen channels; drop fewer channels there")
-    return changed
+    def col(units):
+        return np.array([local.get(int(u), n if u < 0 or not state[u] else n + 1) for u in units], dtype=np.int64)
+    for r in rules:
+        ua, ub = _rule_units(prob.engine, r)
+        pk = kept[:, col(ua)] & kept[:, col(ub)]
+        if isinstance(r, BalanceRule):
+            counts = pk.astype(np.int64) @ np.eye(r.nb, dtype=np.int64)[r.block]
+            ok &= (counts.min(1) == counts.max(1)) & (counts.max(1) > 0)
+        else:
+            ok &= pk.any(1)
+    if not ok.any():
+        return None
+    keys = bits[ok].astype(float) @ prob.delta[free]
+    return bits[ok][_lexmin(keys)]
 
 
-def _grid(plan: Plan, slots: _Slots, c: Grid) -> bool:
-    axes = carrying_axes(c.layout)
-    col_axis = axes[-1]
-    keep = plan.keep_layout(c.layout)
-    changed = False
-    for j in range(c.layout.shape[col_axis]):
-        col_keep = np.take(keep, j, axis=col_axis)
-        if col_keep.all() or not col_keep.any() and _all_dropped(plan, np.take(c.layout, j, axis=col_axis)):
-            continue
-        for atom in np.unique(np.take(c.layout, j, axis=col_axis)):
-            if atom < 0 or plan.root(int(atom)) in plan.dropped_classes:
-                continue
-            if plan.root(int(atom)) in slots.frozen:
-                raise IllegalDropError(f"{c.where}: a shuffled column must be dropped whole, "
-                                       "and it holds a frozen channel")
-            plan.dropped_classes.add(plan.root(int(atom)))
-            changed = True
-    return changed
+def _balance_exact(prob: _Problem, free: np.ndarray, rule: BalanceRule, state: np.ndarray):
+    """Exact for one balance whose free positions are distinct single units: try every
+    common count t; each block drops its free units of smallest delta."""
+    ua, ub = _rule_units(prob.engine, rule)
+    is_free = np.isin(ua, free)
+    const_kept = ~is_free & ((ua < 0) | ~state[np.maximum(ua, 0)]) & ((ub < 0) | ~state[np.maximum(ub, 0)])
+    out = np.zeros(len(free), dtype=bool)
+    where = {int(u): j for j, u in enumerate(free)}
+    per_block, floor, ceil = [], 1, None
+    for blk in range(rule.nb):
+        m = rule.block == blk
+        units = ua[m & is_free]
+        d = prob.delta[units]
+        order = np.lexsort(d.T[::-1]) if len(units) else np.zeros(0, np.int64)
+        cum = np.vstack([np.zeros((1, 4)), np.cumsum(d[order], 0)])
+        f = int(const_kept[m].sum())
+        per_block.append((units[order], cum, f, len(units)))
+        floor = max(floor, f)
+        ceil = f + len(units) if ceil is None else min(ceil, f + len(units))
+    if ceil is None or floor > ceil:
+        return None
+    keys = []
+    for t in range(floor, ceil + 1):
+        keys.append(sum(cum[n - (t - f)] for _, cum, f, n in per_block))
+    t = floor + _lexmin(np.array(keys))
+    for units, _, f, n in per_block:
+        for u in units[:n - (t - f)]:
+            out[where[int(u)]] = True
+    return out
 
 
-def _all_dropped(plan: Plan, atoms: np.ndarray) -> bool:
-    return all(a >= 0 and plan.root(int(a)) in plan.dropped_classes for a in atoms.reshape(-1))
-
-
-def legalize_plan(plan: Plan, constraints: list, scores: dict | None = None) -> Plan:
-    """Extend ``plan`` in place until every constraint holds; raise when impossible."""
-    slots = _Slots(plan, scores)
-    for _ in range(MAX_ROUNDS):
-        changed = False
-        for c in constraints:
-            if isinstance(c, Balance):
-                changed |= _balance(plan, slots, c)
-            elif isinstance(c, Grid):
-                changed |= _grid(plan, slots, c)
-        if not changed:
+def _local(prob: _Problem, comp_units: np.ndarray, rules: list, state: np.ndarray, score: np.ndarray):
+    """Large mixed components: the rules' own repairs, round after round; else keep the
+    component whole (legal for its rules)."""
+    engine = prob.engine
+    keep = prob.keep(state)
+    for _ in range(LOCAL_ROUNDS):
+        bad = [r for r in rules if r.check(keep) is not None]
+        if not bad:
             break
-    check_plan(plan, constraints)
+        for r in bad:
+            keep = r.repair(keep, score)
+            for g in engine.grids:
+                keep = g.repair(keep, score)
+    kc = np.bincount(engine.unit_of[:-1], weights=keep, minlength=engine.n_units)
+    dropped = kc[comp_units] < engine.unit_size[comp_units]
+    trial = state.copy()
+    trial[comp_units] = dropped & ~engine.forced[comp_units]
+    if all(r.check(prob.keep(trial)) is None for r in rules):
+        return trial[comp_units]
+    return None
+
+
+def _solve(prob: _Problem, comp_units: np.ndarray, rules: list, state: np.ndarray, pinned: np.ndarray,
+           score: np.ndarray):
+    """Dropped state of ``comp_units`` minimising the key under ``rules``; None if none."""
+    fixed = prob.engine.forced[comp_units] | pinned[comp_units]
+    free = comp_units[~fixed]
+    base = state.copy()
+    base[comp_units] = pinned[comp_units]
+    got = None
+    if len(free) <= EXACT_UNITS:
+        got = _enumerate(prob, free, rules, base)
+    elif len(rules) == 1 and isinstance(rules[0], BalanceRule) and _distinct(prob.engine, rules[0], free):
+        got = _balance_exact(prob, free, rules[0], base)
+    if got is not None:
+        base[free] = got
+        return base[comp_units]
+    local = _local(prob, comp_units, rules, base, score)
+    if local is not None and not (pinned[comp_units] & ~local).any():
+        return local
+    if pinned[comp_units].any():
+        return None
+    return np.zeros(len(comp_units), dtype=bool)      # the component whole: legal for its rules
+
+
+def _distinct(engine: Constraints, rule: BalanceRule, free: np.ndarray) -> bool:
+    ua, ub = _rule_units(engine, rule)
+    f = ua[np.isin(ua, free)]
+    return not np.isin(ub, free).any() and len(np.unique(f)) == len(f)
+
+
+def _relaxed(prob: _Problem, score: np.ndarray, pinned: np.ndarray):
+    """The lazy relaxation (module doc); None when a pinned unit cannot stay dropped."""
+    engine = prob.engine
+    state = prob.best | pinned
+    if (pinned & engine.forced).any():
+        return None
+    bal, ne = set(), set()
+    for _ in range(len(engine.balances) + len(engine.nonempty) + 1):
+        _, bad_bal, bad_ne = engine.violations(prob.keep(state))
+        if not len(bad_bal) and not len(bad_ne):
+            return state
+        bal |= set(bad_bal.tolist())
+        ne |= set(bad_ne.tolist())
+        rules = [engine.balances[k] for k in sorted(bal)] + [engine.nonempty[k] for k in sorted(ne)]
+        state = prob.best | pinned
+        for comp_units, comp_rules in _components(engine, rules):
+            got = _solve(prob, comp_units, comp_rules, state, pinned, score)
+            if got is None:
+                return None
+            state[comp_units] = got
+    return None
+
+
+def _components(engine: Constraints, rules: list):
+    """(units, rules) of each connected component of the rules' free units."""
+    uf = UnionFind()
+    rule_units = []
+    for r in rules:
+        ua, ub = _rule_units(engine, r)
+        us = np.unique(np.concatenate([ua, ub]))
+        us = us[(us >= 0) & ~engine.forced[np.maximum(us, 0)]]
+        rule_units.append(us)
+        if len(us):
+            uf.union(*us.tolist())
+    comps: dict[int, tuple[list, list]] = {}
+    for r, us in zip(rules, rule_units):
+        if len(us):
+            entry = comps.setdefault(uf[int(us[0])], ([], []))
+            entry[0].append(us)
+            entry[1].append(r)
+    for units, rs in comps.values():
+        yield np.unique(np.concatenate(units)), rs
+
+
+def nearest(engine: Constraints, keep0: np.ndarray, score: np.ndarray | None = None) -> np.ndarray:
+    """The nearest legal keep vector to ``keep0`` (module doc)."""
+    keep0 = np.asarray(keep0, dtype=bool) | engine.space.frozen
+    score = np.zeros(len(keep0)) if score is None else np.clip(np.nan_to_num(np.asarray(score, float)), -1e12, 1e12)
+    if engine.legal(keep0):
+        return keep0
+    prob = _Problem(engine, keep0, score)
+    none = np.zeros(engine.n_units, dtype=bool)
+    state = _relaxed(prob, score, none)
+    if state is None:
+        return np.ones_like(keep0)
+    if not state.any() and prob.touched.any():
+        alt = _nonempty(prob, score)
+        state = state if alt is None else alt
+    return prob.keep(state)
+
+
+def _nonempty(prob: _Problem, score: np.ndarray, limit: int = 64):
+    """Best legal state that drops something, pinning one touched unit at a time (the
+    cheapest ``limit`` of them)."""
+    cands = np.flatnonzero(prob.touched & ~prob.engine.forced)
+    cands = cands[np.lexsort(prob.delta[cands].T[::-1])][:limit]
+    best, best_key = None, None
+    for u in cands:
+        pinned = np.zeros(prob.engine.n_units, dtype=bool)
+        pinned[u] = True
+        state = _relaxed(prob, score, pinned)
+        if state is not None and prob.engine.legal(prob.keep(state)):
+            key = prob.key(state)
+            if best_key is None or key < best_key:
+                best, best_key = state, key
+    return best
+
+
+# ---------------------------------------------------------------------- plans
+
+
+def _engine(plan: Plan) -> Constraints:
+    return Constraints.build(plan.flow, plan.groups)
+
+
+def plan_keep(plan: Plan, space: Space) -> np.ndarray:
+    """The keep vector of a plan over the flat space."""
+    keep = np.ones(space.size, dtype=bool)
+    if plan.dropped_classes:
+        roots = np.fromiter(plan.dropped_classes, dtype=np.int64)
+        flat = space._flat_of_root[roots]
+        keep[flat[flat >= 0]] = False
+    for gid, pos in plan.site_drops.items():
+        if pos:
+            keep[space.offsets[gid] + np.fromiter(pos, dtype=np.int64)] = False
+    return keep
+
+
+def _write(plan: Plan, space: Space, keep: np.ndarray) -> None:
+    plan.dropped_classes.clear()
+    plan.site_drops.clear()
+    for gid, idx in space.drop_from_keep(keep).items():
+        g = plan.by_id[gid]
+        for i in idx:
+            plan.drop(g, i)
+
+
+def legalize_plan(plan: Plan, constraints: list | None = None, scores: dict | None = None) -> Plan:
+    """Replace ``plan``'s drop by the nearest legal drop (in place); ``scores`` maps a group
+    id to per-channel scores (higher = keep)."""
+    engine = _engine(plan)
+    space = engine.space
+    score = np.zeros(space.size)
+    for gid, s in (scores or {}).items():
+        if gid in space.offsets:
+            score[space.ids(gid)] = np.asarray(s, dtype=float)
+    keep = nearest(engine, plan_keep(plan, space), score)
+    _write(plan, space, keep)
     return plan
 
 
-def check_plan(plan: Plan, constraints: list) -> None:
-    """Raise unless nothing is emptied and every constraint holds."""
-    for g in plan.groups:
-        if g.is_site_group:
-            continue
-        if g.width and all(r in plan.dropped_classes for r in g.classes):
-            raise IllegalDropError(f"the drop would remove every channel of group {g.id!r}")
-    for c in constraints:
-        if isinstance(c, NonEmpty):
-            keep, _ = _positions(plan, c.atoms, c.site)
-            if len(keep) and not keep.any():
-                raise IllegalDropError(f"the drop would remove every channel of the {c.where}")
-        elif isinstance(c, Balance):
-            keep, _ = _positions(plan, c.atoms, c.site)
-            counts = {int(keep[b].sum()) for b in np.split(np.arange(len(c.atoms)), c.blocks)}
-            if len(counts) > 1:
-                raise IllegalDropError(f"{c.where}: conv groups would keep different channel counts {sorted(counts)}; "
-                                       "legalize() adds the drops that balance them")
-            if counts == {0}:
-                raise IllegalDropError(f"{c.where}: the drop would empty every conv group")
-        elif isinstance(c, Grid):
-            keep = plan.keep_layout(c.layout)
-            col_axis = carrying_axes(c.layout)[-1]
-            for j in range(c.layout.shape[col_axis]):
-                col = np.take(keep, j, axis=col_axis)
-                if col.any() and not col.all():
-                    raise IllegalDropError(f"{c.where}: a shuffled channel column is only partly dropped; "
-                                           "legalize() drops it whole")
+def check_plan(plan: Plan, constraints: list | None = None) -> None:
+    """Raise IllegalDropError unless nothing is emptied and every constraint holds."""
+    engine = _engine(plan)
+    msg = engine.explain(plan_keep(plan, engine.space))
+    if msg is not None:
+        raise IllegalDropError(msg)

@@ -94,12 +94,15 @@ class ChannelGraph:
         return plan
 
     def legalize(self, drop: dict | None, scores: dict | None = None) -> dict[str, list[int]]:
-        """The smallest extension of ``drop`` that satisfies every constraint.
+        """The nearest legal drop to ``drop`` (``drop`` itself when it is legal).
 
-        Raises IllegalDropError when ``drop`` names a frozen or unknown channel, or when
-        the result would empty a group, a split piece or a conv group. ``scores`` maps a
-        group id to per-channel scores (higher = keep); without them the highest index
-        goes first.
+        Among the drops that satisfy every constraint and keep every group, split piece
+        and conv group non-empty: the fewest channels changed from ``drop`` (added or
+        taken back), then the most dropped, then the lowest score, then the highest
+        index; non-empty whenever ``drop`` is and a non-empty legal drop exists. Raises
+        IllegalDropError only for unknown groups, out-of-range indices and frozen
+        channels named in ``drop``. ``scores`` maps a group id to per-channel scores
+        (higher = keep). ``masked``/``prune`` never repair: they refuse an illegal drop.
         """
         plan = Plan.from_drop(self.flow, self.groups, drop)
         return legalize_plan(plan, self.constraints, scores).to_drop()

@@ -177,7 +177,9 @@ def test_frozen_option_and_errors():
     with pytest.raises(IllegalDropError, match="unknown group"):
         cg.legalize({"nope": [0]})
     with pytest.raises(IllegalDropError, match="every channel"):
-        cg.legalize({"layers.0.0.conv1": list(range(8))})
+        sp.masked(model, inputs, {"layers.0.0.conv1": list(range(8))})
+    # legalize repairs instead: it takes back the one channel that keeps the group alive
+    assert cg.legalize({"layers.0.0.conv1": list(range(8))}) == {"layers.0.0.conv1": list(range(1, 8))}
     with pytest.raises(IllegalDropError, match="out of range"):
         sp.masked(model, inputs, {"layers.0.0.conv1": [99]})
 
