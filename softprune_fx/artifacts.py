@@ -18,6 +18,7 @@ import contextlib
 import json
 import os
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -44,14 +45,26 @@ def latency_settings() -> tuple[int, int]:
     return max(0, warmup), max(1, repeats)
 
 
-def check_out_dir(out: str | os.PathLike, force: bool) -> Path:
-    """Refuse (UsageError) an existing non-directory, or a non-empty DIR without ``force``."""
+def check_out_dir(out: str | os.PathLike, force: bool, announce: bool = False) -> Path:
+    """Refuse (UsageError) the current directory or a parent of it, an existing non-directory,
+    or a non-empty DIR without ``force``. With ``force`` and ``announce``, one line on stderr
+    lists what will be replaced."""
     out = Path(out)
+    resolved, cwd = out.expanduser().resolve(), Path.cwd().resolve()
+    if resolved == cwd or resolved in cwd.parents:
+        what = "the current directory" if resolved == cwd else "a parent of the current directory"
+        raise UsageError(f"--out {out} is {what}: DIR is replaced as a whole, so choose a new "
+                         "subdirectory (e.g. --out softprune-out)")
     if out.exists() and not out.is_dir():
-        raise UsageError(f"output {out} exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not force:
+        raise UsageError(f"--out {out} exists and is not a directory")
+    entries = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    if entries and not force:
         raise UsageError(f"output directory {out} exists and is not empty: pass --force to replace it, "
                          "or choose another --out")
+    if entries and announce:
+        shown = ", ".join(entries[:8]) + (f" (+{len(entries) - 8} more)" if len(entries) > 8 else "")
+        print(f"softprune-fx: note: --force: {out} will be replaced at the end; it holds "
+              f"{len(entries)} entries: {shown}", file=sys.stderr, flush=True)
     return out
 
 

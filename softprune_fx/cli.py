@@ -106,6 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Console(width=None if sys.stdout.isatty() else 120)
     try:
         args = build_parser().parse_args(argv)
+        args.argv = argv  # for the exact --resume command after an interrupt
         rep = Reporter(Console(stderr=True), quiet=args.quiet)
         if getattr(args, "threads", None):
             torch.set_num_threads(args.threads)

@@ -1,6 +1,7 @@
 """``softprune-fx prune``: build, prune (one-shot or SCP training), write DIR, verify, summarise."""
 from __future__ import annotations
 
+import shlex
 import shutil
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,7 @@ from softprune_fx.passes.errors import SoftpruneError
 
 from .cli_args import PROG, parse_round_to
 from .cli_common import Reporter, analysis_options, flops_text, frozen, prepare, stderr_line
-from .cli_errors import EXIT_FAILURE, EXIT_OK, EXIT_ONNX_EXPORT, UsageError
+from .cli_errors import EXIT_FAILURE, EXIT_OK, EXIT_ONNX_EXPORT, Interrupted, UsageError
 from .spec import absolute_spec, load_data
 
 
@@ -39,27 +40,73 @@ def check_prune_args(args) -> Any:
         raise UsageError("--epochs, --finetune-epochs, --resume, --loss, --metric and --batch-size need --data")
     if args.data and not args.epochs:
         raise UsageError("--data needs --epochs N (N >= 1)")
+    if args.resume:
+        from .train import CHECKPOINT
+
+        path = Path(f"{args.out}.checkpoints") / CHECKPOINT
+        if not path.is_file():
+            raise UsageError(f"--resume: no checkpoint at {path} (it is written after each epoch of a run "
+                             f"with the same --out and removed when the run completes)")
     round_to = parse_round_to(args.round_to)
-    check_out_dir(args.out, args.force)
+    check_out_dir(args.out, args.force, announce=True)
     return round_to
 
 
-def run_pruning(args, model, inputs, round_to, rep: Reporter, ckpt: Path) -> tuple[Any, Any, dict]:
-    """One-shot or SCP training: ``(pruned, result, info)``."""
+def resume_command(args) -> str:
+    """The exact command that continues this run from its checkpoint."""
+    argv = list(getattr(args, "argv", None) or [])
+    if "--resume" not in argv:
+        argv.append("--resume")
+    return shlex.join([PROG, *argv])
+
+
+def _objective(args):
+    from .spec import load_builder
+    from .train_support import Objective
+
+    loss = load_builder(args.loss) if args.loss else None
+    metric = load_builder(args.metric) if args.metric else None
+    return Objective.make(loss, metric, loss_name=args.loss, metric_name=args.metric)
+
+
+def _resume_note(line: str) -> None:
+    """With --quiet, the loop's lines are dropped except the one saying where it resumes."""
+    if line.startswith("resuming"):
+        stderr_line("note", line)
+
+
+def _train(args, model, inputs, options, rep: Reporter, ckpt: Path, cg):
+    """SCP training from --data; Ctrl-C becomes Interrupted with the --resume command."""
+    from .train import CHECKPOINT, train_scp
+    from .train_support import rebatch
+
+    train_loader, val_loader = load_data(args.data)
+    try:
+        train_loader, val_loader = rebatch(train_loader, args.batch_size), rebatch(val_loader, args.batch_size)
+    except SoftpruneError as exc:
+        raise UsageError(str(exc)) from exc
+    try:
+        return train_scp(model, inputs, train_loader, val_loader, ratio=args.ratio, epochs=args.epochs,
+                         finetune_epochs=args.finetune_epochs, out_dir=str(ckpt), resume=args.resume,
+                         seed=args.seed, progress=rep.bars, log=rep.log_fn or _resume_note, lr=args.lr,
+                         objective=_objective(args), analysis=cg, **options)
+    except KeyboardInterrupt:
+        if not (ckpt / CHECKPOINT).is_file():
+            raise Interrupted("interrupted before the first epoch ended: no checkpoint, nothing to resume")
+        raise Interrupted(f"interrupted; checkpoint {ckpt / CHECKPOINT} holds the last finished epoch; "
+                          f"continue with: {resume_command(args)}") from None
+
+
+def run_pruning(args, model, inputs, round_to, rep: Reporter, ckpt: Path, cg) -> tuple[Any, Any, dict]:
+    """One-shot or SCP training on the analysis ``cg``: ``(pruned, result, info)``."""
     options = dict(strict=args.strict, min_width=args.min_width, round_to=round_to, **analysis_options(args))
     if not args.data:
         from . import prune_one_shot
 
         with rep.step(f"one-shot pruning to a {args.ratio:.0%} FLOPs cut"):
-            pruned, result = prune_one_shot(model, inputs, args.ratio, **options)
+            pruned, result = prune_one_shot(model, inputs, args.ratio, analysis=cg, **options)
         return pruned, result, {"mode": "one-shot (BN statistics)"}
-    from .train import train_scp
-
-    train_loader, val_loader = load_data(args.data)
-    pruned, result, info = train_scp(
-        model, inputs, train_loader, val_loader, ratio=args.ratio, epochs=args.epochs,
-        finetune_epochs=args.finetune_epochs, out_dir=str(ckpt), resume=args.resume, seed=args.seed,
-        progress=rep.bars, log=rep.log_fn, lr=args.lr, **options)
+    pruned, result, info = _train(args, model, inputs, options, rep, ckpt, cg)
     return pruned, result, {"mode": "SCP training", **dict(info or {})}
 
 
@@ -84,9 +131,9 @@ def cmd_prune(args, out: Console, rep: Reporter) -> int:
         raise SoftpruneError(f"no prunable channel group ({'; '.join(reasons)}); run "
                              f"`{PROG} deps {args.spec}` to see why")
     ckpt = Path(f"{args.out}.checkpoints")
-    pruned, result, info = run_pruning(args, model, inputs, round_to, rep, ckpt)
+    pruned, result, info = run_pruning(args, model, inputs, round_to, rep, ckpt, cg)
     model.eval()  # training may leave it in train mode; the plan is made in eval mode
-    plan = make_plan(model, inputs, result.drop, result, **analysis_options(args))
+    plan = make_plan(model, inputs, result.drop, result, **analysis_options(args))  # on result.analysis
     meta = report_meta(args, plan, info, warnings)
     report = write_artifacts(args.out, original=model, pruned=pruned, inputs=inputs, result=result,
                              plan=plan, meta=meta, force=args.force, step=rep.step)
@@ -110,9 +157,13 @@ def report_meta(args, plan: dict, info: dict, warnings: list[str]) -> dict:
                                                       "lr", "batch_size", "loss", "metric")}}
     meta["options"]["frozen"] = frozen(args)
     meta["options"]["leaf_modules"] = analysis_options(args)["leaf_modules"]
-    for key in ("accuracy_masked", "accuracy_pruned"):
+    for key in ("accuracy_masked", "accuracy_pruned", "traced", "resumed_from"):
         if key in info:
             meta[key] = info.pop(key)
+    if "metric" in info:
+        meta["metric"] = {"name": info.pop("metric"), "higher_is_better": True,
+                          "before": info.pop("metric_before"), "after": info.pop("metric_pruned"),
+                          "masked_before_finalize": info.pop("metric_masked")}
     if info:
         meta["training"] = {k: v for k, v in info.items() if isinstance(v, (int, float, str, bool, list))}
     return meta
@@ -134,9 +185,15 @@ def summary_table(report: dict) -> Table:
     if la is not None:
         table.add_row("ORT latency (median)", f"{lb:.3f} ms" if lb is not None else "-", f"{la:.3f} ms",
                       _change(lb, la))
-    if "accuracy_pruned" in report:
-        table.add_row("val accuracy (masked -> pruned)", f"{report.get('accuracy_masked', float('nan')):.2%}",
-                      f"{report['accuracy_pruned']:.2%}", "")
+    metric = report.get("metric")
+    if metric:
+        fmt = (lambda v: "-" if v is None else f"{v:.2%}") if metric["name"] == "accuracy" else (
+            lambda v: "-" if v is None else f"{v:.4g}")
+        before, after = metric["before"], metric["after"]
+        diff = "" if before is None or after is None else (
+            f"{(after - before) * 100:+.2f} pts" if metric["name"] == "accuracy" else f"{after - before:+.4g}")
+        table.add_row(f"val {metric['name']} (model given -> pruned)", fmt(before), fmt(after), diff)
+        table.add_row("  masked model, before finalize", "", fmt(metric["masked_before_finalize"]), "")
     return table
 
 

@@ -13,6 +13,7 @@ Example::
 """
 from __future__ import annotations
 
+import difflib
 import importlib
 import importlib.util
 import os
@@ -104,13 +105,20 @@ def load_module(spec: str) -> ModuleType:
     return import_file(where) if _is_file(where) else import_dotted(where)
 
 
+def _did_you_mean(name: str, obj: Any) -> str:
+    """`` (did you mean 'build'?)`` for a near miss among the public callables of ``obj``."""
+    names = [n for n in dir(obj) if not n.startswith("_") and callable(getattr(obj, n, None))]
+    close = difflib.get_close_matches(name, names, n=3, cutoff=0.6)
+    return f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else ""
+
+
 def load_builder(spec: str) -> Callable[..., Any]:
     """The callable a spec names; raises UsageError when the file, module or name is missing."""
     where, name = split_spec(spec)
     obj: Any = load_module(spec)
     for part in name.split("."):
         if not hasattr(obj, part):
-            raise UsageError(f"{where} has no function {name!r}")
+            raise UsageError(f"{where} has no function {name!r}{_did_you_mean(part, obj)}")
         obj = getattr(obj, part)
     if not callable(obj):
         raise UsageError(f"{where}:{name} is a {type(obj).__name__}, not a function")
@@ -130,8 +138,13 @@ def build_model(spec: str) -> tuple[nn.Module, ModuleType]:
     return model, load_module(spec)
 
 
+SHAPE_FORM = "comma-separated positive sizes, e.g. 1,3,224,224 (';' between several inputs)"
+
+
 def parse_input_shape(text: str) -> list[tuple[int, ...]]:
     """``"1,3,224,224"`` -> ``[(1, 3, 224, 224)]``; several inputs are separated by ``;``.
+
+    Strict: only digits, commas, ``;`` and spaces (``1x3x224x224`` is refused, not guessed).
 
     Example:
         >>> parse_input_shape("1,3,8,8;1,5")
@@ -139,10 +152,10 @@ def parse_input_shape(text: str) -> list[tuple[int, ...]]:
     """
     shapes = []
     for part in str(text).split(";"):
-        items = [s.strip() for s in part.replace("x", ",").split(",")]
+        items = [s.strip() for s in part.split(",")]
         if not items or not all(s.isdigit() and int(s) > 0 for s in items):
-            raise UsageError(f"malformed --input-shape {text!r}: expected positive integers separated "
-                             "by commas, e.g. 1,3,224,224 (';' between several inputs)")
+            hint = " ('x' is not a separator)" if "x" in part.lower() else ""
+            raise UsageError(f"malformed --input-shape {text!r}{hint}: expected {SHAPE_FORM}")
         shapes.append(tuple(int(s) for s in items))
     return shapes
 
@@ -184,19 +197,69 @@ def load_data(spec: str) -> tuple[Any, Any]:
     return loaders[0], loaders[1]
 
 
+CHECKPOINT_KEYS = ("model", "state_dict", "model_state_dict")
+PRUNED_HINT = ("pruned weights (state_dict.pt of a softprune-fx DIR) load with "
+               "softprune_fx.apply_plan(build(), None, 'DIR/plan.json').load_state_dict(...)")
+
+
+def unwrap_state_dict(state: Any) -> Any:
+    """The state dict inside a checkpoint: under model / state_dict / model_state_dict (nested
+    too), tensors only, a DistributedDataParallel ``module.`` prefix removed.
+
+    Example:
+        >>> sd = unwrap_state_dict({"epoch": 3, "model": {"module.fc.weight": torch.zeros(1)}})
+        >>> list(sd)
+        ['fc.weight']
+    """
+    for _ in range(3):  # {"model": {"state_dict": ...}} occurs too
+        if not isinstance(state, dict):
+            return state
+        inner = next((state[k] for k in CHECKPOINT_KEYS if isinstance(state.get(k), dict)), None)
+        if inner is None:
+            break
+        state = inner
+    if not isinstance(state, dict):
+        return state
+    if state and all(isinstance(k, str) and k.startswith("module.") for k in state):
+        state = {k[len("module."):]: v for k, v in state.items()}
+    return state
+
+
+def _names(keys: list[str], n: int = 3) -> str:
+    return ", ".join(keys[:n]) + (f" (+{len(keys) - n} more)" if len(keys) > n else "")
+
+
+def weights_mismatch(model: nn.Module, state: dict) -> str | None:
+    """None when ``state`` fits ``model`` exactly, else one line: counts and the first names."""
+    ours = model.state_dict()
+    missing = [k for k in ours if k not in state]
+    unexpected = [k for k in state if k not in ours]
+    shapes = [k for k in ours if k in state and isinstance(state[k], torch.Tensor)
+              and tuple(state[k].shape) != tuple(ours[k].shape)]
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} missing keys ({_names(missing)})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected keys ({_names(unexpected)})")
+    if shapes:
+        k = shapes[0]
+        parts.append(f"{len(shapes)} shapes differ ({k}: file {list(state[k].shape)}, model {list(ours[k].shape)})")
+    return "; ".join(parts) or None
+
+
 def load_weights(model: nn.Module, path: str) -> None:
-    """Load a state dict file into ``model`` (``weights_only=True``, strict)."""
+    """Load a state dict or a checkpoint dict holding one (``weights_only=True``, strict)."""
     if not Path(path).is_file():
         raise UsageError(f"weights file {path} not found")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - not a loadable state dict
         raise ModelError(f"cannot read weights {path}: {type(exc).__name__}: {one_line(exc)}") from exc
-    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
-        state = state["state_dict"]
+    state = unwrap_state_dict(state)
     if not isinstance(state, dict):
         raise ModelError(f"weights {path} hold a {type(state).__name__}, not a state dict")
-    try:
-        model.load_state_dict(state)
-    except Exception as exc:  # noqa: BLE001 - keys or shapes do not match
-        raise ModelError(f"weights {path} do not match the model: {one_line(exc, 300)}") from exc
+    state = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+    problem = weights_mismatch(model, state)
+    if problem:
+        raise ModelError(f"weights {path} do not match the model: {problem}; {PRUNED_HINT}")
+    model.load_state_dict(state)

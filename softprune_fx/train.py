@@ -7,7 +7,8 @@ Example::
                                      ratio=0.4, epochs=15, out_dir="ckpt")
     print(result.achieved_ratio, info["accuracy_masked"], info["accuracy_pruned"])
 
-Batches are ``(input, label, ...)`` and the loss is cross-entropy (classification).
+Batches follow the loader contract of ``train_support`` (``(input, target, ...)``); the
+loss and metric default to cross-entropy and top-1 accuracy (``objective=`` changes both).
 Each epoch's batches come from a ``DistributedSampler`` over the loader's dataset, seeded
 by ``(seed, epoch)``, so a resumed run sees the same batches as an uninterrupted one and,
 when ``torch.distributed`` is initialised (``torchrun --nproc_per_node N``, gloo on CPU),
@@ -24,7 +25,6 @@ from typing import Any, Callable, Optional
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from torch import nn
@@ -34,6 +34,7 @@ from torch.utils.data import DataLoader, DistributedSampler, IterableDataset, Ra
 from softprune_fx.passes.errors import SoftpruneError
 
 from .pruner import PruneResult, SoftPruner
+from .train_support import Objective, eval_result, evaluate_metric, mode_analyses, split_batch
 
 __all__ = ["train_scp", "train_plain", "evaluate", "epoch_loader", "world", "CHECKPOINT"]
 
@@ -184,36 +185,28 @@ def evaluate(model: nn.Module, loader: DataLoader) -> float:
         >>> evaluate(nn.Identity(), DataLoader(ds, batch_size=2))
         1.0
     """
-    was = model.training
-    model.eval()
-    dev, correct, total = _device(model), 0, 0
-    try:
-        for batch in loader:
-            x, y = batch[0].to(dev), batch[1].to(dev)
-            correct += (model(x).argmax(1) == y).sum().item()
-            total += y.numel()
-    finally:
-        model.train(was)
-    return correct / max(total, 1)
+    return evaluate_metric(model, loader, Objective())
 
 
-def _fit_epoch(net: nn.Module, batches, opt, sched, bars: _Bars, extra=None, status=None) -> dict:
-    """One training epoch; returns the mean cross-entropy and train accuracy over all ranks."""
+def _fit_epoch(net: nn.Module, batches, opt, sched, bars: _Bars, objective: Objective, extra=None,
+               status=None) -> dict:
+    """One training epoch; returns the mean loss and train metric over all ranks."""
     dev = _device(net)
     net.train()
-    totals = torch.zeros(3, dtype=torch.float64)  # loss sum, correct, count
+    totals = torch.zeros(3, dtype=torch.float64)  # loss sum, metric sum, count
     for batch in batches:
-        x, y = batch[0].to(dev), batch[1].to(dev)
-        out = net(x)
-        loss = F.cross_entropy(out, y)
+        inputs, y, n = split_batch(batch, dev)
+        out = net(*inputs)
+        loss = objective.loss(out, y)
         full = loss + extra() if extra is not None else loss
         opt.zero_grad(set_to_none=True)
         full.backward()
         opt.step()
         sched.step()
-        n = y.numel()
-        totals += torch.tensor([loss.item() * n, (out.argmax(1) == y).sum().item(), n], dtype=torch.float64)
-        text = f"loss {totals[0] / totals[2]:.3f} acc {totals[1] / totals[2]:.3f}"
+        with torch.no_grad():
+            score = -loss.item() if objective.metric is None else objective.score(out, y)
+        totals += torch.tensor([loss.item() * n, score * n, n], dtype=torch.float64)
+        text = f"loss {totals[0] / totals[2]:.3f} metric {totals[1] / totals[2]:.3f}"
         bars.step(text + (status() if status is not None else ""))
     if world()[1] > 1:
         dist.all_reduce(totals)
@@ -222,16 +215,18 @@ def _fit_epoch(net: nn.Module, batches, opt, sched, bars: _Bars, extra=None, sta
 
 def _run_epochs(module: nn.Module, train_loader, val_loader, opt, sched, span: range, *, seed: int,
                 bars: _Bars, name: str, on_epoch: Callable[[dict], None], extra=None, status=None,
-                row_extra=None) -> None:
+                row_extra=None, objective: Objective = Objective()) -> None:
     """Train ``module`` (DDP-wrapped when distributed) for the epochs in ``span``; after each
     one, evaluate and hand ``{epoch, loss, train_acc, acc, **row_extra()}`` to ``on_epoch``."""
     net = _wrap(module)
     for epoch in span:
         batches = epoch_loader(train_loader, epoch, seed)
         bars.start(f"{name} {epoch + 1}/{span.stop}", len(batches))
-        row = {"epoch": epoch + 1, **_fit_epoch(net, batches, opt, sched, bars, extra, status)}
+        row = {"epoch": epoch + 1, "epochs": span.stop,
+               **_fit_epoch(net, batches, opt, sched, bars, objective, extra, status)}
         _sync_buffers(module)
-        row["acc"] = evaluate(module, val_loader) if val_loader is not None else None
+        row["acc"] = evaluate_metric(module, val_loader, objective)
+        row["metric"] = objective.metric_name
         row.update(row_extra() if row_extra is not None else {})
         on_epoch(row)
 
@@ -255,9 +250,12 @@ def _optimizer(groups, lr: float, momentum: float, total_steps: int):
 
 
 def _line(phase: str, row: dict) -> str:
+    """``scp epoch 2/15: loss 0.4123 val accuracy 0.9012 hard FLOPs ratio 0.3950 lambda 0.0021``."""
     acc = "-" if row["acc"] is None else f"{row['acc']:.4f}"
-    extra = "".join(f" {k} {row[k]:.4f}" for k in ("hard_flops_ratio", "lambda") if k in row)
-    return f"{phase} epoch {row['epoch']}: loss {row['loss']:.4f} val acc {acc}{extra}"
+    extra = "".join(f" {label} {row[k]:.4f}" for k, label in (("hard_flops_ratio", "hard FLOPs ratio"),
+                                                               ("lambda", "lambda")) if k in row)
+    of = f"/{row['epochs']}" if "epochs" in row else ""
+    return f"{phase} epoch {row['epoch']}{of}: loss {row['loss']:.4f} val {row.get('metric', 'acc')} {acc}{extra}"
 
 
 # --------------------------------------------------------------------------- entry points
@@ -295,46 +293,75 @@ def train_scp(model: nn.Module, example_inputs: Any, train_loader, val_loader, *
               finetune_lr: Optional[float] = None, out_dir: Optional[str] = None, resume: bool = False,
               seed: int = 0, strict: bool = False, allow_inexact: bool = False, round_to="auto", min_width=1,
               frozen=(), leaf_modules=(), pruner_options: Optional[dict] = None, progress: bool = True,
-              log: Log = None) -> tuple[nn.Module, PruneResult, dict]:
+              log: Log = None, objective: Optional[Objective] = None,
+              analysis=None) -> tuple[nn.Module, PruneResult, dict]:
     """Train ``model`` jointly with SCP masks to a ``ratio`` FLOPs cut, finalize, fine-tune.
 
-    Loss: cross-entropy + ``pruner.regularization()``; SGD (Nesterov) on
-    ``pruner.param_groups``, per-step cosine schedule. ``out_dir`` receives
+    Loss: ``objective.loss`` (default cross-entropy) + ``pruner.regularization()``; SGD
+    (Nesterov) on ``pruner.param_groups``, per-step cosine schedule. ``out_dir`` receives
     ``checkpoint.pt`` after every epoch (SCP and fine-tune phases); ``resume=True``
     continues from it and ends with the same result as an uninterrupted run.
     ``pruner_options`` go to ``SoftPruner`` as they are (``scp``, controller gains, ...).
-    Returns ``(pruned, result, info)``; info has ``accuracy_masked`` (hard-masked model
-    before finalize), ``accuracy_pruned`` (after finalize and fine-tune), ``history``
-    (per SCP epoch: loss, train_acc, acc, hard_flops_ratio, lambda), ``finetune_history``,
-    ``seconds`` and ``pruner`` (the SoftPruner, for ``progress()`` / ``hard_keep()``).
+    ``analysis`` is the eval-mode analysis of ``model`` if one was made already. A forward
+    that reads ``self.training`` is traced in both modes: the masked model trains on the
+    training-mode graph, the result is pruned on the eval-mode graph (``info["traced"]``).
+    Returns ``(pruned, result, info)``; info has ``metric`` (its name), ``metric_before``
+    (the unpruned model), ``metric_masked`` (hard-masked, before finalize),
+    ``metric_pruned`` (after finalize and fine-tune), for accuracy also ``accuracy_masked``
+    / ``accuracy_pruned``, ``history`` (per SCP epoch: loss, train metric, acc,
+    hard_flops_ratio, lambda), ``finetune_history``, ``seconds``, ``resumed_from`` and
+    ``pruner`` (the SoftPruner, for ``progress()`` / ``hard_keep()``).
 
     Example:
         >>> pruned, result, info = train_scp(model, (x,), train, val, ratio=0.4, epochs=15)  # doctest: +SKIP
     """
     start = time.perf_counter()
+    objective = objective or Objective()
     torch.manual_seed(seed)
-    config = {"ratio": float(ratio), "epochs": int(epochs), "finetune_epochs": int(finetune_epochs), "seed": int(seed)}
+    config = {"ratio": float(ratio), "epochs": int(epochs), "finetune_epochs": int(finetune_epochs),
+              "seed": int(seed), "lr": float(lr)}
     ckpt = load_checkpoint(out_dir, config, log) if resume else None
-    pruner = SoftPruner(model, example_inputs, ratio, strict=strict, frozen=frozen, min_width=min_width,
-                        round_to=round_to, allow_inexact=allow_inexact, leaf_modules=leaf_modules,
-                        **(pruner_options or {}))
+    options = dict(frozen=frozen, leaf_modules=leaf_modules, allow_inexact=allow_inexact)
+    inputs = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
+    metric_before = evaluate_metric(model, val_loader, objective)
+    cg_train, cg_eval, branches = mode_analyses(model, inputs, options, analysis)
+    was = model.training
+    model.train(branches)  # the masked model copies the mode of the graph it was traced in
+    try:
+        pruner = SoftPruner(model, inputs, ratio, strict=strict, min_width=min_width, round_to=round_to,
+                            analysis=cg_train, **options, **(pruner_options or {}))
+    finally:
+        model.train(was)
+    if ckpt is not None and log:
+        done = ckpt["epoch"] if ckpt["phase"] == "scp" else epochs
+        log(f"resuming from {Path(out_dir) / CHECKPOINT}: {ckpt['phase']} epoch {ckpt['epoch']} done, "
+            f"continuing at {'scp' if ckpt['phase'] == 'scp' else 'finetune'} epoch {ckpt['epoch'] + 1}"
+            + ("" if ckpt["phase"] == "finetune" or done < epochs else " (finalize next)"))
     with _Bars(progress) as bars:
         history, acc_masked = _scp_phase(pruner, train_loader, val_loader, ckpt, config, bars, log, out_dir,
-                                         lr=lr, momentum=momentum, weight_decay=weight_decay)
+                                         lr=lr, momentum=momentum, weight_decay=weight_decay, objective=objective)
         pruned, result = pruner.finalize()
         ft_lr = lr * 0.1 if finetune_lr is None else finetune_lr
         base = {"config": config, "pruner": pruner.state_dict(), "history": history, "accuracy_masked": acc_masked}
         ft_history = _finetune_phase(pruned, train_loader, val_loader, ckpt, base, bars, log, out_dir,
-                                     lr=ft_lr, momentum=momentum, weight_decay=weight_decay)
+                                     lr=ft_lr, momentum=momentum, weight_decay=weight_decay, objective=objective)
+    if branches:
+        pruned, result = eval_result(model, pruner.base, cg_eval, pruned, result)
     _sync_buffers(pruned)
-    acc_pruned = evaluate(pruned, val_loader) if val_loader is not None else None
-    info = {"accuracy_masked": acc_masked, "accuracy_pruned": acc_pruned, "history": history,
-            "finetune_history": ft_history, "seconds": time.perf_counter() - start, "pruner": pruner}
+    acc_pruned = evaluate_metric(pruned, val_loader, objective)
+    info = {"metric": objective.metric_name, "metric_before": metric_before, "metric_masked": acc_masked,
+            "metric_pruned": acc_pruned, "history": history, "finetune_history": ft_history,
+            "traced": {"masked_model": "train" if branches else "eval", "pruned_model": "eval",
+                       "forward_reads_self_training": branches},
+            "resumed_from": None if ckpt is None else f"{ckpt['phase']} epoch {ckpt['epoch']}",
+            "seconds": time.perf_counter() - start, "pruner": pruner}
+    if objective.metric_name == "accuracy":
+        info.update(accuracy_masked=acc_masked, accuracy_pruned=acc_pruned)
     return pruned, result, info
 
 
 def _scp_phase(pruner: SoftPruner, train_loader, val_loader, ckpt, config, bars, log, out_dir, *,
-               lr, momentum, weight_decay) -> tuple[list, Optional[float]]:
+               lr, momentum, weight_decay, objective: Objective) -> tuple[list, Optional[float]]:
     """The SCP epochs (from the checkpoint's, if any); returns (history, masked accuracy)."""
     epochs, seed = config["epochs"], config["seed"]
     opt, sched = _optimizer(pruner.param_groups(weight_decay), lr, momentum,
@@ -362,15 +389,14 @@ def _scp_phase(pruner: SoftPruner, train_loader, val_loader, ckpt, config, bars,
                                   "scheduler": sched.state_dict(), "rng": _rng_state(), "history": history})
 
     _run_epochs(pruner.model, train_loader, val_loader, opt, sched, range(first, epochs), seed=seed, bars=bars,
-                name="scp", on_epoch=on_epoch, extra=pruner.regularization,
+                name="scp", on_epoch=on_epoch, extra=pruner.regularization, objective=objective,
                 status=lambda: f" hard {float(bank.hard_ratio):.3f} lam {float(bank.lam):.4f}")
     _sync_buffers(pruner.model)
-    acc = evaluate(pruner.model, val_loader) if val_loader is not None else None
-    return history, acc
+    return history, evaluate_metric(pruner.model, val_loader, objective)
 
 
 def _finetune_phase(pruned: nn.Module, train_loader, val_loader, ckpt, base: dict, bars, log, out_dir, *,
-                    lr, momentum, weight_decay) -> list:
+                    lr, momentum, weight_decay, objective: Objective) -> list:
     """Fine-tune the pruned model (plain cross-entropy), resuming from a fine-tune checkpoint."""
     config = base["config"]
     epochs, seed = config["finetune_epochs"], config["seed"]
@@ -396,5 +422,5 @@ def _finetune_phase(pruned: nn.Module, train_loader, val_loader, ckpt, base: dic
 
     # fine-tune epochs draw their own batch order: seed offset keeps it apart from the SCP epochs'
     _run_epochs(pruned, train_loader, val_loader, opt, sched, range(first, epochs), seed=seed + 1000003,
-                bars=bars, name="finetune", on_epoch=on_epoch)
+                bars=bars, name="finetune", on_epoch=on_epoch, objective=objective)
     return history

@@ -91,7 +91,8 @@ def test_resume_equals_uninterrupted(tmp_path, stop_at):
     lines: list[str] = []
     got, result, info = train_scp(model, inputs, train, val, out_dir=str(tmp_path / "b"), resume=True,
                                   log=lines.append, **kw)
-    assert lines[0].startswith(stop_at)  # it went on from the checkpoint, not from scratch
+    assert lines[0].startswith("resuming from") and "continuing at " + stop_at in lines[0]
+    assert lines[1].startswith(stop_at)  # it went on from the checkpoint, not from scratch
 
     assert result.drop == ref_result.drop and result.widths == ref_result.widths
     assert (info["pruner"].hard_keep() == ref_info["pruner"].hard_keep()).all()
