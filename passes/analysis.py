@@ -15,7 +15,10 @@ from __future__ import annotations
 
 import copy
 
+import numpy as np
+import torch
 import torch.fx as fx
+from torch import nn
 
 
 def fork(gm: fx.GraphModule, flow, groups: list, *, copy_modules: bool = True):
@@ -29,7 +32,7 @@ def fork(gm: fx.GraphModule, flow, groups: list, *, copy_modules: bool = True):
     node_map: dict[fx.Node, fx.Node] = {}
     out = graph.graph_copy(gm.graph, node_map)
     graph.output(out)
-    root = copy.deepcopy(gm) if copy_modules else gm
+    root = _copy_modules(gm) if copy_modules else gm
     new = fx.GraphModule(root, graph, gm.__class__.__name__)
     new.meta.update(copy.copy(gm.meta))
     # deepcopy with a memo that already maps each node (and the graph module, and every
@@ -47,5 +50,27 @@ def fork(gm: fx.GraphModule, flow, groups: list, *, copy_modules: bool = True):
     for name, t in gm.__dict__.items():  # tensor constants the tracer attached
         if hasattr(t, "dim") and name in new.__dict__:
             memo[id(t)] = new.__dict__[name]
+    # layouts are numpy arrays no pass writes to: shared, not copied (most of the copying time)
+    for table in (flow.layouts, flow.param_layouts, flow.module_inputs):
+        for value in table.values():
+            if isinstance(value, np.ndarray):
+                memo[id(value)] = value
+    for site in flow.sites:
+        memo[id(site.atoms)] = site.atoms
     flow2, groups2 = copy.deepcopy((flow, groups), memo)
     return new, flow2, groups2
+
+
+def _copy_modules(gm: fx.GraphModule) -> nn.Module:
+    """The submodules, parameters, buffers and tensor constants of ``gm`` deep-copied
+    (one memo: tied weights stay tied), without copying and recompiling its graph as
+    ``copy.deepcopy(gm)`` would (half the time of a fork on MobileNetV2)."""
+    memo: dict[int, object] = {}
+    root = nn.Module()
+    root._modules = copy.deepcopy(gm._modules, memo)
+    root._parameters = copy.deepcopy(gm._parameters, memo)
+    root._buffers = copy.deepcopy(gm._buffers, memo)
+    for name, value in gm.__dict__.items():
+        if isinstance(value, torch.Tensor):
+            root.__dict__[name] = copy.deepcopy(value, memo)
+    return root
