@@ -19,7 +19,7 @@ or method names (``"view"``).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, ClassVar
 
 import torch
 import torch.fx as fx
@@ -27,10 +27,67 @@ from torch import nn
 
 
 @dataclass(frozen=True)
+class ZeroBelow:
+    """An activation that is exactly zero on ``x <= edge`` (ReLU 0, Hardswish -3)."""
+    edge: float
+    exact: ClassVar[bool] = True
+
+    def threshold(self, module, node, delta: float) -> float | None:
+        return self.edge
+
+
+@dataclass(frozen=True)
+class SmallTail:
+    """A smooth activation whose left tail tends to zero (SiLU, GELU, sigmoid): its dead
+    threshold is the largest ``t`` with ``|f(y)| <= delta`` for every ``y <= t``.
+
+    ``make(*params)`` returns ``f`` on float64 tensors; ``params(module, node)`` reads the
+    op's own arguments (GELU's ``approximate``, Softplus's ``beta``) as a hashable tuple.
+    """
+    name: str
+    make: Callable[..., Callable]
+    params: Callable[[Any, Any], tuple | None] = lambda module, node: ()
+    exact: ClassVar[bool] = False
+
+    def threshold(self, module, node, delta: float) -> float | None:
+        params = self.params(module, node)  # None: an argument is only known at run time
+        return None if params is None else solve_tail(self.name, self.make, params, delta)
+
+
+_TAILS: dict[tuple, float | None] = {}
+
+
+def solve_tail(name: str, make: Callable, params: tuple, delta: float) -> float | None:
+    """``max t`` with ``|f(y)| <= delta`` for all ``y <= t``, by a 0.01 grid on [-60, 60]
+    then bisection to float64 precision; None when the tail does not vanish or ``|f|``
+    never exceeds ``delta``. Cached per (function, params, delta)."""
+    key = (name, params, float(delta))
+    if key not in _TAILS:
+        f = make(*params)
+        y = torch.arange(-60.0, 60.0, 0.01, dtype=torch.float64)
+        over = (f(y).abs() > delta).nonzero()
+        if not len(over) or int(over[0]) == 0:
+            _TAILS[key] = None
+        else:
+            lo, hi = float(y[int(over[0]) - 1]), float(y[int(over[0])])
+            for _ in range(80):  # invariant: |f(lo)| <= delta < |f(hi)|
+                mid = 0.5 * (lo + hi)
+                if abs(float(f(torch.tensor(mid, dtype=torch.float64)))) <= delta:
+                    lo = mid
+                else:
+                    hi = mid
+            _TAILS[key] = lo
+    return _TAILS[key]
+
+
+@dataclass(frozen=True)
 class OpEntry:
+    """Everything the project knows about one op. ``dead``: for activations, where its
+    output is (nearly) zero (``ZeroBelow`` / ``SmallTail``), read by SCP's BN sites."""
     name: str
     rule: Callable
     surgery: Callable | None = None
+    dead: ZeroBelow | SmallTail | None = None
 
 
 _REGISTRY: dict[Any, OpEntry] = {}
@@ -49,24 +106,24 @@ def op_name(target: Any) -> str:
     return f"{mod}.{name}" if mod else name
 
 
-def register(*targets: Any, surgery: Callable | None = None):
+def register(*targets: Any, surgery: Callable | None = None, dead: ZeroBelow | SmallTail | None = None):
     """Decorator: register a channel rule (and optional surgery rule) for ``targets``."""
     def deco(rule: Callable) -> Callable:
         for target in targets:
-            _REGISTRY[target] = OpEntry(op_name(target), rule, surgery)
+            _REGISTRY[target] = OpEntry(op_name(target), rule, surgery, dead)
         return rule
     return deco
 
 
-def register_name(qualified: str, rule: Callable, surgery: Callable | None = None) -> None:
+def register_name(qualified: str, rule: Callable, surgery: Callable | None = None, dead=None) -> None:
     """A rule for a function known only by its qualified name (e.g. torchvision's
     ``torchvision.ops.stochastic_depth.stochastic_depth``, wrapped as a leaf by fx)."""
-    _BY_NAME[qualified] = OpEntry(qualified, rule, surgery)
+    _BY_NAME[qualified] = OpEntry(qualified, rule, surgery, dead)
 
 
-def register_op(target: Any, rule: Callable, surgery: Callable | None = None) -> None:
+def register_op(target: Any, rule: Callable, surgery: Callable | None = None, dead=None) -> None:
     """Public entry point: add (or replace) the rule for a custom op or module class."""
-    _REGISTRY[target] = OpEntry(op_name(target), rule, surgery)
+    _REGISTRY[target] = OpEntry(op_name(target), rule, surgery, dead)
 
 
 def node_arg(node: fx.Node, index: int, name: str | None = None, default: Any = None) -> Any:
@@ -99,6 +156,43 @@ def lookup(node: fx.Node, modules: dict[str, nn.Module]) -> OpEntry | None:
     if node.op == "call_method":
         return _REGISTRY.get(node.target)
     return None
+
+
+def entry_of(obj: Any) -> OpEntry | None:
+    """The entry for a module (instance or class), a function or a method name, as
+    ``lookup`` would find it for a node calling it."""
+    if isinstance(obj, str):
+        return _REGISTRY.get(obj)
+    cls = obj if isinstance(obj, type) else type(obj) if isinstance(obj, nn.Module) else None
+    if cls is not None:
+        for base in cls.__mro__:
+            if base in _REGISTRY and (base is cls or getattr(cls, "forward", None) is getattr(base, "forward", None)):
+                return _REGISTRY[base]
+        return None
+    try:
+        return _REGISTRY.get(obj)
+    except TypeError:  # unhashable
+        return None
+
+
+def dead_threshold(node: fx.Node, modules: dict[str, nn.Module], delta: float = 0.05) -> float | None:
+    """Dead threshold ``t`` of the activation a node calls: ReLU/ReLU6 0, Hardswish and
+    Hardsigmoid -3, SiLU and Mish about -4.49, GELU about -1.95, sigmoid -2.94, softplus
+    -2.97 (``delta = 0.05``); None for ops with no dead region (LeakyReLU, ELU, Tanh, ...)."""
+    entry = lookup(node, modules) if node.op in ("call_module", "call_function", "call_method") else None
+    if entry is None or entry.dead is None:
+        return None
+    module = modules[node.target] if node.op == "call_module" else None
+    return entry.dead.threshold(module, node, delta)
+
+
+def exact_zero_threshold(obj: Any) -> float | None:
+    """Edge of an exact zero region for a module, class, function or method name (None for
+    smooth or no dead region): what ``scp.rectifier_threshold`` reports."""
+    entry = entry_of(obj)
+    if entry is None or entry.dead is None or not entry.dead.exact:
+        return None
+    return entry.dead.threshold(obj if isinstance(obj, nn.Module) else None, None, 0.05)
 
 
 def describe(node: fx.Node, modules: dict[str, nn.Module]) -> str:

@@ -16,7 +16,7 @@ from torch import nn
 from . import surgery_rules as S
 from .atoms import NONE, UNKNOWN, along, carrying_axes, filled, fixed, on_axis
 from .flow_types import Balance, ChannelCount
-from .registry import register, register_name
+from .registry import SmallTail, ZeroBelow, node_arg, register, register_name
 
 # ----------------------------------------------------------------------------- per element
 
@@ -56,6 +56,42 @@ def same_rule(ctx, node):
 
 for _targets in (ACTIVATION_MODULES, ACTIVATION_FUNCTIONS, ACTIVATION_METHODS):
     register(*_targets)(same_rule)
+
+
+def _number_args(*values):
+    """A hashable tuple of plain numbers/strings, or None if one is only known at run time."""
+    return None if any(isinstance(v, fx.Node) for v in values) else tuple(values)
+
+
+def _gelu_params(module, node):
+    return _number_args(module.approximate if module is not None
+                        else node_arg(node, 1, "approximate", "none") if node is not None else "none")
+
+
+def _softplus_params(module, node):
+    if module is not None:
+        return _number_args(float(module.beta), float(module.threshold))
+    if node is None:
+        return (1.0, 20.0)
+    return _number_args(node_arg(node, 1, "beta", 1.0), node_arg(node, 2, "threshold", 20.0))
+
+
+# Dead regions, read by SCP: exact zeros use their edge, smooth tails solve |f(t)| = delta.
+_ZERO = ZeroBelow(0.0)
+_HARD = ZeroBelow(-3.0)
+_SIGMOID = SmallTail("sigmoid", lambda: torch.sigmoid)
+DEAD_REGIONS = {
+    **dict.fromkeys((nn.ReLU, nn.ReLU6, F.relu, F.relu_, F.relu6, torch.relu, torch.relu_, "relu", "relu_"), _ZERO),
+    **dict.fromkeys((nn.Hardswish, F.hardswish, nn.Hardsigmoid, F.hardsigmoid, "hardswish"), _HARD),
+    **dict.fromkeys((nn.SiLU, F.silu), SmallTail("silu", lambda: F.silu)),
+    **dict.fromkeys((nn.Mish, F.mish), SmallTail("mish", lambda: F.mish)),
+    **dict.fromkeys((nn.GELU, F.gelu), SmallTail("gelu", lambda a: lambda y: F.gelu(y, approximate=a), _gelu_params)),
+    **dict.fromkeys((nn.Softplus, F.softplus), SmallTail("softplus", lambda b, th: lambda y: F.softplus(y, b, th),
+                                                          _softplus_params)),
+    **dict.fromkeys((nn.Sigmoid, F.sigmoid, torch.sigmoid, torch.special.expit, "sigmoid", "sigmoid_"), _SIGMOID),
+}
+for _target, _dead in DEAD_REGIONS.items():
+    register(_target, dead=_dead)(same_rule)
 # torchvision's stochastic depth: identity in eval, a per-sample (N,1,1,1) scale in training
 register_name("torchvision.ops.stochastic_depth.stochastic_depth", same_rule)
 # PReLU with one weight per channel is a norm-like op: registered below.

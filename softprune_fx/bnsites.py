@@ -1,6 +1,7 @@
-"""BN-rectifier sites: which BN channels decide, by SCP, whether a channel is alive.
+"""BN-activation sites: which BN channels decide, by SCP, whether a channel is alive.
 
-A BN feeds a rectifier (ReLU, ReLU6: zero for ``x <= 0``; Hardswish: ``x <= -3``)
+A BN feeds an activation with a dead region (the op registry's ``dead_threshold``: ReLU,
+ReLU6 ``x <= 0``; Hardswish ``x <= -3``; SiLU about ``x <= -4.49`` at ``delta = 0.05``)
 directly or through residual adds. Its channel c scores every flat channel that c's
 position belongs to: the channel's group class and, for a BN in a site group's chain,
 the site-group position too. A flat channel with several sites uses the product of
@@ -23,9 +24,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from softprune_fx.passes.atoms import along
+from softprune_fx.passes.ops import dead_threshold
 
 from .index import ChannelIndex
-from .scp import rectifier_threshold
 
 ADDS = (operator.add, operator.iadd, torch.add, "add", "add_")
 BN_MODULES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
@@ -40,22 +41,14 @@ class BNSite:
     threshold: float
 
 
-def _threshold(node: fx.Node, modules) -> float | None:
-    if node.op == "call_module":
-        return rectifier_threshold(modules[node.target])
-    if node.op in ("call_function", "call_method"):
-        return rectifier_threshold(node.target)
-    return None
-
-
-def _rectifier_after(node: fx.Node, modules, depth: int = 3) -> float | None:
-    """Threshold of the rectifier this value reaches directly or through adds."""
+def _activation_after(node: fx.Node, modules, delta: float, depth: int = 3) -> float | None:
+    """Dead threshold of the activation this value reaches directly or through adds."""
     for user in node.users:
-        t = _threshold(user, modules)
+        t = dead_threshold(user, modules, delta)
         if t is not None:
             return t
         if depth and (user.target in ADDS):
-            t = _rectifier_after(user, modules, depth - 1)
+            t = _activation_after(user, modules, delta, depth - 1)
             if t is not None:
                 return t
     return None
@@ -73,7 +66,9 @@ def _bn_params(node: fx.Node, modules) -> tuple[str, str] | None:
     return None
 
 
-def find_bn_sites(cg, index: ChannelIndex) -> list[BNSite]:
+def find_bn_sites(cg, index: ChannelIndex, delta: float = 0.05) -> list[BNSite]:
+    """Every BN channel that feeds an activation with a dead region (``delta``: a smooth
+    activation's tolerance, ``SCPConfig.delta``)."""
     modules = dict(cg.gm.named_modules())
     chain_group = {n: g for g in cg.groups for n in g.chain}
     out = []
@@ -81,7 +76,7 @@ def find_bn_sites(cg, index: ChannelIndex) -> list[BNSite]:
         params = _bn_params(node, modules)
         if params is None:
             continue
-        t = _rectifier_after(node, modules)
+        t = _activation_after(node, modules, delta)
         lay = cg.flow.layouts.get(node)
         if t is None or not isinstance(lay, np.ndarray):
             continue

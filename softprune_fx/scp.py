@@ -69,39 +69,15 @@ class SCPConfig:
 
 # --------------------------------------------------------------------------- rectifiers
 
-_ZERO_THRESHOLD_MODULES = (nn.ReLU, nn.ReLU6)
-_HARDSWISH_MODULES = (nn.Hardswish,)
-
-
-def _functions(*names: str) -> tuple[Any, ...]:
-    """The callables among ``torch.<path>`` names that exist in this torch build."""
-    found = []
-    for name in names:
-        obj: Any = torch
-        for part in name.split("."):
-            obj = getattr(obj, part, None)
-            if obj is None:
-                break
-        if obj is not None:
-            found.append(obj)
-    return tuple(found)
-
-
-_ZERO_THRESHOLD_FUNCTIONS = _functions(
-    "nn.functional.relu", "nn.functional.relu_", "nn.functional.relu6",
-    "relu", "relu_", "_C._nn.relu6",
-)
-_HARDSWISH_FUNCTIONS = _functions("nn.functional.hardswish", "_C._nn.hardswish")
-_ZERO_THRESHOLD_METHODS = frozenset({"relu", "relu_"})  # torch.fx call_method targets
-
-
 def rectifier_threshold(module_or_fn: Any) -> Optional[float]:
-    """Upper end ``t`` of a rectifier's zero region ``x <= t``, or None if it has none.
+    """Upper end ``t`` of a rectifier's exact zero region ``x <= t``, or None if it has none
+    (a thin wrapper over the op registry's ``exact_zero_threshold``; smooth activations'
+    thresholds come from ``registry.dead_threshold``).
 
     Accepts a module instance or class, a function, or a ``call_method`` name:
 
         ReLU, ReLU6 (module, class, F.relu, F.relu6, torch.relu, "relu")  -> 0.0
-        Hardswish (module, class, F.hardswish)                             -> -3.0
+        Hardswish, Hardsigmoid (module, class, F.hardswish)                -> -3.0
         anything else (SiLU, GELU, LeakyReLU, Hardtanh, ...)               -> None
 
     >>> rectifier_threshold(nn.ReLU()), rectifier_threshold(F.hardswish)
@@ -109,23 +85,8 @@ def rectifier_threshold(module_or_fn: Any) -> Optional[float]:
     >>> rectifier_threshold(nn.SiLU()) is None
     True
     """
-    if isinstance(module_or_fn, str):
-        return 0.0 if module_or_fn in _ZERO_THRESHOLD_METHODS else None
-    if isinstance(module_or_fn, type):
-        if issubclass(module_or_fn, _ZERO_THRESHOLD_MODULES):
-            return 0.0
-        if issubclass(module_or_fn, _HARDSWISH_MODULES):
-            return -3.0
-        return None
-    if isinstance(module_or_fn, _ZERO_THRESHOLD_MODULES):
-        return 0.0
-    if isinstance(module_or_fn, _HARDSWISH_MODULES):
-        return -3.0
-    if any(module_or_fn is f for f in _ZERO_THRESHOLD_FUNCTIONS):
-        return 0.0
-    if any(module_or_fn is f for f in _HARDSWISH_FUNCTIONS):
-        return -3.0
-    return None
+    from softprune_fx.passes.ops import exact_zero_threshold  # the registry, with every family loaded
+    return exact_zero_threshold(module_or_fn)
 
 
 # --------------------------------------------------------------------------- probabilities
