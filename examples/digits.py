@@ -37,17 +37,21 @@ def conv1x1(in_planes: int, out_planes: int, stride: int = 1) -> nn.Conv2d:
     return nn.Conv2d(in_planes, out_planes, kernel_size=1, stride=stride, bias=False)
 
 
+ACTIVATIONS = {"relu": lambda: nn.ReLU(inplace=True), "silu": nn.SiLU, "gelu": nn.GELU,
+               "hardswish": nn.Hardswish, "mish": nn.Mish}
+
+
 class BasicBlock(nn.Module):
-    """torchvision's post-activation BasicBlock: conv-BN-ReLU-conv-BN, add, ReLU."""
+    """torchvision's post-activation BasicBlock: conv-BN-act-conv-BN, add, act (ReLU by default)."""
 
     expansion = 1
 
     def __init__(self, inplanes: int, planes: int, stride: int = 1,
-                 downsample: Optional[nn.Module] = None) -> None:
+                 downsample: Optional[nn.Module] = None, act: str = "relu") -> None:
         super().__init__()
         self.conv1 = conv3x3(inplanes, planes, stride)
         self.bn1 = nn.BatchNorm2d(planes)
-        self.relu = nn.ReLU(inplace=True)
+        self.relu = ACTIVATIONS[act]()
         self.conv2 = conv3x3(planes, planes)
         self.bn2 = nn.BatchNorm2d(planes)
         self.downsample = downsample
@@ -68,15 +72,16 @@ class BasicBlock(nn.Module):
 
 
 class DigitsResNet(nn.Module):
-    """Stem conv3x3-BN-ReLU (16), three stages of BasicBlocks 16/32/64 (stride 1/2/2), pool, fc."""
+    """Stem conv3x3-BN-act (16), three stages of BasicBlocks 16/32/64 (stride 1/2/2), pool, fc.
+    ``act``: "relu" (as torchvision), "silu", "gelu", "hardswish" or "mish" everywhere."""
 
     def __init__(self, layers: tuple[int, int, int] = (2, 2, 2), num_classes: int = NUM_CLASSES,
-                 in_channels: int = 1) -> None:
+                 in_channels: int = 1, act: str = "relu") -> None:
         super().__init__()
-        self.inplanes = 16
+        self.inplanes, self.act = 16, act
         self.conv1 = conv3x3(in_channels, 16)
         self.bn1 = nn.BatchNorm2d(16)
-        self.relu = nn.ReLU(inplace=True)
+        self.relu = ACTIVATIONS[act]()
         self.layer1 = self._make_layer(16, layers[0])
         self.layer2 = self._make_layer(32, layers[1], stride=2)
         self.layer3 = self._make_layer(64, layers[2], stride=2)
@@ -93,9 +98,9 @@ class DigitsResNet(nn.Module):
         downsample = None
         if stride != 1 or self.inplanes != planes:
             downsample = nn.Sequential(conv1x1(self.inplanes, planes, stride), nn.BatchNorm2d(planes))
-        layers = [BasicBlock(self.inplanes, planes, stride, downsample)]
+        layers = [BasicBlock(self.inplanes, planes, stride, downsample, self.act)]
         self.inplanes = planes
-        layers += [BasicBlock(planes, planes) for _ in range(1, blocks)]
+        layers += [BasicBlock(planes, planes, act=self.act) for _ in range(1, blocks)]
         return nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -106,9 +111,10 @@ class DigitsResNet(nn.Module):
         return self.fc(x)
 
 
-def build(blocks: int = 2) -> nn.Module:
-    """The example network (untrained): ``blocks`` BasicBlocks per stage (2: a ResNet-14)."""
-    return DigitsResNet((blocks, blocks, blocks))
+def build(blocks: int = 2, act: str = "relu") -> nn.Module:
+    """The example network (untrained): ``blocks`` BasicBlocks per stage (2: a ResNet-14),
+    ``act`` after every BN that torchvision follows with a ReLU."""
+    return DigitsResNet((blocks, blocks, blocks), act=act)
 
 
 def example_inputs() -> tuple[torch.Tensor]:

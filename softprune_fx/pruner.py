@@ -12,8 +12,9 @@ Example::
 from __future__ import annotations
 
 import copy
+import warnings
 from dataclasses import dataclass, field, fields
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -33,7 +34,7 @@ from .bnsites import bn_probabilities, find_bn_sites
 from .cost import CostModel
 from .decide import decide
 from .index import ChannelIndex
-from .scp import SCPConfig, prune_prob
+from .scp import SCPConfig, gate_regularizer, hard_keep, prune_prob, scp_regularizer
 from .softmask import MaskBank
 
 
@@ -52,6 +53,9 @@ class PruneResult:
     rounding_dropped: list = field(default_factory=list)
     inexact: list = field(default_factory=list)
     scores: str = "scp"
+    thresholds: dict = field(default_factory=dict)  # SoftPruner: group -> dead thresholds used ([] = gate)
+    training_cut: Optional[float] = None            # SoftPruner: the hard-rule cut when finalize began
+    training_shortfall: Optional[float] = None      # target - training_cut, when over 5 points
     analysis: Any = field(default=None, repr=False, compare=False)  # the ChannelGraph the run used
 
     def to_dict(self) -> dict:
@@ -172,8 +176,8 @@ class SoftPruner:
 
     def __init__(self, model: nn.Module, example_inputs: Any, ratio: float = 0.4, *, strict: bool = False,
                  frozen=(), min_width=1, round_to="auto", allow_inexact: bool = False, leaf_modules=(),
-                 scp: SCPConfig = SCPConfig(), kp: float = 0.005, ki: float = 1e-4, lambda_max: float = 0.05,
-                 analysis=None):
+                 scp: SCPConfig = SCPConfig(), kp: float = 0.05, ki: float = 2e-3, lambda_max: float = 0.2,
+                 total_steps: Optional[int] = None, ramp: int = 100, analysis=None):
         if not 0.0 < ratio < 1.0:
             raise SoftpruneError(f"ratio must be in (0, 1), got {ratio}")
         self.inputs = as_input_tuple(example_inputs)
@@ -187,12 +191,13 @@ class SoftPruner:
         _prunable_or_raise(self.cg)
         self.index = self.cg.index
         self.cost = CostModel(self.cg, self.index, self.base, self.inputs, total=cg.flops)
-        sites = find_bn_sites(self.cg, self.index)
+        sites = find_bn_sites(self.cg, self.index, scp.delta)
         has = np.zeros(self.index.size, dtype=bool)
         for s in sites:
             has[s.flat] = True
         fixed = _fixed_keep(self.cg, self.index, has, strict)
-        self.bank = MaskBank(self.index.size, sites, fixed, self.cost, ratio, scp, kp, ki, lambda_max)
+        self.bank = MaskBank(self.index.size, sites, fixed, self.cost, ratio, scp, kp, ki, lambda_max, ramp,
+                             total_steps)
         marg = self.cost.marginal(np.ones(self.index.size))
         free = ~fixed
         self.weights = torch.as_tensor(marg / max(marg[free].mean(), 1e-12) if free.any() else marg).float()
@@ -220,17 +225,15 @@ class SoftPruner:
         return [self.model.get_parameter(t) for s in self.bank.sites for t in (s.gamma, s.beta)]
 
     def regularization(self) -> torch.Tensor:
-        """lambda * sum_c w_c (beta_c + s |gamma_c|) over BN sites, plus the gates' term."""
-        params = self._site_params()
-        lam = self.bank.lam
-        gamma, beta = self.bank.gather(params)
+        """lambda * (scp_regularizer over BN sites + gate_regularizer over the gates), each
+        channel weighted by its FLOPs share (scp.py)."""
+        gamma, beta = self.bank.gather(self._site_params())
         w = self.weights.to(beta.device)
-        reg = (w[self.bank.ent_flat] * (beta + self.bank.scp.s * gamma.abs())).sum()
-        gates = ~self.bank.has_bn & ~self.bank.fixed
+        reg = scp_regularizer(gamma, beta, self.bank.scp.s, weight=w[self.bank.ent_flat])
+        gates = self.bank.gates()
         if gates.any():
-            pi = torch.sigmoid(self.bank.gate_logits)
-            reg = reg + (w.to(pi.device)[gates] * (1.0 - pi[gates])).sum()
-        return lam.to(reg.dtype) * reg
+            reg = reg + gate_regularizer(self.bank.gate_logits[gates], w.to(gates.device)[gates]).to(reg.device)
+        return self.bank.lam.to(reg.device, reg.dtype) * reg
 
     def param_groups(self, weight_decay: float = 1e-4) -> list[dict]:
         """Optimizer groups: no weight decay on the site BNs' betas and the gates."""
@@ -250,7 +253,19 @@ class SoftPruner:
         return {"step": int(self.bank.steps), "hard_flops_ratio": float(self.cost.ratio(keep)),
                 "target": self.ratio, "lambda": float(self.bank.lam), "alive": alive}
 
+    def thresholds(self) -> dict:
+        """Per prunable group, the sorted dead thresholds ``t`` of the BN-activation sites that
+        score its channels; ``[]`` for a gated group (no such site)."""
+        per_flat: dict = {}
+        for s in self.bank.sites:
+            for f in s.flat.tolist():
+                per_flat.setdefault(f, set()).add(float(s.threshold))
+        return {g.id: sorted(set().union(*(per_flat.get(f, set()) for f in self.index.ids(g.id).tolist())))
+                for g in self.cg.groups if g.prunable}
+
     def state_dict(self) -> dict:
+        """The masked model's state, which holds the controller's (lambda, integral, steps, ramp,
+        hard cut: buffers of ``bank.controller``), and the ratio."""
         return {"model": self.model.state_dict(), "ratio": self.ratio}
 
     def load_state_dict(self, state: dict) -> None:
@@ -264,15 +279,33 @@ class SoftPruner:
                 dist.broadcast(b, 0)
         with torch.no_grad():
             params = self._site_params()
-            pi = self.bank.prune_probs(params).cpu().double().numpy()
-            p = self.bank.deactivation(params).cpu().double().numpy()
+            keep0 = hard_keep(self.bank.prune_probs(params)).cpu().numpy()
+            scores = self.bank.scores(params)  # keep_score: 1 - p, ordered by log p (1 - pi saturates)
         fixed = self.bank.fixed.cpu().numpy()
-        scores = np.where(fixed, np.inf, 1.0 - p)  # 1 - pi saturates at 1 for every live channel
-        keep0 = (pi < 0.5) | fixed
+        keep0 = keep0 | fixed
+        cut = float(self.cost.ratio(keep0))
         was = self.base.training
         self.base.eval()
         try:
-            return _finish(self.cg, self.index, self.cost, scores, keep0, self.ratio,
-                           min_width=self.min_width, round_to=self.round_to, how="scp")
+            pruned, result = _finish(self.cg, self.index, self.cost, scores, keep0, self.ratio,
+                                     min_width=self.min_width, round_to=self.round_to, how="scp")
         finally:
             self.base.train(was)
+        result.thresholds, result.training_cut = self.thresholds(), cut
+        result.training_shortfall = _shortfall(self.ratio, cut)
+        return pruned, result
+
+
+SHORTFALL_POINTS = 0.05
+
+
+def _shortfall(target: float, cut: float) -> Optional[float]:
+    """``target - cut`` when training left the hard-rule cut more than 5 points short (and warn:
+    the decision, not training, then makes the rest of the cut), else None."""
+    short = target - cut
+    if short <= SHORTFALL_POINTS:
+        return None
+    warnings.warn(f"training reached a hard-rule FLOPs cut of {cut:.1%} against the target {target:.0%}: "
+                  f"the remaining {short:.1%} is cut by the decision, not by training (expect lower "
+                  f"accuracy; train longer, or pass total_steps)", stacklevel=3)
+    return short

@@ -13,7 +13,13 @@ region is ``x <= t``:
     R     = sum_c (beta_c + s * |gamma_c|)                 regulariser (times lambda)
 
 A group with several BN-rectifier sites uses ``p = prod_s p_s``; a group with none uses a
-learned gate ``pi = sigmoid(logit)``.
+learned gate ``pi = sigmoid(logit)`` whose regulariser is ``-log pi`` (``gate_regularizer``).
+
+``t`` is the activation's dead threshold (registry: ReLU 0, Hardswish -3, SiLU about -4.5,
+GELU about -2.0). With ``t`` that low a live channel's ``p`` underflows float32, so sites are
+combined in log space (``log_deactivation_prob``, ``combine_log_sites``) and rankings use
+``keep_score(log_p)``; ``pi`` and the hard rule read ``p = exp(log_p)``, which is exact
+where they can change.
 """
 
 from __future__ import annotations
@@ -38,7 +44,11 @@ __all__ = [
     "hard_keep",
     "scp_regularizer",
     "combine_sites",
+    "log_deactivation_prob",
+    "combine_log_sites",
+    "keep_score",
     "gate_prob",
+    "gate_regularizer",
     "gate_init_logit",
 ]
 
@@ -50,6 +60,8 @@ class SCPConfig:
     k, c0: slope and centre of ``prune_prob``; the hard rule keeps iff ``p < c0``.
     tau: Gumbel-softmax temperature of ``soft_keep``.
     s: weight of ``|gamma|`` against ``beta`` in ``scp_regularizer``.
+    delta: a smooth activation's dead threshold ``t`` solves ``|f(t)| = delta`` on its left
+        tail (the op registry's ``dead_threshold``); exact zero regions ignore it.
     """
 
     eps: float = 0.05
@@ -57,6 +69,7 @@ class SCPConfig:
     c0: float = 0.95
     tau: float = 0.5
     s: float = 2.0
+    delta: float = 0.05
 
     def __post_init__(self) -> None:
         if not 0.0 < self.c0 < 1.0:
@@ -65,6 +78,8 @@ class SCPConfig:
             raise ValueError(f"SCPConfig.k and tau must be > 0, got k={self.k}, tau={self.tau}")
         if self.eps < 0 or self.s < 0:
             raise ValueError(f"SCPConfig.eps and s must be >= 0, got eps={self.eps}, s={self.s}")
+        if not 0.0 < self.delta < 1.0:
+            raise ValueError(f"SCPConfig.delta must be in (0, 1), got {self.delta}")
 
 
 # --------------------------------------------------------------------------- rectifiers
@@ -102,6 +117,42 @@ def deactivation_prob(gamma: Tensor, beta: Tensor, t: float = 0.0, eps: float = 
     tensor([0.9938])
     """
     return torch.special.ndtr((t + eps - beta) / (1e-8 + gamma.abs()))
+
+
+def log_deactivation_prob(gamma: Tensor, beta: Tensor, t: Any = 0.0, eps: float = 0.05) -> Tensor:
+    """``log p`` of ``deactivation_prob`` by ``torch.special.log_ndtr``: finite where ``p``
+    underflows (float32 ``Phi(z)`` is 0 below z = -13.2, reached by a live channel
+    behind SiLU, t = -4.5). ``t`` may be a tensor of per-entry thresholds.
+
+    >>> round(float(log_deactivation_prob(torch.tensor([0.1]), torch.tensor([1.0]), t=-4.5)))  # log Phi(-54.5)
+    -1490
+    """
+    return torch.special.log_ndtr((t + eps - beta) / (1e-8 + gamma.abs()))
+
+
+def combine_log_sites(log_p: Tensor, flat: Tensor, size: int) -> Tensor:
+    """``log prod_s p_s`` per flat channel: entry i of ``log_p`` (one BN-site channel) adds
+    to channel ``flat[i]``; a channel with no entry gets 0 (``combine_sites`` in log space).
+
+    >>> combine_log_sites(torch.tensor([-1.0, -2.0, -0.5]), torch.tensor([0, 0, 2]), 3)
+    tensor([-3.0000,  0.0000, -0.5000])
+    """
+    out = torch.zeros(size, dtype=log_p.dtype, device=log_p.device)
+    return out.index_add(0, flat.to(log_p.device), log_p)
+
+
+def keep_score(log_p: Tensor) -> Tensor:
+    """Ranking score of a BN-scored channel (higher = keep): ``1 - p`` in float64, plus
+    ``1e-9 * q / (1 + q)`` with ``q = -log p``, which orders the channels whose ``1 - p``
+    rounds to 1 (all the live ones behind SiLU) by ``log p`` without moving any score by
+    more than 1e-9 (the decision weighs score sums, so the magnitude stays ``1 - p``).
+
+    >>> s = keep_score(torch.tensor([-40.0, -60.0, -0.05]))
+    >>> bool(s[1] > s[0] > s[2]), round(float(s[2]), 4)
+    (True, 0.0488)
+    """
+    q = (-log_p.double()).clamp(0.0, 1e300)  # log p = -inf (p = 0) scores 1 + 1e-9, not nan
+    return -torch.expm1(-q) + 1e-9 * q / (1.0 + q)
 
 
 def prune_prob(p: Tensor, k: float = 20.0, c0: float = 0.95) -> Tensor:
@@ -160,6 +211,22 @@ def gate_prob(logit: Tensor) -> Tensor:
     tensor([0.0500, 0.5000])
     """
     return torch.sigmoid(logit)
+
+
+def gate_regularizer(logit: Tensor, weight: Optional[Tensor] = None) -> Tensor:
+    """Gate regulariser ``sum_c w_c * (-log pi_c) = sum_c w_c * softplus(-logit_c)``.
+
+    Its pull on a logit is ``w (1 - pi)``: about ``w`` while the gate keeps its channel and
+    fading once it prunes, where ``1 - pi`` (the old term) pulled with ``w pi (1 - pi)``,
+    0.05 w at the initial pi, too weak to reach a budget. Multiply by lambda outside.
+
+    >>> round(float(gate_regularizer(torch.tensor([0.0, gate_init_logit()]))), 4)  # -log 0.5 - log 0.05
+    3.6889
+    """
+    per_channel = F.softplus(-logit)
+    if weight is not None:
+        per_channel = weight * per_channel
+    return per_channel.sum()
 
 
 # --------------------------------------------------------------------------- masks

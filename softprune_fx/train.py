@@ -328,8 +328,9 @@ def train_scp(model: nn.Module, example_inputs: Any, train_loader, val_loader, *
     was = model.training
     model.train(branches)  # the masked model copies the mode of the graph it was traced in
     try:
+        steps = {"total_steps": epochs * len(epoch_loader(train_loader, 0, seed))}  # the controller's schedule
         pruner = SoftPruner(model, inputs, ratio, strict=strict, min_width=min_width, round_to=round_to,
-                            analysis=cg_train, **options, **(pruner_options or {}))
+                            analysis=cg_train, **options, **{**steps, **(pruner_options or {})})
     finally:
         model.train(was)
     if ckpt is not None and log:

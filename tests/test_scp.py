@@ -12,11 +12,15 @@ import torch.nn.functional as F
 from softprune_fx import scp
 from softprune_fx.scp import (
     SCPConfig,
+    combine_log_sites,
     combine_sites,
     deactivation_prob,
     gate_init_logit,
     gate_prob,
+    gate_regularizer,
     hard_keep,
+    keep_score,
+    log_deactivation_prob,
     prune_prob,
     rectifier_threshold,
     scp_regularizer,
@@ -26,7 +30,7 @@ from softprune_fx.scp import (
 
 def phi(z: float) -> float:
     """Standard normal CDF, independent of torch."""
-    return 0.5 * (1.0 + math.erf(z / math.sqrt(2.0)))
+    return 0.5 * math.erfc(-z / math.sqrt(2.0))  # erfc: accurate far into the left tail
 
 
 def sigmoid(x: float) -> float:
@@ -42,7 +46,7 @@ def t64(*values):
 
 def test_config_defaults_frozen_and_match_function_defaults():
     cfg = SCPConfig()
-    assert (cfg.eps, cfg.k, cfg.c0, cfg.tau, cfg.s) == (0.05, 20.0, 0.95, 0.5, 2.0)
+    assert (cfg.eps, cfg.k, cfg.c0, cfg.tau, cfg.s, cfg.delta) == (0.05, 20.0, 0.95, 0.5, 2.0, 0.05)
     with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.k = 1.0  # type: ignore[misc]
     defaults = {
@@ -51,11 +55,13 @@ def test_config_defaults_frozen_and_match_function_defaults():
         "c0": inspect.signature(prune_prob).parameters["c0"].default,
         "tau": inspect.signature(soft_keep).parameters["tau"].default,
         "s": inspect.signature(scp_regularizer).parameters["s"].default,
+        "delta": 0.05,
     }
     assert defaults == dataclasses.asdict(cfg)
 
 
-@pytest.mark.parametrize("bad", [dict(c0=1.0), dict(c0=0.0), dict(tau=0.0), dict(k=-1.0), dict(eps=-0.1)])
+@pytest.mark.parametrize("bad", [dict(c0=1.0), dict(c0=0.0), dict(tau=0.0), dict(k=-1.0), dict(eps=-0.1),
+                                 dict(delta=0.0), dict(delta=1.0)])
 def test_config_rejects_bad_values(bad):
     with pytest.raises(ValueError):
         SCPConfig(**bad)
@@ -289,3 +295,79 @@ def test_gate_prob_and_init():
     assert gate_prob(torch.tensor(gate_init_logit(0.9))).item() == pytest.approx(0.9)
     with pytest.raises(ValueError):
         gate_init_logit(1.0)
+
+
+# --------------------------------------------------------------------------- log space
+
+
+SILU_T = -4.4853  # silu(t) = -0.05 on the left tail (t * sigmoid(t) = -0.05, solved by bisection)
+
+
+def test_silu_threshold_by_hand():
+    assert SILU_T * sigmoid(SILU_T) == pytest.approx(-0.05, abs=2e-4)
+
+
+def test_log_deactivation_matches_log_p_and_stays_finite():
+    gamma, beta = t64(1.0, 0.5, 0.3, 2.0), t64(0.0, -1.0, 0.5, -3.0)  # z = -4.4, -6.9, -16.4, -0.7
+    logp = log_deactivation_prob(gamma, beta, t=SILU_T)
+    expected = [math.log(phi((SILU_T + 0.05 - b) / (1e-8 + g))) for g, b in zip(gamma.tolist(), beta.tolist())]
+    assert logp.tolist() == pytest.approx(expected, rel=1e-9)
+    # float32: p underflows to 0 for a live channel behind SiLU, log p does not
+    g32, b32 = torch.tensor([0.1, 0.2]), torch.tensor([1.0, 0.5])
+    assert deactivation_prob(g32, b32, t=SILU_T).tolist() == [0.0, 0.0]
+    lp = log_deactivation_prob(g32, b32, t=SILU_T)
+    assert torch.isfinite(lp).all() and lp[0] < lp[1] < -300  # z = -54.3 and -24.7
+    # per-entry thresholds (a tensor t) give the same as one call per threshold
+    ts = torch.tensor([0.0, SILU_T], dtype=torch.float64)
+    both = log_deactivation_prob(t64(0.5, 0.5), t64(0.2, 0.2), t=ts)
+    assert both[1].item() == pytest.approx(log_deactivation_prob(t64(0.5), t64(0.2), t=SILU_T).item())
+
+
+def test_bn_silu_channel_scored_dead():
+    """beta = -6, gamma = 0.1 behind SiLU: BN output N(-6, 0.01), SiLU of it ~ -0.015: dead."""
+    logp = log_deactivation_prob(torch.tensor([0.1]), torch.tensor([-6.0]), t=SILU_T)
+    p = torch.exp(logp)
+    assert p.item() == pytest.approx(1.0, abs=1e-6)
+    assert not hard_keep(prune_prob(p)).item()
+    assert keep_score(logp).item() < 1e-6
+
+
+def test_live_silu_channels_do_not_tie():
+    """Live channels whose float32 ``p`` is 0 (and ``1 - p`` rounds to 1 in float64) keep their
+    order: keep_score ranks them by log p, as the exact float64 values do."""
+    gamma = torch.tensor([0.5, 0.4, 0.3, 0.25, 0.2, 1.0])
+    beta = torch.tensor([0.0, 0.1, 0.2, 0.3, 0.5, 2.0])
+    score = keep_score(log_deactivation_prob(gamma, beta, t=SILU_T))
+    assert (1.0 - deactivation_prob(gamma, beta, t=SILU_T).double() == 1.0).all()  # the old score: all tied
+    assert len(set(score.tolist())) == len(score)
+    exact = log_deactivation_prob(gamma.double(), beta.double(), t=SILU_T)
+    assert torch.equal(torch.argsort(score), torch.argsort(-exact))
+    assert (score <= 1.0 + 1e-9).all() and (score > 1.0 - 1e-12).all()
+
+
+def test_keep_score_is_one_minus_p_where_p_is_resolved():
+    logp = torch.log(t64(0.5, 0.95, 0.01))
+    assert keep_score(logp).tolist() == pytest.approx([0.5, 0.05, 0.99], abs=1e-9)
+    assert keep_score(torch.tensor([-math.inf])).item() == pytest.approx(1.0, abs=1e-8)
+
+
+def test_combine_log_sites_is_log_of_product():
+    a, b = t64(0.5, 0.9), t64(0.4, 0.2)
+    logp = torch.log(torch.cat([a, b]))
+    flat = torch.tensor([0, 1, 0, 1])
+    got = combine_log_sites(logp, flat, 3)
+    assert torch.exp(got[:2]).tolist() == pytest.approx(combine_sites([a, b]).tolist())
+    assert got[2].item() == 0.0  # no site: p = 1 is never read (gates replace it)
+
+
+def test_gate_regularizer_value_and_pull():
+    logit = torch.tensor([gate_init_logit(), 0.0, 5.0], dtype=torch.float64, requires_grad=True)
+    w = t64(1.0, 2.0, 1.0)
+    r = gate_regularizer(logit, w)
+    expected = sum(wi * -math.log(sigmoid(li)) for wi, li in zip(w.tolist(), logit.tolist()))
+    assert r.item() == pytest.approx(expected, rel=1e-12)
+    r.backward()
+    pi = torch.sigmoid(logit.detach())
+    assert logit.grad.tolist() == pytest.approx((-w * (1 - pi)).tolist(), rel=1e-9)
+    # at the initial gate the pull is 0.95 w: 20x the old ``1 - pi`` term's pi (1 - pi) = 0.0475
+    assert -logit.grad[0].item() > 0.9
