@@ -27,7 +27,7 @@ from torch import nn
 from torch.utils._pytree import tree_map_only
 
 from .errors import CaptureError
-from .flops import as_inputs as as_input_tuple  # noqa: F401 (one normaliser for both)
+from .inputs import as_inputs as as_input_tuple  # noqa: F401 (one normaliser for both)
 from .shapes import fast_function_shape, fast_module_shape
 
 MAX_LEAF_RETRIES = 64

@@ -9,26 +9,14 @@ must reproduce this number exactly.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 
 import torch
 import torch.fx as fx
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-Inputs = torch.Tensor | Sequence[torch.Tensor]
-
-
-def as_inputs(example_inputs: Inputs) -> tuple[torch.Tensor, ...]:
-    """Normalise example inputs to a tuple of positional arguments.
-
-    Example:
-        >>> len(as_inputs(torch.zeros(1))), len(as_inputs([torch.zeros(1), torch.zeros(2)]))
-        (1, 2)
-    """
-    if isinstance(example_inputs, (tuple, list)):
-        return tuple(example_inputs)
-    return (example_inputs,)  # a bare tensor (or any single object) is one argument
+from .inputs import Inputs, as_inputs  # noqa: F401 (re-exported)
 
 
 @contextlib.contextmanager

@@ -21,7 +21,7 @@ import torch
 import torch.fx as fx
 from torch.utils._pytree import tree_leaves, tree_map
 
-from . import rules_core, rules_mixing, rules_shape  # noqa: F401  (they fill the registry)
+from . import ops  # noqa: F401  (fills the registry)
 from .atoms import NONE, UNKNOWN, AtomTable, filled, on_axis
 from .flow_types import Balance, ChannelCount, Grid, NonEmpty, ParamRef, Site  # noqa: F401 (re-exported)
 from .registry import describe, lookup, node_arg

@@ -134,16 +134,13 @@ def _site_readers(flow: ChannelFlow, roots: np.ndarray, root_lead: np.ndarray) -
 
 def _chain_kind(node: fx.Node, modules) -> str | None:
     """'param' for a channel-wise op with per-channel parameters, 'plain' for one
-    without, None for anything that cannot sit in a site group's chain."""
-    from . import rules_core
+    without, None for anything that cannot sit in a site group's chain (the registry
+    entry's ``chain`` role)."""
     entry = lookup(node, modules)
-    if entry is None:
-        return None
-    if entry.rule in (rules_core.norm_rule, rules_core.functional_norm_rule):
+    role = entry.chain if entry is not None else None
+    if role == "norm":
         return "param"
-    if entry.rule in (rules_core.same_rule, rules_core.spatial_rule) and node.op != "call_module" or (
-            entry.rule in (rules_core.same_rule, rules_core.spatial_rule) and not list(
-                modules[node.target].parameters(recurse=False))):
+    if role == "pass" and (node.op != "call_module" or not list(modules[node.target].parameters(recurse=False))):
         return "plain"
     return None
 

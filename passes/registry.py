@@ -18,7 +18,7 @@ or method names (``"view"``).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable, ClassVar
 
 import torch
@@ -81,13 +81,37 @@ def solve_tail(name: str, make: Callable, params: tuple, delta: float) -> float 
 
 
 @dataclass(frozen=True)
+class FlopsTerm:
+    """An op's share of the FLOPs cost model: ``coef * I * O`` where I (``per_input``: the
+    kept channels at its mask site, else 1) and O (kept channels of its output along
+    ``out_axis``, None: 1) are what pruning changes."""
+    coef: float
+    per_input: bool
+    out_axis: int | None
+
+
+@dataclass(frozen=True)
 class OpEntry:
-    """Everything the project knows about one op. ``dead``: for activations, where its
-    output is (nearly) zero (``ZeroBelow`` / ``SmallTail``), read by SCP's BN sites."""
+    """Everything the project knows about one op.
+
+    - ``rule(ctx, node)``: channel rule; ``surgery(sctx, node)``: rewrite once channels go;
+    - ``shape(callee, args, kwargs)``: fast analytic output shape (a meta tensor) or None;
+    - ``flops(node, modules, has_site) -> FlopsTerm | None``: its FLOPs term (mixing ops);
+    - ``dead``: where an activation's output is (nearly) zero (``ZeroBelow``/``SmallTail``);
+    - ``chain``: role in a site group's chain: "norm" (per-channel parameters) or "pass"
+      (channel-wise, no parameters of its own); ``bn``: "site" for BatchNorm (an SCP BN
+      site), "through" for a residual add an activation may sit behind;
+    - ``importance(node, modules)``: L1 of the weight columns reading each input channel.
+    """
     name: str
     rule: Callable
     surgery: Callable | None = None
     dead: ZeroBelow | SmallTail | None = None
+    shape: Callable | None = None
+    flops: Callable | None = None
+    chain: str | None = None
+    bn: str | None = None
+    importance: Callable | None = None
 
 
 _REGISTRY: dict[Any, OpEntry] = {}
@@ -106,24 +130,45 @@ def op_name(target: Any) -> str:
     return f"{mod}.{name}" if mod else name
 
 
-def register(*targets: Any, surgery: Callable | None = None, dead: ZeroBelow | SmallTail | None = None):
-    """Decorator: register a channel rule (and optional surgery rule) for ``targets``."""
+def register(*targets: Any, surgery: Callable | None = None, **fields):
+    """Decorator: register a channel rule (and optional surgery rule and other ``OpEntry``
+    fields) for ``targets``."""
     def deco(rule: Callable) -> Callable:
         for target in targets:
-            _REGISTRY[target] = OpEntry(op_name(target), rule, surgery, dead)
+            _REGISTRY[target] = OpEntry(op_name(target), rule, surgery, **fields)
         return rule
     return deco
 
 
-def register_name(qualified: str, rule: Callable, surgery: Callable | None = None, dead=None) -> None:
+def annotate(*targets: Any, **fields) -> None:
+    """Set more ``OpEntry`` fields (``shape``, ``dead``, ``chain``...) of registered targets."""
+    for target in targets:
+        _REGISTRY[target] = replace(_REGISTRY[target], **fields)
+
+
+def register_name(qualified: str, rule: Callable, surgery: Callable | None = None, **fields) -> None:
     """A rule for a function known only by its qualified name (e.g. torchvision's
     ``torchvision.ops.stochastic_depth.stochastic_depth``, wrapped as a leaf by fx)."""
-    _BY_NAME[qualified] = OpEntry(qualified, rule, surgery, dead)
+    _BY_NAME[qualified] = OpEntry(qualified, rule, surgery, **fields)
 
 
-def register_op(target: Any, rule: Callable, surgery: Callable | None = None, dead=None) -> None:
+def register_op(target: Any, rule: Callable, surgery: Callable | None = None, **fields) -> None:
     """Public entry point: add (or replace) the rule for a custom op or module class."""
-    _REGISTRY[target] = OpEntry(op_name(target), rule, surgery, dead)
+    _REGISTRY[target] = OpEntry(op_name(target), rule, surgery, **fields)
+
+
+def exact_entry(target: Any) -> OpEntry | None:
+    """The entry registered for exactly this class or function (no subclass search): the
+    fast shape rules use it, where a subclass may compute something else."""
+    try:
+        return _REGISTRY.get(target)
+    except TypeError:  # unhashable
+        return None
+
+
+def registered_keys() -> list:
+    """Every registered target and qualified name (the coverage test walks them)."""
+    return list(_REGISTRY) + list(_BY_NAME)
 
 
 def node_arg(node: fx.Node, index: int, name: str | None = None, default: Any = None) -> Any:

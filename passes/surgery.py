@@ -22,7 +22,7 @@ from .errors import SurgeryError
 from .flow import ChannelFlow, ParamRef, Site
 from .plan import Plan
 from .registry import lookup
-from .surgery_rules import set_tensor
+from .ops.tensors import set_tensor
 
 
 class SurgeryContext:

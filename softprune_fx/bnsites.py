@@ -14,22 +14,16 @@ Example::
 """
 from __future__ import annotations
 
-import operator
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.fx as fx
-import torch.nn.functional as F
-from torch import nn
 
 from softprune_fx.passes.atoms import along
-from softprune_fx.passes.ops import dead_threshold
+from softprune_fx.passes.ops import dead_threshold, lookup
 
 from .index import ChannelIndex
-
-ADDS = (operator.add, operator.iadd, torch.add, "add", "add_")
-BN_MODULES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 
 
 @dataclass
@@ -47,18 +41,26 @@ def _activation_after(node: fx.Node, modules, delta: float, depth: int = 3) -> f
         t = dead_threshold(user, modules, delta)
         if t is not None:
             return t
-        if depth and (user.target in ADDS):
+        if depth and _bn_role(user, modules) == "through":  # a residual add (registry)
             t = _activation_after(user, modules, delta, depth - 1)
             if t is not None:
                 return t
     return None
 
 
+def _bn_role(node: fx.Node, modules) -> str | None:
+    """The registry entry's ``bn`` role: "site" (BatchNorm), "through" (add) or None."""
+    entry = lookup(node, modules) if node.op in ("call_module", "call_function", "call_method") else None
+    return entry.bn if entry is not None else None
+
+
 def _bn_params(node: fx.Node, modules) -> tuple[str, str] | None:
-    if node.op == "call_module" and isinstance(modules[node.target], BN_MODULES):
+    if _bn_role(node, modules) != "site":
+        return None
+    if node.op == "call_module":
         m = modules[node.target]
         return (f"{node.target}.weight", f"{node.target}.bias") if m.affine else None
-    if node.op == "call_function" and node.target is F.batch_norm:
+    if node.op == "call_function":
         w = node.args[3] if len(node.args) > 3 else node.kwargs.get("weight")
         b = node.args[4] if len(node.args) > 4 else node.kwargs.get("bias")
         if getattr(w, "op", None) == "get_attr" and getattr(b, "op", None) == "get_attr":

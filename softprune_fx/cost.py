@@ -14,17 +14,15 @@ Example::
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import nn
 
-from softprune_fx.passes import rules_mixing
 from softprune_fx.passes.atoms import along
 from softprune_fx.passes.flops import count_flops
-from softprune_fx.passes.registry import lookup, node_arg
+from softprune_fx.passes.ops import lookup, node_arg
 
 from .index import ChannelIndex
 
@@ -36,11 +34,6 @@ class Term:
     in_cls: np.ndarray | None   # flat ids per input position (-1 = always kept), None: not counted
     in_sg: np.ndarray | None
     out: np.ndarray | None      # flat ids per output channel, None: not counted
-
-
-def _numel(shape) -> int:
-    return int(math.prod(shape))
-
 
 
 class CostModel:
@@ -60,40 +53,22 @@ class CostModel:
         self.constant = self.total0 - self._variable(full)
 
     def _term(self, cg, node, entry, modules, site) -> Term | None:
-        if entry is None or entry.rule not in (rules_mixing.conv_rule, rules_mixing.linear_rule,
-                                               rules_mixing.functional_weight_rule, rules_mixing.matmul_rule):
+        """The node's FLOPs term from its registry entry (``OpEntry.flops``), mapped to flat ids."""
+        if entry is None or entry.flops is None:
             return None
         out = node.meta["val"]
-        x = node_arg(node, 0, "input").meta["val"]
         lay = cg.flow.layouts.get(node)
         if not isinstance(out, torch.Tensor) or not isinstance(lay, np.ndarray):
             return None
-        in_cls, in_sg = self.index.site_ids(site) if site is not None else (None, None)
-        if entry.rule is rules_mixing.matmul_rule:
-            if site is None:
-                return None
-            return Term(node.name, 2.0 * _numel(out.shape), in_cls, in_sg, None)
-        is_linear = entry.rule is rules_mixing.linear_rule or node.target is torch.nn.functional.linear
-        axis = -1 if is_linear else 1
-        vec = along(lay, axis, out.shape[axis])
-        out_ids = self.index.atom_ids(vec) if vec is not None else None
-        if is_linear:
-            w = modules[node.target].weight if node.op == "call_module" else node_arg(node, 1, "weight").meta["val"]
-            flops = 2.0 * _numel(out.shape[:-1]) * w.shape[1] * w.shape[0]
-            return Term(node.name, flops / (w.shape[1] * w.shape[0]), in_cls, in_sg, out_ids)
-        if node.op == "call_module":
-            m = modules[node.target]
-            w, groups = m.weight, m.groups
-            transposed = isinstance(m, nn.modules.conv._ConvTransposeNd)
-        else:
-            w, groups, transposed = node_arg(node, 1, "weight").meta["val"], 1, False
-        kernel = _numel(w.shape[2:])
-        cin, cout = x.shape[1], out.shape[1]
-        spatial = _numel(x.shape) // cin if transposed else _numel(out.shape) // cout
-        flops = 2.0 * spatial * cin * cout // groups * kernel
-        if site is None:  # depthwise: FLOPs follow the kept channels
-            return Term(node.name, flops / cout, None, None, out_ids)
-        return Term(node.name, flops / (cin * cout), in_cls, in_sg, out_ids)
+        spec = entry.flops(node, modules, site is not None)
+        if spec is None:
+            return None
+        in_cls, in_sg = self.index.site_ids(site) if spec.per_input and site is not None else (None, None)
+        out_ids = None
+        if spec.out_axis is not None:
+            vec = along(lay, spec.out_axis, out.shape[spec.out_axis])
+            out_ids = self.index.atom_ids(vec) if vec is not None else None
+        return Term(node.name, spec.coef, in_cls, in_sg, out_ids)
 
     # ------------------------------------------------------------------ evaluation
     @staticmethod

@@ -150,16 +150,13 @@ def prune_one_shot(model: nn.Module, example_inputs: Any, ratio: float = 0.4, *,
 
 def _consumer_l1(cg, index: ChannelIndex, model: nn.Module) -> np.ndarray:
     """L1 norm of the consumer weight columns that read each channel."""
+    from softprune_fx.passes.ops import lookup
     l1 = np.zeros(index.size + 1)
     modules = dict(cg.gm.named_modules())
     for site in cg.flow.sites:
-        node = site.node
-        m = modules.get(node.target) if node.op == "call_module" and site.kind in ("conv", "linear") else None
-        w = getattr(m, "weight", None)
-        if w is None or getattr(m, "groups", 1) != 1 or isinstance(m, nn.modules.conv._ConvTransposeNd):
-            continue
-        cols = w.detach().abs().reshape(w.shape[0], w.shape[1], -1).sum(dim=(0, 2)).double().numpy()
-        if len(cols) != len(site.atoms):
+        entry = lookup(site.node, modules) if site.kind in ("conv", "linear") else None
+        cols = entry.importance(site.node, modules) if entry is not None and entry.importance else None
+        if cols is None or len(cols) != len(site.atoms):  # the registry's one-shot importance
             continue
         cls, sg = index.site_ids(site)
         np.add.at(l1, cls, cols)

@@ -156,7 +156,7 @@ class CustomAct(nn.Module):
 
 def test_register_op_makes_a_custom_op_prunable():
     from softprune_fx.passes.registry import _REGISTRY
-    from softprune_fx.passes.rules_core import same_rule
+    from softprune_fx.passes.ops.elementwise import same_rule
     net, x = CustomAct(), (torch.randn(1, 3, 10, 10),)
     assert not containing(sp.analyze(net, x), "a").prunable  # no rule: frozen
     sp.register_op(my_act, rule=same_rule)

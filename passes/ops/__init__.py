@@ -1,9 +1,18 @@
 """The op registry's entries, by family; importing this package loads every entry.
 
-Registry functions are re-exported so callers need one import::
+Families: ``elementwise`` (activations, arithmetic), ``norm``, ``mixing`` (conv, linear,
+matmul), ``shape`` (reshape, permute, cat, shuffles, shape queries), ``slicing`` (split,
+narrow, indexing, channel pad), ``reduce`` (pooling, reductions), and ``params`` where
+present. Adding an op is one entry in one of them. Registry functions are re-exported::
 
     from softprune_fx.passes.ops import dead_threshold, lookup
 """
-from .. import rules_core, rules_mixing, rules_shape  # noqa: F401  (they fill the registry)
-from ..registry import (OpEntry, SmallTail, ZeroBelow, dead_threshold, describe, entry_of,  # noqa: F401
-                        exact_zero_threshold, lookup, node_arg, register, register_name, register_op)
+import importlib.util
+
+from . import elementwise, mixing, norm, reduce, shape, slicing  # noqa: F401  (they fill the registry)
+from ..registry import (FlopsTerm, OpEntry, SmallTail, ZeroBelow, annotate, dead_threshold,  # noqa: F401
+                        describe, entry_of, exact_entry, exact_zero_threshold, lookup, node_arg,
+                        register, register_name, register_op, registered_keys)
+
+if importlib.util.find_spec(f"{__name__}.params") is not None:
+    from . import params  # noqa: F401

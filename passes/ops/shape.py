@@ -1,10 +1,8 @@
-"""Registry entries for ops that move, address or reduce the channel axis: reshapes,
-permutes, cat/stack, split/chunk/narrow/slicing, channel pad, pixel and channel shuffle,
-GLU, and reductions.
+"""Ops that move the channel axis or read its size: reshapes (view, flatten, unflatten,
+squeeze), permutes, expand, cat/stack, pixel and channel shuffle, GLU, and the shape
+queries (``x.shape``, ``size``, ``numel``) whose results follow pruning.
 """
 from __future__ import annotations
-
-import operator
 
 import numpy as np
 import torch
@@ -12,14 +10,49 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from . import surgery_rules as S
-from .atoms import NONE, UNKNOWN, along, carrying_axes, filled, on_axis, reshape_layout
-from .flow_types import ChannelCount, Grid, NonEmpty
-from .registry import register
-from .rules_core import broadcast_rule
-
+from ..atoms import NONE, UNKNOWN, along, carrying_axes, filled, on_axis, reshape_layout
+from ..flow_types import ChannelCount, Grid
+from ..registry import register
 
 # ----------------------------------------------------------------------------- reshapes
+
+
+def reshape_surgery(sctx, node):
+    """Re-emit integer size constants of view/reshape/unflatten with the pruned extents."""
+    layout = sctx.layout(node)
+    if not isinstance(layout, np.ndarray) or not (layout >= 0).any():
+        return
+    extents = sctx.kept_extents(node)
+    if node.op == "call_module":
+        m = sctx.module(node)
+        if isinstance(m, nn.Unflatten):
+            dim = m.dim % len(extents)
+            m.unflattened_size = tuple(extents[dim:dim + len(m.unflattened_size)])
+        return
+    kind, first, sizes, packed = reshape_sizes(node, len(extents))
+    if kind is None:
+        return
+    new = [extents[first + i] if isinstance(s, int) and s != -1 else s for i, s in enumerate(sizes)]
+    if kind == "unflatten":
+        node.args = (node.args[0], node.args[1], tuple(new))
+    else:
+        node.args = (node.args[0], tuple(new)) if packed or node.target is torch.reshape else (node.args[0], *new)
+
+
+def reshape_sizes(node, ndim: int) -> tuple:
+    """``(kind, first output axis, size arguments, packed)`` of a view/reshape (kind "view")
+    or unflatten call, ``packed`` when the sizes came as one tuple; kind None otherwise.
+    The flow rule reads the sizes that come from shapes, the surgery rule re-emits them."""
+    if node.op == "call_module":
+        return None, 0, [], False
+    name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
+    if name in ("view", "reshape"):
+        sizes = node.args[1:]
+        packed = len(sizes) == 1 and isinstance(sizes[0], (tuple, list))
+        return "view", 0, list(sizes[0]) if packed else list(sizes), packed
+    if name == "unflatten" and len(node.args) > 2:
+        return "unflatten", node.args[1] % ndim, list(node.args[2]), True
+    return None, 0, [], False
 
 
 def reshape_rule(ctx, node):
@@ -40,7 +73,7 @@ def reshape_rule(ctx, node):
 
 def _size_counts(ctx, node, nd: int) -> dict:
     """Output axis -> ChannelCount for the sizes of view/reshape/unflatten read from a shape."""
-    _, first, sizes, _ = S.reshape_sizes(node, nd)
+    _, first, sizes, _ = reshape_sizes(node, nd)
     counts = {first + i: ctx.layout(s) for i, s in enumerate(sizes) if isinstance(s, fx.Node)}
     return {d: c for d, c in counts.items() if isinstance(c, ChannelCount) and d < nd}
 
@@ -65,7 +98,7 @@ def _check_count(ctx, new: np.ndarray, d: int, extent: int, count: ChannelCount)
 
 register(torch.reshape, torch.flatten, torch.squeeze, torch.unsqueeze, nn.Flatten, nn.Unflatten,
          "view", "reshape", "flatten", "unflatten", "squeeze", "unsqueeze", "view_as", "reshape_as",
-         surgery=S.reshape_surgery)(reshape_rule)
+         surgery=reshape_surgery)(reshape_rule)
 
 
 @register("permute", "transpose", "t", "movedim", "swapaxes", "mT", torch.permute, torch.transpose,
@@ -161,146 +194,6 @@ def stack_rule(ctx, node):
     return np.expand_dims(lay, dim)
 
 
-# ----------------------------------------------------------------------------- addressing
-
-
-def _pieces_rule(ctx, node, dim):
-    x = node.args[0]
-    lay, v, out = ctx.layout(x), ctx.val(x), ctx.out()
-    dim %= v.dim()
-    if lay.shape[dim] == 1:
-        return type(out)(lay for _ in out)
-    atoms = along(lay, dim, v.shape[dim])
-    if atoms is None:
-        return ctx.unknown(f"{ctx.where()}: channels on several axes")
-    pieces, start = [], 0
-    for piece in out:
-        width = piece.shape[dim]
-        part = atoms[start:start + width]
-        ctx.constrain(NonEmpty(part, f"piece of {ctx.where()}"))
-        ctx.table.tag(part, "split")
-        pieces.append(on_axis(part, dim, v.dim()))
-        start += width
-    return type(out)(pieces)
-
-
-@register(torch.split, torch.chunk, torch.tensor_split, "split", "chunk", "tensor_split", "split_with_sizes",
-          surgery=S.split_surgery)
-def split_rule(ctx, node):
-    dim = ctx.arg(2, "dim", 0)
-    return _pieces_rule(ctx, node, dim)
-
-
-@register(torch.unbind, "unbind")
-def unbind_rule(ctx, node):
-    x = node.args[0]
-    lay = ctx.layout(x)
-    dim = ctx.arg(1, "dim", 0) % ctx.val(x).dim()
-    if lay.shape[dim] > 1:
-        return ctx.unknown(f"{ctx.where()}: unbinds the channel axis")
-    return type(ctx.out())(np.squeeze(lay, dim) for _ in ctx.out())
-
-
-@register(torch.narrow, "narrow", surgery=S.narrow_surgery)
-def narrow_rule(ctx, node):
-    x = node.args[0]
-    lay, v = ctx.layout(x), ctx.val(x)
-    dim, start, length = (ctx.val(a) for a in node.args[1:4])
-    dim %= v.dim()
-    if lay.shape[dim] == 1:
-        return lay
-    atoms = along(lay, dim, v.shape[dim])
-    if atoms is None:
-        return ctx.unknown(f"{ctx.where()}: channels on several axes")
-    part = atoms[start:start + length]
-    ctx.constrain(NonEmpty(part, f"{ctx.where()}"))
-    ctx.table.tag(part, "split")
-    return on_axis(part, dim, v.dim())
-
-
-def normalized_index(index, ndim: int, resolve) -> list | None:
-    """A tensor index as a list with Ellipsis expanded; None for advanced indexing."""
-    items = list(index) if isinstance(index, tuple) else [index]
-    items = [resolve(i) for i in items]
-    if any(isinstance(i, (torch.Tensor, list, fx.Node)) or (i is not None and not isinstance(i, (int, slice)) and i is not Ellipsis)
-           for i in items):
-        return None
-    if any(i is Ellipsis for i in items):
-        k = items.index(Ellipsis)
-        used = sum(1 for i in items if i is not None and i is not Ellipsis)
-        items[k:k + 1] = [slice(None)] * (ndim - used)
-    used = sum(1 for i in items if i is not None)
-    return items + [slice(None)] * (ndim - used)
-
-
-def _resolve_value(item):
-    """Concrete value of an index item whose parts may be graph nodes (sizes)."""
-    val = lambda p: p.meta.get("val") if isinstance(p, fx.Node) else p  # noqa: E731
-    if isinstance(item, slice):
-        return slice(val(item.start), val(item.stop), val(item.step))
-    return val(item)
-
-
-@register(operator.getitem, surgery=S.getitem_surgery)
-def getitem_rule(ctx, node):
-    container, index = node.args
-    lay = ctx.flow.layouts.get(container) if isinstance(container, fx.Node) else None
-    if not isinstance(ctx.val(container), torch.Tensor):
-        if lay is None:
-            return None
-        try:
-            return lay[index]
-        except (IndexError, KeyError, TypeError):
-            return ctx.unknown()
-    lay = ctx.layout(container)
-    items = normalized_index(index, lay.ndim, _resolve_value)
-    if items is None:
-        return ctx.unknown(f"{ctx.where()}: advanced indexing")
-    np_index, d = [], 0
-    for item in items:
-        if item is None:
-            np_index.append(None)
-            continue
-        if lay.shape[d] == 1:
-            np_index.append(0 if isinstance(item, int) else slice(None))
-        else:
-            if isinstance(item, int):
-                ctx.freeze(lay, f"{ctx.where()}: picks single channels")
-            np_index.append(item)
-        d += 1
-    out = lay[tuple(np_index)]
-    if any(isinstance(i, slice) and lay.shape[k] > 1 and i != slice(None)
-           for k, i in enumerate(x for x in items if x is not None)):
-        ctx.constrain(NonEmpty(out.reshape(-1), f"{ctx.where()}"))
-        ctx.table.tag(out, "split")
-    return np.ascontiguousarray(out)
-
-
-@register(F.pad, surgery=S.pad_surgery)
-def pad_rule(ctx, node):
-    """Spatial pad passes channels through; a constant pad on the channel axis adds
-    channels owned by the pad (the CIFAR ResNet option-A shortcut)."""
-    x = node.args[0]
-    lay, v = ctx.layout(x), ctx.val(x)
-    pad = list(ctx.val(ctx.arg(1, "pad")))
-    mode = ctx.arg(2, "mode", "constant")
-    nd = v.dim()
-    for j in range(len(pad) // 2):
-        d = nd - 1 - j
-        before, after = pad[2 * j], pad[2 * j + 1]
-        if (before, after) == (0, 0) or (lay.shape[d] == 1 and (d >= 2 or v.shape[d] > 1)):
-            continue  # an axis that carries no channels (spatial, or H of a channels-last map)
-        if d == 0 and lay.shape[0] == 1:
-            continue
-        atoms = along(lay, d, v.shape[d])
-        if atoms is None or mode != "constant" or before < 0 or after < 0:
-            return ctx.unknown(f"{ctx.where()}: pads the channel axis")
-        extra = ctx.owned(before + after, "const", key=node.name)
-        ctx.table.tag(extra, "pad")
-        lay = on_axis(np.concatenate([extra[:before], atoms, extra[before:]]), d, nd)
-    return lay
-
-
 # ----------------------------------------------------------------------------- shuffles
 
 
@@ -363,43 +256,56 @@ def glu_rule(ctx, node):
     return on_axis(ctx.unify(atoms[:half], atoms[half:]), dim, v.dim())
 
 
-# ----------------------------------------------------------------------------- reductions
-
-EXACT_FILL = {"sum": 0.0, "mean": 0.0, "amax": float("-inf"), "max": float("-inf"),
-              "amin": float("inf"), "min": float("inf")}
-REDUCTIONS = ("sum", "mean", "amax", "amin", "max", "min", "std", "var", "prod", "norm", "logsumexp",
-              "nansum", "nanmean")
+# ----------------------------------------------------------------------------- shape queries
 
 
-def reduce_rule(ctx, node):
-    """Reductions over spatial axes pass channels through; over the channel axis, sum,
-    mean, max and min become exact mask sites, the others are inexact."""
-    x = node.args[0] if node.args else node.kwargs["input"]
-    lay, v, out = ctx.layout(x), ctx.val(x), ctx.out()
-    name = node.target if isinstance(node.target, str) else node.target.__name__
-    dims = ctx.arg(1, "dim", None)
-    if len(node.args) > 1 and isinstance(ctx.val(node.args[1]), torch.Tensor):
-        return broadcast_rule(ctx, node)  # torch.max(a, b) is element-wise
-    keepdim = bool(ctx.arg(2, "keepdim", False))
-    nd = v.dim()
-    dims = list(range(nd)) if dims is None or dims == [] else [d % nd for d in (dims if isinstance(dims, (tuple, list)) else [dims])]
-    crossing = [d for d in dims if lay.shape[d] > 1]
-    if crossing:
-        axes = carrying_axes(lay)
-        if name in EXACT_FILL and len(axes) == 1:
-            ctx.site(0, along(lay, axes[0], v.shape[axes[0]]), axes[0], "reduce", EXACT_FILL[name])
-            if isinstance(out, tuple) and any(u.target is not operator.getitem or u.args[1] != 0 for u in node.users):
-                ctx.freeze(lay, f"{ctx.where()}: uses the arg-max index over channels")
-        else:
-            ctx.inexact(lay, f"{name} over channels")
-    red = lay.copy()
-    for d in dims:
-        red = red.take([0], axis=d)
-        if d in crossing:
-            red = np.full_like(red, NONE)
-    if not keepdim:
-        red = red.reshape([s for k, s in enumerate(red.shape) if k not in dims])
-    return tuple(red for _ in out) if isinstance(out, tuple) else red
+@register(getattr)
+def getattr_rule(ctx, node):
+    """``x.shape`` and friends carry no channels; ``torch.max(x, 1).values`` picks a field."""
+    lay = ctx.flow.layouts.get(node.args[0])
+    if node.args[1] == "shape":
+        return size_layout(ctx, node.args[0], None)
+    if not isinstance(ctx.out(), torch.Tensor):
+        return None
+    if isinstance(lay, tuple) and node.args[1] in ("values", "indices"):
+        return lay[0 if node.args[1] == "values" else 1]
+    if node.args[1] in ("data", "real"):
+        return ctx.layout(node.args[0])
+    return ctx.unknown()
 
 
-register(*REDUCTIONS, *(getattr(torch, n) for n in REDUCTIONS), surgery=S.reduce_surgery)(reduce_rule)
+def size_layout(ctx, x, dim):
+    """``x.size(dim)`` / ``x.shape``: the extents of channel axes are ChannelCounts."""
+    lay, v = ctx.layout(x), ctx.val(x)
+    if not isinstance(lay, np.ndarray):
+        return None
+
+    def count(d):
+        if lay.shape[d] == 1 or not (lay >= 0).any():
+            return None
+        vec = along(lay, d, v.shape[d])  # in position order where the axis is one channel axis
+        if vec is not None and (vec >= 0).all() and len(np.unique(vec)) == len(vec):
+            return ChannelCount(vec)
+        return ChannelCount(np.unique(lay[lay >= 0]))
+    if dim is not None:
+        return count(dim % v.dim())
+    return tuple(count(d) for d in range(v.dim()))
+
+
+@register("size")
+def size_rule(ctx, node):
+    return size_layout(ctx, node.args[0], ctx.arg(1, "dim"))
+
+
+@register("numel", "nelement", torch.numel)
+def numel_rule(ctx, node):
+    lay = ctx.layout(node.args[0])
+    if isinstance(lay, np.ndarray) and (lay >= 0).any():
+        return ChannelCount(np.unique(lay[lay >= 0]))
+    return None
+
+
+@register("dim", len, "element_size", "is_contiguous")
+def no_channels_rule(ctx, node):
+    """Ranks, dtypes and other Python values carry no channels."""
+    return None

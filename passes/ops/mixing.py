@@ -1,0 +1,290 @@
+"""Ops that mix channels (mask sites): conv (dense, grouped, depthwise, transposed),
+linear, their functional forms on plain parameters, and matmul; with their surgery,
+fast shapes, FLOPs terms and one-shot importance.
+"""
+from __future__ import annotations
+
+import math
+import operator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..atoms import NONE, UNKNOWN, along, filled, fixed, on_axis
+from ..flow_types import Balance, NonEmpty
+from ..registry import FlopsTerm, annotate, node_arg, register
+from .tensors import empty, idx, one_tensor, set_tensor
+
+# ----------------------------------------------------------------------------- surgery
+
+
+def slice_conv(m: nn.Module, in_keep: np.ndarray, out_keep: np.ndarray) -> None:
+    """Slice a (transposed, grouped, depthwise) conv's weight and bias in place."""
+    w = m.weight.data
+    ik, ok = idx(in_keep), idx(out_keep)
+    transposed = isinstance(m, nn.modules.conv._ConvTransposeNd)
+    g = m.groups
+    if transposed:
+        w = w[ik][:, ok]
+    elif g == 1:
+        w = w[ok][:, ik]
+    elif g == m.in_channels:  # depthwise, any channel multiplier
+        w = w[ok]
+        g = len(ik)
+    else:  # grouped: every group keeps the same count (Balance constraint)
+        ip, op = m.in_channels // g, m.out_channels // g
+        rows = []
+        for b in range(g):
+            ob = idx(out_keep[b * op:(b + 1) * op]) + b * op
+            ib = idx(in_keep[b * ip:(b + 1) * ip])
+            rows.append(w[ob][:, ib])
+        w = torch.cat(rows, 0)
+    set_tensor(m, "weight", w)
+    if m.bias is not None:
+        set_tensor(m, "bias", m.bias.data[ok])
+    m.in_channels, m.out_channels, m.groups = len(ik), len(ok), g
+
+
+def conv_surgery(sctx, node):
+    m = sctx.module(node)
+    if not sctx.first_call(node):
+        return
+    out_keep = sctx.keep_along(node, 1)
+    site = sctx.site_of(node)
+    in_keep = sctx.site_keep(site) if site is not None else sctx.keep_along(node.args[0], 1)
+    slice_conv(m, in_keep, out_keep)
+
+
+def linear_surgery(sctx, node):
+    m = sctx.module(node)
+    if not sctx.first_call(node):
+        return
+    ok, ik = idx(sctx.keep_along(node, -1)), idx(sctx.site_keep(sctx.site_of(node)))
+    set_tensor(m, "weight", m.weight.data[ok][:, ik])
+    if m.bias is not None:
+        set_tensor(m, "bias", m.bias.data[ok])
+    m.in_features, m.out_features = len(ik), len(ok)
+
+
+def functional_weight_surgery(sctx, node):
+    """``F.conv2d`` / ``F.linear`` on a plain parameter: slice the weight (the bias is a
+    one-axis parameter, sliced by the generic parameter pass)."""
+    w = node_arg(node, 1, "weight")
+    if not sctx.first_call(node, key=w.target):
+        return
+    axis = -1 if node.target is torch.nn.functional.linear else 1
+    site = sctx.site_of(node)  # none where the input carries no prunable channel (e.g. the image)
+    x = node_arg(node, 0, "input")
+    in_keep = sctx.site_keep(site) if site is not None else sctx.keep_along(x, axis)
+    out_keep = sctx.keep_along(node, axis)
+    if out_keep.all() and in_keep.all():
+        return  # nothing dropped (a grouped or computed-weight conv is frozen by its rule)
+    ok, ik = idx(out_keep), idx(in_keep)
+    owner, name = sctx.owner_of(w.target)
+    set_tensor(owner, name, getattr(owner, name).data[ok][:, ik])
+
+
+# ----------------------------------------------------------------------------- FLOPs, importance, shapes
+
+
+def _numel(shape) -> int:
+    return int(math.prod(shape))
+
+
+def conv_flops(node, modules, has_site: bool) -> FlopsTerm:
+    """FlopCounterMode's conv count ``2 * spatial * Cin * Cout / groups * kernel`` as
+    ``coef * I * O``; without a mask site (depthwise) it follows the outputs alone."""
+    out, x = node.meta["val"], node_arg(node, 0, "input").meta["val"]
+    if node.op == "call_module":
+        m = modules[node.target]
+        w, groups = m.weight, m.groups
+        transposed = isinstance(m, nn.modules.conv._ConvTransposeNd)
+    else:
+        w, groups, transposed = node_arg(node, 1, "weight").meta["val"], 1, False
+    cin, cout = x.shape[1], out.shape[1]
+    spatial = _numel(x.shape) // cin if transposed else _numel(out.shape) // cout
+    flops = 2.0 * spatial * cin * cout // groups * _numel(w.shape[2:])
+    return FlopsTerm(flops / (cin * cout), True, 1) if has_site else FlopsTerm(flops / cout, False, 1)
+
+
+def linear_flops(node, modules, has_site: bool) -> FlopsTerm:
+    """``2 * rows * I * O``."""
+    return FlopsTerm(2.0 * _numel(node.meta["val"].shape[:-1]), True, -1)
+
+
+def functional_flops(node, modules, has_site: bool) -> FlopsTerm:
+    return (linear_flops if node.target is F.linear else conv_flops)(node, modules, has_site)
+
+
+def matmul_flops(node, modules, has_site: bool) -> FlopsTerm | None:
+    """``2 * numel(out) * K``, K the contracted extent (its mask site); none without one."""
+    return FlopsTerm(2.0 * _numel(node.meta["val"].shape), True, None) if has_site else None
+
+
+def weight_l1(node, modules) -> np.ndarray | None:
+    """L1 norm of the weight columns that read each input channel (dense conv, linear)."""
+    m = modules[node.target]
+    w = getattr(m, "weight", None)
+    if w is None or getattr(m, "groups", 1) != 1 or isinstance(m, nn.modules.conv._ConvTransposeNd):
+        return None
+    return w.detach().abs().reshape(w.shape[0], w.shape[1], -1).sum(dim=(0, 2)).double().numpy()
+
+
+def conv_shape(m, args, kwargs):
+    x = one_tensor(args, kwargs)
+    nd = m.weight.dim() - 2
+    if x is None or x.dtype != m.weight.dtype or x.dim() != nd + 2 or isinstance(m.padding, str):
+        return None
+    spatial = [(x.shape[2 + i] + 2 * m.padding[i] - m.dilation[i] * (m.kernel_size[i] - 1) - 1) // m.stride[i] + 1
+               for i in range(nd)]
+    return empty((x.shape[0], m.out_channels, *spatial), x)
+
+
+def linear_shape(m, args, kwargs):
+    x = one_tensor(args, kwargs)
+    if x is None or x.dtype != m.weight.dtype or x.shape[-1] != m.in_features:
+        return None
+    return empty((*x.shape[:-1], m.out_features), x)
+
+
+# ----------------------------------------------------------------------------- rules
+
+
+def _input_atoms(ctx, x, axis: int, width: int) -> np.ndarray:
+    lay = ctx.layout(x)
+    atoms = along(lay, axis, width) if lay is not None else None
+    if atoms is None:
+        ctx.freeze(lay, f"{ctx.where()}: input channels on several axes")
+        atoms = np.full(width, UNKNOWN, dtype=np.int64)
+    return atoms
+
+
+def _tie_inputs(ctx, key: str, atoms: np.ndarray) -> np.ndarray:
+    """Shared weights read the same input channels at every call."""
+    prev = ctx.flow.module_inputs.get(key)
+    if prev is None:
+        ctx.flow.module_inputs[key] = atoms
+        return atoms
+    return ctx.unify(prev, atoms)
+
+
+def conv_like(ctx, node, key, x, cin, cout, groups, transposed, weight_dims):
+    v = ctx.val(x)
+    if v.dim() != weight_dims:
+        return ctx.unknown(f"{ctx.where()}: unbatched input")
+    atoms_in = _tie_inputs(ctx, key, _input_atoms(ctx, x, 1, cin))
+    out_atoms = ctx.owned(cout, "conv", key)
+    if groups == 1:
+        site = ctx.site(0, atoms_in, 1, "conv")
+    elif groups == cin and not transposed:
+        ctx.unify(fixed(np.repeat(atoms_in, cout // cin)), out_atoms)
+        ctx.table.tag(out_atoms, "depthwise")
+        site = None
+    elif transposed:
+        return ctx.unknown(f"{ctx.where()}: grouped transposed conv")
+    else:
+        site = ctx.site(0, atoms_in, 1, "conv")
+        ctx.constrain(Balance(atoms_in, groups, f"grouped conv {key} (input)", site))
+        ctx.constrain(Balance(out_atoms, groups, f"grouped conv {key} (output)"))
+        ctx.table.tag(np.concatenate([atoms_in, out_atoms]), "grouped")
+        if cout == groups:
+            ctx.freeze(out_atoms, f"grouped conv {key} has one output per group")
+    if site is not None:
+        ctx.constrain(NonEmpty(atoms_in, f"input of {key}", site))
+    ctx.constrain(NonEmpty(out_atoms, f"output of {key}"))
+    return on_axis(out_atoms, 1, v.dim())
+
+
+CONV_MODULES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+
+
+@register(*CONV_MODULES, surgery=conv_surgery, flops=conv_flops, importance=weight_l1)
+def conv_rule(ctx, node):
+    m = ctx.module
+    transposed = isinstance(m, nn.modules.conv._ConvTransposeNd)
+    return conv_like(ctx, node, node.target, node.args[0], m.in_channels, m.out_channels,
+                     m.groups, transposed, m.weight.dim())
+
+
+@register(nn.Linear, surgery=linear_surgery, flops=linear_flops, importance=weight_l1)
+def linear_rule(ctx, node):
+    m = ctx.module
+    return linear_like(ctx, node, node.target, node.args[0], m.in_features, m.out_features)
+
+
+def linear_like(ctx, node, key, x, fin, fout):
+    atoms_in = _tie_inputs(ctx, key, _input_atoms(ctx, x, -1, fin))
+    site = ctx.site(0, atoms_in, ctx.val(x).dim() - 1, "linear")
+    ctx.constrain(NonEmpty(atoms_in, f"input of {key}", site))
+    out_atoms = ctx.owned(fout, "linear", key)
+    ctx.constrain(NonEmpty(out_atoms, f"output of {key}"))
+    return on_axis(out_atoms, -1, ctx.out().dim())
+
+
+@register(F.conv1d, F.conv2d, F.conv3d, F.linear, surgery=functional_weight_surgery, flops=functional_flops)
+def functional_weight_rule(ctx, node):
+    """``F.conv2d(x, self.weight, self.bias, ...)`` with plain parameters: the weight owns
+    the output atoms, the bias is tied to them."""
+    w = ctx.arg(1, "weight")
+    b = ctx.arg(2, "bias")
+    if not (hasattr(w, "op") and w.op == "get_attr") or (b is not None and getattr(b, "op", None) != "get_attr"):
+        return ctx.unknown(f"{ctx.where()}: weight is computed, not a parameter")
+    wv = ctx.val(w)
+    if node.target is F.linear:
+        out = linear_like(ctx, node, w.target, node.args[0], wv.shape[1], wv.shape[0])
+        axis = -1
+    else:
+        groups = ctx.arg(6, "groups", 1)
+        if groups != 1:
+            return ctx.unknown(f"{ctx.where()}: grouped functional conv")
+        out = conv_like(ctx, node, w.target, node.args[0], wv.shape[1], wv.shape[0], 1, False, wv.dim())
+        axis = 1
+    if b is not None:
+        ctx.unify(along(out, axis, wv.shape[0]), along(ctx.layout(b), 0, wv.shape[0]))
+    return out
+
+
+def _contracted_atoms(lay: np.ndarray, axis: int, extent: int) -> np.ndarray:
+    """Atoms along a matmul operand's contracted axis. A layout that varies only on another
+    axis puts none there (NONE), and neither does a one-channel tensor on an axis of extent
+    > 1 (GCNet: ``x @ softmax(conv_attn(x))`` contracts the spatial axis; the attention's
+    single channel sits on an axis of extent 1). UNKNOWN stays UNKNOWN."""
+    if lay.shape[axis] > 1:
+        return np.broadcast_to(lay.reshape(-1), (extent,))
+    value = lay.reshape(-1)[0]
+    if lay.size > 1 or (value >= 0 and extent > 1):
+        value = NONE
+    return np.full(extent, value, dtype=np.int64)
+
+
+@register(torch.matmul, operator.matmul, "matmul", torch.bmm, "bmm", flops=matmul_flops)
+def matmul_rule(ctx, node):
+    """``a @ b`` between activations: the contracted axes unify and are a mask site on
+    ``a``; the output carries a's row atoms or b's column atoms (not both)."""
+    a, b = node.args[0], node.args[1]
+    la, lb, va, vb = ctx.layout(a), ctx.layout(b), ctx.val(a), ctx.val(b)
+    if va.dim() < 2 or vb.dim() < 2 or getattr(b, "op", None) == "get_attr":
+        return ctx.unknown()
+    nd = ctx.out().dim()
+    if any(s > 1 for s in la.shape[:-2]) or any(s > 1 for s in lb.shape[:-2]) or \
+            (la.shape[-1] > 1 and la.shape[-2] > 1) or (lb.shape[-1] > 1 and lb.shape[-2] > 1) or \
+            (la.shape[-2] > 1 and lb.shape[-1] > 1):
+        return ctx.unknown(f"{ctx.where()}: operands carry channels on several axes")
+    ka, kb = _contracted_atoms(la, -1, va.shape[-1]), _contracted_atoms(lb, -2, vb.shape[-2])
+    for mine, other in ((ka, kb), (kb, ka)):  # a fixed contraction extent freezes the other side
+        if (mine == NONE).all() and (other >= 0).any():
+            ctx.freeze(other, f"{ctx.where()}: contracted with a tensor of fixed size")
+    contracted = ctx.unify(ka.copy(), kb.copy())
+    if (contracted >= 0).any():
+        ctx.site(0, contracted, va.dim() - 1, "matmul")
+    if la.shape[-2] > 1:
+        return on_axis(la.reshape(-1), nd - 2, nd)
+    if lb.shape[-1] > 1:
+        return on_axis(lb.reshape(-1), nd - 1, nd)
+    return filled(NONE, nd)
+
+
+annotate(nn.Conv1d, nn.Conv2d, nn.Conv3d, shape=conv_shape)  # not transposed: another formula
+annotate(nn.Linear, shape=linear_shape)

@@ -1,0 +1,196 @@
+"""Normalisation ops: per-channel norms (BN, InstanceNorm, GroupNorm, PReLU) with their
+parameter surgery, channel LayerNorm made exact, LRN and softmax (inexact over channels).
+"""
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+
+from ..atoms import UNKNOWN, along, carrying_axes, filled, fixed, on_axis
+from ..flow_types import Balance
+from ..registry import annotate, register
+from .tensors import idx, same_shape_module, set_tensor
+
+# ----------------------------------------------------------------------------- surgery
+
+
+def norm_surgery(sctx, node):
+    m = sctx.module(node)
+    if not sctx.first_call(node):
+        return
+    c = node.meta["val"].shape[1]
+    keep = idx(sctx.keep_along(node, 1))
+    for name, t in list(m.named_parameters(recurse=False)) + list(m.named_buffers(recurse=False)):
+        if t is not None and t.dim() == 1 and t.shape[0] == c:
+            set_tensor(m, name, t.data[keep])
+    k = len(keep)
+    if isinstance(m, nn.GroupNorm):
+        if m.num_groups == m.num_channels:
+            m.num_groups = k
+        m.num_channels = k
+    elif isinstance(m, nn.PReLU):
+        m.num_parameters = k
+    elif hasattr(m, "num_features"):
+        m.num_features = k
+
+
+def layer_norm_surgery(sctx, node):
+    """Channel LayerNorm, exact: statistics over the original C0 channels, the dropped
+    ones counted as the zeros the hard mask writes there."""
+    site = sctx.site_of(node)
+    if site is None:
+        return
+    x, _, weight, bias, eps = layer_norm_parts(node, sctx.modules)
+    keep = sctx.site_keep(site)
+    c0, k = len(keep), int(keep.sum())
+    g = sctx.graph
+    if node.op == "call_module":
+        m = sctx.module(node)
+        if sctx.first_call(node):
+            for name in ("weight", "bias"):
+                if getattr(m, name) is not None:
+                    set_tensor(m, name, getattr(m, name).data[idx(keep)])
+            m.normalized_shape = (k,)
+        with g.inserting_before(node):
+            weight = g.get_attr(f"{node.target}.weight") if m.weight is not None else None
+            bias = g.get_attr(f"{node.target}.bias") if m.bias is not None else None
+    with g.inserting_before(node):
+        mu = g.call_function(operator.truediv, (g.call_function(torch.sum, (x, -1), {"keepdim": True}), c0))
+        d = g.call_function(operator.sub, (x, mu))
+        ss = g.call_function(torch.sum, (g.call_function(operator.mul, (d, d)), -1), {"keepdim": True})
+        var = g.call_function(operator.truediv, (g.call_function(operator.add, (
+            ss, g.call_function(operator.mul, (g.call_function(operator.mul, (mu, mu)), float(c0 - k))))), c0))
+        y = g.call_function(operator.mul, (d, g.call_function(torch.rsqrt, (
+            g.call_function(operator.add, (var, eps)),))))
+        if weight is not None:
+            y = g.call_function(operator.mul, (y, weight))
+        if bias is not None:
+            y = g.call_function(operator.add, (y, bias))
+    sctx.stands_for(y, node)  # later rules read its unpruned shape and layout from the LayerNorm
+    node.replace_all_uses_with(y)
+    g.erase_node(node)
+
+
+# ----------------------------------------------------------------------------- rules
+
+
+def norm_rule(ctx, node):
+    """Per-channel normalisation (axis 1); its parameters own atoms tied to the input's."""
+    x = node.args[0]
+    lay, v = ctx.layout(x), ctx.val(x)
+    if lay is None or v.dim() < 2:
+        return ctx.unknown()
+    atoms = along(lay, 1, v.shape[1])
+    if atoms is None:
+        return ctx.unknown(f"{ctx.where()}: channels not on axis 1")
+    m = ctx.module
+    has_state = any(p is not None and p.dim() == 1 and p.shape[0] == v.shape[1]
+                    for p in (*m._parameters.values(), *m._buffers.values()))
+    if isinstance(m, nn.GroupNorm) and m.num_groups != m.num_channels:
+        if ctx.flow.allow_inexact:
+                ctx.constrain(Balance(atoms, m.num_groups, f"GroupNorm {node.target}"))
+        ctx.inexact(atoms, f"GroupNorm with {m.num_groups} groups of {m.num_channels // m.num_groups} channels")
+    if isinstance(m, nn.PReLU) and m.num_parameters == 1:
+        return lay
+    if has_state:
+        atoms = ctx.unify(fixed(atoms), ctx.owned(v.shape[1], "norm"))
+        ctx.table.tag(atoms, "norm")
+    return on_axis(atoms, 1, v.dim())
+
+
+register(nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm,
+         nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d, nn.GroupNorm, nn.PReLU,
+         surgery=norm_surgery, chain="norm")(norm_rule)
+annotate(nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, shape=same_shape_module)
+annotate(nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, bn="site")  # SCP reads their gamma, beta
+
+
+@register(F.batch_norm, F.instance_norm, chain="norm")
+def functional_norm_rule(ctx, node):
+    """``F.batch_norm(x, mean, var, weight, bias, ...)``: x's channels unify with each
+    parameter's atoms (sliced by the generic parameter surgery)."""
+    x = node.args[0]
+    lay, v = ctx.layout(x), ctx.val(x)
+    atoms = along(lay, 1, v.shape[1]) if lay is not None and v.dim() >= 2 else None
+    if atoms is None:
+        return ctx.unknown()
+    params = [a for a in list(node.args[1:5]) + [node.kwargs.get(k) for k in ("running_mean", "running_var", "weight", "bias")]
+              if a is not None and hasattr(a, "op")]
+    if any(p.op != "get_attr" for p in params):
+        return ctx.unknown(f"{ctx.where()}: statistics not plain parameters")
+    atoms = fixed(atoms)
+    for p in params:
+        atoms = ctx.unify(atoms, along(ctx.layout(p), 0, v.shape[1]))
+    return on_axis(atoms, 1, v.dim())
+
+
+annotate(F.batch_norm, bn="site")
+
+
+@register(nn.LocalResponseNorm, F.local_response_norm)
+def lrn_rule(ctx, node):
+    lay = ctx.layout(node.args[0])
+    ctx.inexact(lay, "LocalResponseNorm over channels")
+    return lay
+
+
+def layer_norm_parts(node, modules):
+    """(x, normalized_shape, weight, bias, eps) of an nn.LayerNorm or F.layer_norm node;
+    weight/bias are parameters (module) or graph nodes (functional)."""
+    if node.op == "call_module":
+        m = modules[node.target]
+        return node.args[0], tuple(m.normalized_shape), m.weight, m.bias, m.eps
+    get = lambda i, k, d=None: node.args[i] if len(node.args) > i else node.kwargs.get(k, d)  # noqa: E731
+    return get(0, "input"), tuple(get(1, "normalized_shape")), get(2, "weight"), get(3, "bias"), get(4, "eps", 1e-5)
+
+
+@register(nn.LayerNorm, F.layer_norm, surgery=layer_norm_surgery)
+def layer_norm_rule(ctx, node):
+    """LayerNorm over the channel axis is made exact: a mask site whose statistics are
+    re-emitted over the original channel count. Over other axes it is per element."""
+    x, shape, weight, bias, _ = layer_norm_parts(node, ctx.modules)
+    lay, v = ctx.layout(x), ctx.val(x)
+    normed = list(range(v.dim() - len(shape), v.dim()))
+    if not any(lay.shape[d] > 1 for d in normed):
+        return lay
+    atoms = along(lay, -1, v.shape[-1])
+    params = [p for p in (weight, bias) if isinstance(p, fx.Node)]
+    if len(shape) != 1 or atoms is None or any(p.op != "get_attr" for p in params):
+        ctx.freeze(lay, f"inexact: LayerNorm over several axes including channels at node {node.name}")
+        return filled(UNKNOWN, v.dim())
+    ctx.site(0, atoms, v.dim() - 1, kind="layer_norm")
+    if node.op == "call_module" and weight is not None:
+        atoms = ctx.unify(atoms, ctx.owned(v.shape[-1], "norm"))
+    for p in params:
+        atoms = ctx.unify(atoms, along(ctx.layout(p), 0, v.shape[-1]))
+    return on_axis(atoms, -1, v.dim())
+
+
+@register(F.group_norm)
+def functional_group_norm_rule(ctx, node):
+    """Functional GroupNorm: per element when channels are not involved, else frozen."""
+    lay = ctx.layout(node.args[0])
+    if lay is not None and carrying_axes(lay):
+        return ctx.unknown(f"{ctx.where()}: normalisation statistics over channels")
+    return lay
+
+
+def softmax_rule(ctx, node):
+    x = node.args[0]
+    lay, v = ctx.layout(x), ctx.val(x)
+    m = ctx.module if node.op == "call_module" else None
+    if isinstance(m, nn.Softmax2d):
+        dim = -3
+    else:
+        dim = m.dim if m is not None else (node.args[1] if len(node.args) > 1 else node.kwargs.get("dim"))
+    if dim is None or lay.shape[dim % v.dim()] > 1:
+        ctx.inexact(lay, f"{ctx.where()} over channels")
+    return lay
+
+
+register(nn.Softmax, nn.Softmax2d, nn.LogSoftmax, F.softmax, F.log_softmax, torch.softmax,
+         torch.log_softmax, "softmax", "log_softmax")(softmax_rule)

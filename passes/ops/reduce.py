@@ -1,0 +1,135 @@
+"""Ops that reduce or resample axes: pooling, upsampling and spatial pads (channels pass
+through), and reductions (sum, mean, max, min over channels made exact mask sites).
+"""
+from __future__ import annotations
+
+import operator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..atoms import NONE, along, carrying_axes
+from ..registry import annotate, register
+from .elementwise import broadcast_rule
+from .tensors import empty, one_tensor
+
+# ----------------------------------------------------------------------------- spatial ops
+
+SPATIAL_MODULES = (
+    nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
+    nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool1d,
+    nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d, nn.LPPool1d, nn.LPPool2d, nn.Upsample,
+    nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d, nn.ReflectionPad1d, nn.ReflectionPad2d,
+    nn.ReflectionPad3d, nn.ReplicationPad1d, nn.ReplicationPad2d, nn.ReplicationPad3d,
+    nn.ZeroPad1d, nn.ZeroPad2d, nn.ZeroPad3d, nn.ConstantPad1d, nn.ConstantPad2d, nn.ConstantPad3d,
+    nn.CircularPad1d, nn.CircularPad2d, nn.CircularPad3d,
+)
+SPATIAL_FUNCTIONS = (
+    F.max_pool1d, F.max_pool2d, F.max_pool3d, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d,
+    F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d, F.adaptive_max_pool1d,
+    F.adaptive_max_pool2d, F.adaptive_max_pool3d, F.lp_pool2d, F.interpolate, F.upsample,
+    F.upsample_nearest, F.upsample_bilinear, torch.max_pool2d, torch.avg_pool1d,
+)
+
+
+def spatial_rule(ctx, node):
+    """Ops that act on each channel's spatial map (NC... layout): channels pass through."""
+    x = node.args[0]
+    lay, v = ctx.layout(x), ctx.val(x)
+    if lay is None:
+        return ctx.unknown()
+    if v.dim() < 3 or any(lay.shape[d] > 1 for d in range(2, lay.ndim)):
+        return ctx.unknown(f"{ctx.where()}: channels not on axis 1")
+    out = ctx.out()
+    if isinstance(out, (tuple, list)):  # max pooling with indices
+        return type(out)(lay for _ in out)
+    return lay
+
+
+register(*SPATIAL_MODULES, *SPATIAL_FUNCTIONS, chain="pass")(spatial_rule)
+
+
+def pool_shape(m, args, kwargs):
+    x = one_tensor(args, kwargs)
+    if x is None:
+        return None
+    if getattr(m, "ceil_mode", True) or getattr(m, "return_indices", False) or x.dim() != 4:
+        return None
+    pair = lambda v: (v, v) if isinstance(v, int) else tuple(v)  # noqa: E731
+    k, s, p = pair(m.kernel_size), pair(m.stride or m.kernel_size), pair(m.padding)
+    d = pair(getattr(m, "dilation", 1))
+    spatial = [(x.shape[2 + i] + 2 * p[i] - d[i] * (k[i] - 1) - 1) // s[i] + 1 for i in range(2)]
+    return empty((*x.shape[:2], *spatial), x)
+
+
+def adaptive_shape(m, args, kwargs):
+    x = one_tensor(args, kwargs)
+    if x is None:
+        return None
+    size = m.output_size if isinstance(m.output_size, tuple) else (m.output_size,) * (x.dim() - 2)
+    if None in size or len(size) != x.dim() - 2:
+        return None
+    return empty((*x.shape[:2], *size), x)
+
+
+annotate(nn.MaxPool2d, nn.AvgPool2d, shape=pool_shape)
+annotate(nn.AdaptiveAvgPool2d, shape=adaptive_shape)
+
+# ----------------------------------------------------------------------------- reductions
+
+
+def reduce_surgery(sctx, node):
+    """mean over channels becomes mean * k / C0 (the dropped channels count as zeros)."""
+    site = sctx.site_of(node)
+    name = node.target if isinstance(node.target, str) else node.target.__name__
+    if site is None or name != "mean":
+        return
+    keep = sctx.site_keep(site)
+    if keep.all():
+        return
+    g = sctx.graph
+    with g.inserting_after(node):
+        scaled = g.call_function(operator.mul, (node, float(keep.sum()) / len(keep)))
+    node.replace_all_uses_with(scaled, delete_user_cb=lambda u: u is not scaled)
+
+
+EXACT_FILL = {"sum": 0.0, "mean": 0.0, "amax": float("-inf"), "max": float("-inf"),
+              "amin": float("inf"), "min": float("inf")}
+REDUCTIONS = ("sum", "mean", "amax", "amin", "max", "min", "std", "var", "prod", "norm", "logsumexp",
+              "nansum", "nanmean")
+
+
+def reduce_rule(ctx, node):
+    """Reductions over spatial axes pass channels through; over the channel axis, sum,
+    mean, max and min become exact mask sites, the others are inexact."""
+    x = node.args[0] if node.args else node.kwargs["input"]
+    lay, v, out = ctx.layout(x), ctx.val(x), ctx.out()
+    name = node.target if isinstance(node.target, str) else node.target.__name__
+    dims = ctx.arg(1, "dim", None)
+    if len(node.args) > 1 and isinstance(ctx.val(node.args[1]), torch.Tensor):
+        return broadcast_rule(ctx, node)  # torch.max(a, b) is element-wise
+    keepdim = bool(ctx.arg(2, "keepdim", False))
+    nd = v.dim()
+    dims = list(range(nd)) if dims is None or dims == [] else [d % nd for d in (dims if isinstance(dims, (tuple, list)) else [dims])]
+    crossing = [d for d in dims if lay.shape[d] > 1]
+    if crossing:
+        axes = carrying_axes(lay)
+        if name in EXACT_FILL and len(axes) == 1:
+            ctx.site(0, along(lay, axes[0], v.shape[axes[0]]), axes[0], "reduce", EXACT_FILL[name])
+            if isinstance(out, tuple) and any(u.target is not operator.getitem or u.args[1] != 0 for u in node.users):
+                ctx.freeze(lay, f"{ctx.where()}: uses the arg-max index over channels")
+        else:
+            ctx.inexact(lay, f"{name} over channels")
+    red = lay.copy()
+    for d in dims:
+        red = red.take([0], axis=d)
+        if d in crossing:
+            red = np.full_like(red, NONE)
+    if not keepdim:
+        red = red.reshape([s for k, s in enumerate(red.shape) if k not in dims])
+    return tuple(red for _ in out) if isinstance(out, tuple) else red
+
+
+register(*REDUCTIONS, *(getattr(torch, n) for n in REDUCTIONS), surgery=reduce_surgery)(reduce_rule)

@@ -1,0 +1,245 @@
+"""Ops that address channel positions: split/chunk/tensor_split, unbind, narrow,
+slicing and indexing, and pad on the channel axis; each surgery re-emits the op with
+the pruned sizes or selects the kept positions with a constant ``index_select``.
+"""
+from __future__ import annotations
+
+import operator
+
+import numpy as np
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+
+from ..atoms import along, on_axis
+from ..flow_types import NonEmpty
+from ..registry import node_arg, register
+
+# ----------------------------------------------------------------------------- surgery
+
+
+def split_surgery(sctx, node):
+    """split/chunk on the channel axis become ``torch.split`` with the kept sizes."""
+    pieces = sctx.layout(node)
+    x = node.args[0]
+    dim = node_arg(node, 2, "dim", 0)
+    dim %= x.meta["val"].dim()
+    if all(p.shape[dim] == 1 for p in pieces):
+        return
+    sizes = [int(sctx.keep(p).reshape(-1).sum()) for p in pieces]
+    node.op, node.target, node.args, node.kwargs = "call_function", torch.split, (x, sizes, dim), {}
+
+
+def narrow_surgery(sctx, node):
+    x, dim, start, _ = node.args[:4]
+    v = x.meta["val"]
+    dim %= v.dim()
+    if sctx.layout(x).shape[dim] == 1:
+        return
+    keep_in = sctx.keep_along(x, dim)
+    start_val = start.meta["val"] if hasattr(start, "meta") else start
+    node.args = (x, dim, int(keep_in[:start_val].sum()), int(sctx.keep_along(node, dim).sum()))
+
+
+def getitem_surgery(sctx, node):
+    """Slicing the channel axis: select the kept positions first, then slice the rest."""
+    container, index = node.args
+    if not isinstance(container.meta.get("val"), torch.Tensor):
+        return
+    lay_in = sctx.layout(container)
+    items = normalized_index(index, lay_in.ndim, _resolve_value)
+    if items is None:
+        return
+    new_items, d = list(index) if isinstance(index, tuple) else [index], 0
+    raw_positions = [k for k, i in enumerate(new_items) if i is not None]
+    raw_positions = [k for k in raw_positions if new_items[k] is not Ellipsis]
+    for item in items:
+        if item is None:
+            continue
+        if isinstance(item, slice) and lay_in.shape[d] > 1 and item != slice(None):
+            n = container.meta["val"].shape[d]
+            chosen = np.arange(n)[item]
+            keep_in = sctx.keep_along(container, d)
+            ranks = np.cumsum(keep_in) - 1
+            kept = chosen[keep_in[chosen]]
+            idx = ranks[kept]
+            with sctx.graph.inserting_before(node):
+                container = sctx.graph.call_function(torch.index_select, (container, d, sctx.const(idx)))
+            k = _raw_index(index, d, lay_in.ndim)
+            new_items[k] = slice(None)
+        d += 1
+    node.args = (container, tuple(new_items) if isinstance(index, tuple) else new_items[0])
+
+
+def _raw_index(index, axis: int, ndim: int) -> int:
+    """Position in the raw index tuple that addresses input axis ``axis`` of an ``ndim``
+    tensor (an Ellipsis stands for the axes no other item addresses)."""
+    items = list(index) if isinstance(index, tuple) else [index]
+    used = sum(1 for i in items if i is not None and i is not Ellipsis)
+    d = 0
+    for k, item in enumerate(items):
+        if item is None:
+            continue
+        if item is Ellipsis:
+            d += ndim - used
+            continue
+        if d == axis:
+            return k
+        d += 1
+    raise ValueError("index does not address the axis")
+
+
+def pad_surgery(sctx, node):
+    x = node.args[0]
+    pad = list(node_arg(node, 1, "pad"))
+    v = x.meta["val"]
+    nd = v.dim()
+    out_lay = sctx.layout(node)
+    for j in range(len(pad) // 2):
+        d = nd - 1 - j
+        before, after = pad[2 * j], pad[2 * j + 1]
+        if (before, after) == (0, 0) or out_lay.shape[d] == 1 or out_lay.shape[d] == v.shape[d]:
+            continue
+        keep = sctx.keep_along(node, d)
+        pad[2 * j], pad[2 * j + 1] = int(keep[:before].sum()), int(keep[len(keep) - after:].sum())
+    node.args = (x, tuple(pad), *node.args[2:])
+
+
+# ----------------------------------------------------------------------------- rules
+
+
+def _pieces_rule(ctx, node, dim):
+    x = node.args[0]
+    lay, v, out = ctx.layout(x), ctx.val(x), ctx.out()
+    dim %= v.dim()
+    if lay.shape[dim] == 1:
+        return type(out)(lay for _ in out)
+    atoms = along(lay, dim, v.shape[dim])
+    if atoms is None:
+        return ctx.unknown(f"{ctx.where()}: channels on several axes")
+    pieces, start = [], 0
+    for piece in out:
+        width = piece.shape[dim]
+        part = atoms[start:start + width]
+        ctx.constrain(NonEmpty(part, f"piece of {ctx.where()}"))
+        ctx.table.tag(part, "split")
+        pieces.append(on_axis(part, dim, v.dim()))
+        start += width
+    return type(out)(pieces)
+
+
+@register(torch.split, torch.chunk, torch.tensor_split, "split", "chunk", "tensor_split", "split_with_sizes",
+          surgery=split_surgery)
+def split_rule(ctx, node):
+    dim = ctx.arg(2, "dim", 0)
+    return _pieces_rule(ctx, node, dim)
+
+
+@register(torch.unbind, "unbind")
+def unbind_rule(ctx, node):
+    x = node.args[0]
+    lay = ctx.layout(x)
+    dim = ctx.arg(1, "dim", 0) % ctx.val(x).dim()
+    if lay.shape[dim] > 1:
+        return ctx.unknown(f"{ctx.where()}: unbinds the channel axis")
+    return type(ctx.out())(np.squeeze(lay, dim) for _ in ctx.out())
+
+
+@register(torch.narrow, "narrow", surgery=narrow_surgery)
+def narrow_rule(ctx, node):
+    x = node.args[0]
+    lay, v = ctx.layout(x), ctx.val(x)
+    dim, start, length = (ctx.val(a) for a in node.args[1:4])
+    dim %= v.dim()
+    if lay.shape[dim] == 1:
+        return lay
+    atoms = along(lay, dim, v.shape[dim])
+    if atoms is None:
+        return ctx.unknown(f"{ctx.where()}: channels on several axes")
+    part = atoms[start:start + length]
+    ctx.constrain(NonEmpty(part, f"{ctx.where()}"))
+    ctx.table.tag(part, "split")
+    return on_axis(part, dim, v.dim())
+
+
+def normalized_index(index, ndim: int, resolve) -> list | None:
+    """A tensor index as a list with Ellipsis expanded; None for advanced indexing."""
+    items = list(index) if isinstance(index, tuple) else [index]
+    items = [resolve(i) for i in items]
+    if any(isinstance(i, (torch.Tensor, list, fx.Node)) or (i is not None and not isinstance(i, (int, slice)) and i is not Ellipsis)
+           for i in items):
+        return None
+    if any(i is Ellipsis for i in items):
+        k = items.index(Ellipsis)
+        used = sum(1 for i in items if i is not None and i is not Ellipsis)
+        items[k:k + 1] = [slice(None)] * (ndim - used)
+    used = sum(1 for i in items if i is not None)
+    return items + [slice(None)] * (ndim - used)
+
+
+def _resolve_value(item):
+    """Concrete value of an index item whose parts may be graph nodes (sizes)."""
+    val = lambda p: p.meta.get("val") if isinstance(p, fx.Node) else p  # noqa: E731
+    if isinstance(item, slice):
+        return slice(val(item.start), val(item.stop), val(item.step))
+    return val(item)
+
+
+@register(operator.getitem, surgery=getitem_surgery)
+def getitem_rule(ctx, node):
+    container, index = node.args
+    lay = ctx.flow.layouts.get(container) if isinstance(container, fx.Node) else None
+    if not isinstance(ctx.val(container), torch.Tensor):
+        if lay is None:
+            return None
+        try:
+            return lay[index]
+        except (IndexError, KeyError, TypeError):
+            return ctx.unknown()
+    lay = ctx.layout(container)
+    items = normalized_index(index, lay.ndim, _resolve_value)
+    if items is None:
+        return ctx.unknown(f"{ctx.where()}: advanced indexing")
+    np_index, d = [], 0
+    for item in items:
+        if item is None:
+            np_index.append(None)
+            continue
+        if lay.shape[d] == 1:
+            np_index.append(0 if isinstance(item, int) else slice(None))
+        else:
+            if isinstance(item, int):
+                ctx.freeze(lay, f"{ctx.where()}: picks single channels")
+            np_index.append(item)
+        d += 1
+    out = lay[tuple(np_index)]
+    if any(isinstance(i, slice) and lay.shape[k] > 1 and i != slice(None)
+           for k, i in enumerate(x for x in items if x is not None)):
+        ctx.constrain(NonEmpty(out.reshape(-1), f"{ctx.where()}"))
+        ctx.table.tag(out, "split")
+    return np.ascontiguousarray(out)
+
+
+@register(F.pad, surgery=pad_surgery)
+def pad_rule(ctx, node):
+    """Spatial pad passes channels through; a constant pad on the channel axis adds
+    channels owned by the pad (the CIFAR ResNet option-A shortcut)."""
+    x = node.args[0]
+    lay, v = ctx.layout(x), ctx.val(x)
+    pad = list(ctx.val(ctx.arg(1, "pad")))
+    mode = ctx.arg(2, "mode", "constant")
+    nd = v.dim()
+    for j in range(len(pad) // 2):
+        d = nd - 1 - j
+        before, after = pad[2 * j], pad[2 * j + 1]
+        if (before, after) == (0, 0) or (lay.shape[d] == 1 and (d >= 2 or v.shape[d] > 1)):
+            continue  # an axis that carries no channels (spatial, or H of a channels-last map)
+        if d == 0 and lay.shape[0] == 1:
+            continue
+        atoms = along(lay, d, v.shape[d])
+        if atoms is None or mode != "constant" or before < 0 or after < 0:
+            return ctx.unknown(f"{ctx.where()}: pads the channel axis")
+        extra = ctx.owned(before + after, "const", key=node.name)
+        ctx.table.tag(extra, "pad")
+        lay = on_axis(np.concatenate([extra[:before], atoms, extra[before:]]), d, nd)
+    return lay
