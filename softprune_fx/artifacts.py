@@ -15,6 +15,7 @@ Latency repeats can be lowered with SOFTPRUNE_FX_LATENCY_REPEATS / _WARMUP (test
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -29,10 +30,11 @@ from torch import nn
 
 from softprune_fx.passes.errors import OnnxExportError
 from softprune_fx.passes.flops import eval_mode
-from softprune_fx.onnx_check import check_onnx, export_onnx, ort_latency
+from softprune_fx.onnx_check import check_onnx, export_onnx, export_with_leaves, ort_latency
 
 from .cli_errors import UsageError, one_line
-from .plan_io import inputs_from_specs, save_plan
+from .plan_io import inputs_from_specs, save_plan, seal_plan
+from .widths_plot import plot_widths
 
 ONNX_REL = 1e-4
 Step = Callable[[str], ContextManager]
@@ -109,11 +111,28 @@ def staged_dir(out: str | os.PathLike, force: bool = False) -> Iterator[Path]:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def save_models(folder: Path, pruned: nn.Module, plan: dict) -> None:
-    """pruned.pt (whole module), state_dict.pt (weights only) and plan.json."""
+def save_models(folder: Path, pruned: nn.Module, plan: dict) -> dict:
+    """pruned.pt (whole module), state_dict.pt (weights only) and plan.json, sealed with the
+    digest of those weights; returns the sealed plan."""
     torch.save(pruned, folder / "pruned.pt")  # api.plain() already dropped string annotations
-    torch.save(pruned.state_dict(), folder / "state_dict.pt")
+    state = pruned.state_dict()
+    torch.save(state, folder / "state_dict.pt")
+    plan = seal_plan(plan, state)
     save_plan(plan, folder / "plan.json")
+    return plan
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+ONE_BRANCH = ("pruned.onnx holds one branch of leaf {leaf!r}: its Python control flow (untraced: {reason}) "
+              "was baked in by the exporter, and neither scripting it ({why}) nor torch.export could keep "
+              "it; the file is written for inspection only")
 
 
 def _runs_in_torch(model: nn.Module, inputs: tuple) -> str | None:
@@ -126,36 +145,50 @@ def _runs_in_torch(model: nn.Module, inputs: tuple) -> str | None:
     return None
 
 
+def input_kinds(specs: list[dict], example_inputs: tuple, seed: int = 0) -> list[tuple[str, tuple | None]]:
+    """``(name, inputs)`` to compare on: random normal at batch 1, 3 and the recorded one,
+    normal x5, constants +5 and -5 (the other side of a data-dependent branch), the example."""
+    recorded = specs[0]["shape"][0] if specs and specs[0].get("shape") else None
+    kinds: list[tuple[str, tuple | None]] = []
+    for i, batch in enumerate(sorted({1, 3} | ({recorded} if recorded else set()))):
+        kinds.append((str(batch), inputs_from_specs(specs, batch=batch, seed=seed + i)))
+    base = inputs_from_specs(specs, seed=seed + 7)
+    if base is not None:
+        floats = lambda f: tuple(f(t) if t.is_floating_point() else t for t in base)  # noqa: E731
+        kinds += [("normal x5", floats(lambda t: t * 5)), ("constant +5", floats(lambda t: torch.full_like(t, 5.0))),
+                  ("constant -5", floats(lambda t: torch.full_like(t, -5.0)))]
+    if example_inputs:
+        kinds.append(("example", tuple(example_inputs)))
+    return kinds
+
+
 def check_batches(model: nn.Module, onnx_path: Path, specs: list[dict], example_inputs: tuple,
                   seed: int = 0) -> dict:
-    """ORT vs torch on random inputs at the recorded batch size, 1 and 3.
+    """ORT vs torch on several kinds of input (:func:`input_kinds`).
 
-    Returns ``{"ok", "max_abs_diff", "per_batch", "rel_tolerance"}``. A batch size other
-    than the recorded one at which torch itself cannot run the model (a batch fixed in
-    its code) is skipped with a note; ORT raising or differing is a failure.
+    Returns ``{"ok", "max_abs_diff", "per_batch", "rel_tolerance"}`` (``per_batch`` keyed by
+    kind: batch sizes, "normal x5", "constant +5", "constant -5", "example"). A batch size
+    other than the recorded one at which torch itself cannot run the model (a batch fixed
+    in its code) is skipped with a note; ORT raising or differing is a failure.
     """
     recorded = specs[0]["shape"][0] if specs and specs[0].get("shape") else None
-    batches = sorted({1, 3} | ({recorded} if recorded else set()))
     per_batch, worst, ok = {}, 0.0, True
-    for i, batch in enumerate(batches):
-        inputs = inputs_from_specs(specs, batch=batch, seed=seed + i)
+    for name, inputs in input_kinds(specs, example_inputs, seed):
         if inputs is None:  # non-tensor inputs: only the example itself can be fed
-            inputs, batch = example_inputs, "example"
+            continue
         torch_error = _runs_in_torch(model, inputs)
-        if torch_error and batch != recorded and batch != "example":
-            per_batch[str(batch)] = {"ok": True, "skipped": f"torch cannot run batch {batch}: {torch_error}"}
+        if torch_error and name.isdigit() and int(name) != recorded:
+            per_batch[name] = {"ok": True, "skipped": f"torch cannot run batch {name}: {torch_error}"}
             continue
         try:
             check = check_onnx(model, inputs, onnx_path, rel=ONNX_REL)
         except Exception as exc:  # noqa: BLE001 - recorded as a failed check
-            per_batch[str(batch)] = {"ok": False, "error": f"{type(exc).__name__}: {one_line(exc, 300)}"}
+            per_batch[name] = {"ok": False, "error": f"{type(exc).__name__}: {one_line(exc, 300)}"}
             ok = False
             continue
-        per_batch[str(batch)] = {"ok": check.ok, "max_abs_diff": check.max_abs_diff, "limits": check.limits}
+        per_batch[name] = {"ok": check.ok, "max_abs_diff": check.max_abs_diff, "limits": check.limits}
         worst = max([worst, *check.max_abs_diff.values()])
         ok = ok and check.ok
-        if batch == "example":
-            break
     return {"ok": ok, "max_abs_diff": worst, "per_batch": per_batch, "rel_tolerance": ONNX_REL}
 
 
@@ -169,15 +202,15 @@ def check_failures(check: dict) -> list[str]:
     lines = []
     for batch, c in check["per_batch"].items():
         if c.get("error"):
-            lines.append(f"batch {batch}: the ONNX Runtime check could not run: {c['error']}")
+            lines.append(f"input {batch}: the ONNX Runtime check could not run: {c['error']}")
         elif not c["ok"]:
-            lines.append(f"batch {batch}: ONNX Runtime differs from torch: max|diff| "
+            lines.append(f"input {batch}: ONNX Runtime differs from torch: max|diff| "
                          f"{max(c['max_abs_diff'].values()):.3g} above {ONNX_REL:g} * max(1, max|ref|)")
     return lines
 
 
 def onnx_stage(folder: Path, original: nn.Module, pruned: nn.Module, inputs: tuple, specs: list[dict],
-               step: Step) -> dict:
+               step: Step, leaves: dict | None = None) -> dict:
     """Export both models, check the pruned one in ORT, time both; report fields.
 
     ``original.onnx`` is only used for timing and is removed; a failed pruned export
@@ -187,10 +220,18 @@ def onnx_stage(folder: Path, original: nn.Module, pruned: nn.Module, inputs: tup
                               "latency_ms_before": None, "latency_ms_after": None}
     try:
         with step("exporting the pruned model to ONNX"):
-            info = export_onnx(pruned, inputs, folder / "pruned.onnx")
+            leaf_export = export_with_leaves(pruned, inputs, folder / "pruned.onnx", list(leaves or {}))
     except OnnxExportError as exc:
         fields["onnx_error"] = one_line(exc)
         return fields
+    info = leaf_export.info
+    fields["onnx_scripted_leaves"] = leaf_export.scripted
+    if leaf_export.one_branch:
+        branch = dict(leaf_export.one_branch)
+        branch["reason"] = (leaves or {}).get(branch["leaf"], "")
+        branch["message"] = ONE_BRANCH.format(leaf=branch["leaf"], reason=branch["reason"] or "leaf",
+                                              why=one_line(branch["why"], 200))
+        fields["onnx_one_branch"] = branch
     fields["onnx_exporter"] = info.exporter
     fields["onnx_export_seconds"] = round(info.seconds, 3)
     fields["onnx_output_names"] = info.output_names
@@ -229,28 +270,6 @@ def time_models(original_path: Path, original: nn.Module, pruned_path: Path, inp
     return fields
 
 
-def plot_widths(path: Path, groups: list[dict]) -> str:
-    """Bar chart of channels per group before/after; returns "written" or why it was skipped."""
-    try:
-        from matplotlib.figure import Figure
-    except ImportError:
-        return "skipped: matplotlib is not installed (pip install 'softprune-fx[plot]')"
-    rows = [g for g in groups if g["width_before"] > 1] or groups
-    if not rows:
-        return "skipped: no channel groups"
-    fig = Figure(figsize=(min(40.0, max(6.0, 0.28 * len(rows) + 2)), 4.5), layout="constrained")
-    ax = fig.add_subplot()
-    xs = range(len(rows))
-    ax.bar(xs, [g["width_before"] for g in rows], color="#c8c8c8", label="before")
-    ax.bar(xs, [g["width_after"] for g in rows], color="#1f77b4", label="after")
-    ax.set_xticks(list(xs), [g["id"] for g in rows], rotation=90, fontsize=6)
-    ax.set_ylabel("channels")
-    ax.set_title("channels per group before and after pruning")
-    ax.legend()
-    fig.savefig(path, dpi=120)
-    return "written"
-
-
 def group_rows(result: Any) -> list[dict]:
     """``[{"id", "kinds", "width_before", "width_after"}]`` from a PruneResult."""
     kinds = getattr(result, "kinds", {}) or {}
@@ -284,11 +303,14 @@ def base_report(result: Any, meta: dict) -> dict:
 
 def write_artifacts(out: str | os.PathLike, *, original: nn.Module, pruned: nn.Module, inputs: tuple,
                     result: Any, plan: dict, meta: dict, force: bool = False,
-                    step: Step | None = None) -> dict:
+                    step: Step | None = None, leaves: dict | None = None) -> dict:
     """Write DIR atomically and return the report (also in DIR/report.json).
 
+    ``leaves`` maps the untraced leaf modules of the pruned graph to why they were not
+    traced; they are scripted for export (:func:`export_with_leaves`).
     ``report["status"]`` is "ok", "onnx_mismatch" (ORT differs from torch beyond
-    1e-4 * max(1, max|ref|)) or "onnx_export_failed"; ``report["failed"]`` says what failed.
+    1e-4 * max(1, max|ref|)), "onnx_one_branch" (pruned.onnx may hold one branch of a
+    leaf's control flow) or "onnx_export_failed"; ``report["failed"]`` says what failed.
     """
     step = step or (lambda _text: contextlib.nullcontext())
     pruned.eval()
@@ -297,21 +319,30 @@ def write_artifacts(out: str | os.PathLike, *, original: nn.Module, pruned: nn.M
     with staged_dir(out, force) as tmp:
         start = time.perf_counter()
         with step("saving pruned.pt, state_dict.pt, plan.json"):
-            save_models(tmp, pruned, plan)
+            plan = save_models(tmp, pruned, plan)
+        report["plan_digest"] = plan["digest"]
         seconds["save"] = time.perf_counter() - start
         start = time.perf_counter()
-        report.update(onnx_stage(tmp, original, pruned, inputs, plan.get("inputs", []), step))
+        report["untraced_leaves"] = dict(leaves or {})
+        report.update(onnx_stage(tmp, original, pruned, inputs, plan.get("inputs", []), step, leaves))
         seconds["onnx"] = time.perf_counter() - start
         report["widths_png"] = plot_widths(tmp / "widths.png", report["groups"])
         report["failed"] = []
         if report["onnx_error"]:
             report["status"] = "onnx_export_failed"
             report["failed"].append(f"ONNX export failed with both exporters: {report['onnx_error']}")
+        elif report.get("onnx_one_branch"):
+            report["status"] = "onnx_one_branch"
+            report["failed"].append(report["onnx_one_branch"]["message"])
+            report["failed"].extend(check_failures(report["onnx_check"]))
         elif not report["onnx_check"]["ok"]:
             report["status"] = "onnx_mismatch"
             report["failed"].extend(check_failures(report["onnx_check"]))
         else:
             report["status"] = "ok"
+        report["files_sha256"] = {name: file_sha256(tmp / name) for name in ("pruned.pt", "state_dict.pt",
+                                                                              "plan.json", "pruned.onnx")
+                                  if (tmp / name).is_file()}
         report["seconds"] = {k: round(v, 3) for k, v in seconds.items()}
         (tmp / "report.json").write_text(json.dumps(report, indent=1, default=_jsonable) + "\n")
     return report

@@ -110,6 +110,20 @@ def run_pruning(args, model, inputs, round_to, rep: Reporter, ckpt: Path, cg) ->
     return pruned, result, {"mode": "SCP training", **dict(info or {})}
 
 
+def graph_leaves(cg, leaf_options=()) -> dict[str, str]:
+    """``{module name: why it is a leaf}`` for the untraced submodules of an analysis and
+    those the user asked for (``--leaf-modules``: names or class names), as called in its graph."""
+    why = dict(cg.gm.meta.get("untraced_why", {}) or {})
+    leaves = {name: str(why.get(name) or "untraceable") for name in cg.untraced}
+    wanted = set(leaf_options)
+    for node in cg.gm.graph.nodes:
+        if node.op == "call_module" and node.target not in leaves:
+            cls = type(cg.gm.get_submodule(node.target)).__name__
+            if node.target in wanted or cls in wanted:
+                leaves[node.target] = f"--leaf-modules {node.target if node.target in wanted else cls}"
+    return leaves
+
+
 def cmd_prune(args, out: Console, rep: Reporter) -> int:
     """The whole pipeline: build, prune, write DIR atomically, verify, summarise."""
     from . import analyze
@@ -135,8 +149,9 @@ def cmd_prune(args, out: Console, rep: Reporter) -> int:
     model.eval()  # training may leave it in train mode; the plan is made in eval mode
     plan = make_plan(model, inputs, result.drop, result, **analysis_options(args))  # on result.analysis
     meta = report_meta(args, plan, info, warnings)
+    leaves = graph_leaves(getattr(result, "analysis", None) or cg, analysis_options(args)["leaf_modules"])
     report = write_artifacts(args.out, original=model, pruned=pruned, inputs=inputs, result=result,
-                             plan=plan, meta=meta, force=args.force, step=rep.step)
+                             plan=plan, meta=meta, force=args.force, step=rep.step, leaves=leaves)
     if ckpt.is_dir():
         shutil.rmtree(ckpt, ignore_errors=True)
     out.print(cg.summary(short=True))
@@ -197,6 +212,14 @@ def summary_table(report: dict) -> Table:
     return table
 
 
+def kinds_text(kinds: list[str]) -> str:
+    """``random inputs at batch 1, 3, normal x5, constant +5, constant -5, example``."""
+    batches = [k for k in kinds if k.isdigit()]
+    rest = [k for k in kinds if not k.isdigit()]
+    head = f"random inputs at batch {', '.join(batches)}" if batches else ""
+    return ", ".join([p for p in (head, *rest) if p])
+
+
 def prune_verdict(report: dict, out_dir: str, out: Console) -> int:
     """Print the verification line and map the report's status to an exit code."""
     from .artifacts import checked_batches
@@ -210,11 +233,16 @@ def prune_verdict(report: dict, out_dir: str, out: Console) -> int:
         stderr_line("error", f"pruned and written to {out_dir}, but ONNX export failed with both exporters, "
                              f"so the ONNX Runtime check could not run: {report['onnx_error']}")
         return EXIT_ONNX_EXPORT
+    if report["status"] == "onnx_one_branch":
+        out.print(f"{masked}; wrote {out_dir}")
+        stderr_line("error", f"pruned and written to {out_dir}, but NOT verified: "
+                             f"{report['onnx_one_branch']['message']}")
+        return EXIT_ONNX_EXPORT
     if report["status"] != "ok":
         stderr_line("error", f"{'; '.join(report['failed'])}; {out_dir} was written for inspection "
                              "(see report.json)")
         return EXIT_FAILURE
-    batches = ", ".join(checked_batches(report["onnx_check"]["per_batch"]))
-    out.print(f"[green]verified[/]: {masked}; ONNX Runtime ({report['onnx_exporter']} export) == torch at "
-              f"batch {batches} (max|diff| {report['max_abs_diff_onnx']:.2g}); wrote {out_dir}")
+    out.print(f"[green]verified[/]: {masked}; ONNX Runtime ({report['onnx_exporter']} export) == torch on "
+              f"{kinds_text(checked_batches(report['onnx_check']['per_batch']))} "
+              f"(max|diff| {report['max_abs_diff_onnx']:.2g}); wrote {out_dir}", highlight=False)
     return EXIT_OK

@@ -152,8 +152,51 @@ def save_plan(plan: dict, path: str | os.PathLike) -> None:
     Path(path).write_text(json.dumps(plan, indent=1) + "\n")
 
 
+def weights_digest(state_dict: dict) -> str:
+    """sha256 over every entry of a state dict: name, dtype, shape and raw bytes, by name."""
+    digest = hashlib.sha256()
+    for key in sorted(state_dict):
+        t = state_dict[key]
+        if not isinstance(t, torch.Tensor):
+            continue
+        t = t.detach().cpu().contiguous()
+        digest.update(f"{key}|{t.dtype}|{list(t.shape)}|".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def plan_digest(plan: dict) -> str:
+    """sha256 of the plan's canonical JSON without its own ``digest`` entry."""
+    body = {k: v for k, v in plan.items() if k != "digest"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+def seal_plan(plan: dict, state_dict: dict) -> dict:
+    """The plan with ``weights_sha256`` (of the pruned weights it belongs to) and ``digest``."""
+    sealed = {k: v for k, v in plan.items() if k != "digest"}
+    sealed["weights_sha256"] = weights_digest(state_dict)
+    sealed["digest"] = plan_digest(sealed)
+    return sealed
+
+
+def check_groups_consistent(plan: dict, where: str = "plan") -> None:
+    """Refuse a plan whose kept and dropped channels of a group overlap or miss a channel."""
+    for gid, g in plan["groups"].items():
+        width, kept, dropped = g.get("width"), g.get("kept"), g.get("dropped")
+        ok = (isinstance(width, int) and isinstance(kept, list) and isinstance(dropped, list)
+              and all(isinstance(i, int) for i in kept + dropped)
+              and sorted(kept + dropped) == list(range(width)) and kept == sorted(kept)
+              and dropped == sorted(dropped))
+        if not ok:
+            raise SoftpruneError(f"{where}: group {gid!r}: kept and dropped disagree (they must split "
+                                 f"0..{width - 1 if isinstance(width, int) else '?'} without overlap); "
+                                 "the plan was edited or is damaged")
+
+
 def load_plan(plan: dict | str | os.PathLike) -> dict:
-    """A plan dict from a dict or a JSON file; checks its format."""
+    """A plan dict from a dict or a JSON file; checks its format, its digest (when it has
+    one) and that kept and dropped agree in every group."""
+    where = "plan" if isinstance(plan, dict) else str(plan)
     if not isinstance(plan, dict):
         try:
             plan = json.loads(Path(plan).read_text())
@@ -164,6 +207,10 @@ def load_plan(plan: dict | str | os.PathLike) -> dict:
     if plan.get("format_version", 0) > PLAN_VERSION:
         raise SoftpruneError(f"plan format {plan['format_version']} is newer than this softprune-fx "
                              f"understands ({PLAN_VERSION}); upgrade softprune-fx")
+    if "digest" in plan and plan["digest"] != plan_digest(plan):
+        raise SoftpruneError(f"{where}: its content does not match its digest: it was edited after it was "
+                             "written (restore it, or delete 'digest' to use an edited plan on purpose)")
+    check_groups_consistent(plan, where)
     return plan
 
 

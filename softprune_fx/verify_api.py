@@ -19,10 +19,12 @@ import torch
 
 from softprune_fx.passes.errors import OnnxExportError
 
-from .artifacts import ONNX_REL, check_batches, check_failures, checked_batches, time_models
+from softprune_fx.passes.errors import SoftpruneError
+
+from .artifacts import ONNX_REL, check_batches, check_failures, checked_batches, file_sha256, time_models
 from .cli_errors import ModelError, UsageError, one_line
-from .plan_io import apply_plan, inputs_from_specs, load_plan
-from .spec import build_model, parse_input_shape
+from .plan_io import apply_plan, input_specs, inputs_from_specs, load_plan, weights_digest
+from .spec import build_model, example_inputs_for, load_module, parse_input_shape
 
 
 @dataclass
@@ -40,10 +42,12 @@ class VerifyResult:
     failed: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
+    one_branch: str | None = None  # pruned.onnx may hold one branch of a leaf: never "verified"
+
     @property
     def exit_code(self) -> int:
-        """The CLI's exit code: 0 verified, 1 a check failed."""
-        return 0 if self.ok else 1
+        """The CLI's exit code: 0 verified, 3 pruned.onnx holds one branch of a leaf, 1 otherwise."""
+        return 0 if self.ok else (3 if self.one_branch else 1)
 
     def summary(self) -> str:
         """One line: verdict, worst difference, latencies."""
@@ -53,8 +57,9 @@ class VerifyResult:
         if self.latency_ms_after is not None:
             before = f"{self.latency_ms_before:.3f} ms -> " if self.latency_ms_before is not None else ""
             lat = f"; ORT latency {before}{self.latency_ms_after:.3f} ms"
-        batches = ", ".join(checked_batches(self.checks))
-        return (f"verified {self.dir}: ONNX Runtime == torch at batch {batches} "
+        from .cli_prune import kinds_text
+
+        return (f"verified {self.dir}: ONNX Runtime == torch on {kinds_text(checked_batches(self.checks))} "
                 f"(max|diff| {self.max_abs_diff:.3g} <= {self.rel_tolerance:g} * max(1, max|ref|)){lat}")
 
     def to_dict(self) -> dict:
@@ -97,15 +102,56 @@ def rebuild(folder: Path, spec: str, plan: dict) -> torch.nn.Module:
     return pruned.eval()
 
 
+def integrity_failures(folder: Path, report: dict) -> list[str]:
+    """One line per file that differs from what ``prune`` wrote: plan.json (its digest, kept vs
+    dropped), state_dict.pt (the weights digest plan.json was sealed with), pruned.onnx and
+    pruned.pt (their sha256 in report.json)."""
+    try:
+        plan = load_plan(folder / "plan.json")
+    except SoftpruneError as exc:
+        return [f"plan.json: {one_line(exc).split(': ', 1)[-1]}"]
+    if "digest" not in plan or "weights_sha256" not in plan:
+        return ["plan.json: it has no digest (edited, or written by an older softprune-fx)"]
+    failures = []
+    weights = folder / "state_dict.pt"
+    if weights.is_file():
+        state = torch.load(weights, map_location="cpu", weights_only=True)
+        if weights_digest(state) != plan["weights_sha256"]:
+            failures.append("state_dict.pt: its weights differ from those plan.json was sealed with "
+                            "(the file was edited or replaced)")
+    recorded = report.get("files_sha256", {})
+    if report.get("plan_digest") not in (None, plan["digest"]):
+        failures.append("plan.json: it is not the plan report.json was written with")
+    for name in ("pruned.onnx", "pruned.pt"):
+        if name in recorded and (folder / name).is_file() and file_sha256(folder / name) != recorded[name]:
+            failures.append(f"{name}: its sha256 differs from the one report.json recorded (the file was "
+                            "edited or replaced)")
+    return failures
+
+
+def _example(spec: str, specs: list[dict], input_shape: str | None) -> tuple:
+    """The model file's own example_inputs() when they fit the plan, else random ones."""
+    try:
+        module = load_module(spec)
+        example = example_inputs_for(module, input_shape)
+        if input_specs(example) == specs:
+            return tuple(example)
+    except SoftpruneError:
+        pass
+    return inputs_from_specs(specs) or ()
+
+
 def verify_artifacts(dir: str | os.PathLike, spec: str | None = None, input_shape: str | None = None, *,
                      latency: bool = True, step: Callable[[str], ContextManager] | None = None) -> VerifyResult:
-    """Re-create the pruned model the safe way and check ``pruned.onnx`` against it.
+    """Check DIR's files against their digests, re-create the pruned model the safe way and
+    check ``pruned.onnx`` against it.
 
-    ``spec`` defaults to the one recorded in report.json. Random inputs at batch sizes 1
-    and 3 (shapes otherwise from plan.json, or ``input_shape``) must agree within
-    ``1e-4 * max(1, max|ref|)`` per output. With ``latency``, the original model (freshly
-    built, exported to a temporary file) and pruned.onnx are timed in ORT.
-    Raises UsageError / ModelError when the directory or the model cannot be loaded.
+    ``spec`` defaults to the one recorded in report.json. Every kind of input of
+    :func:`softprune_fx.artifacts.input_kinds` (shapes from plan.json, or ``input_shape``)
+    must agree within ``1e-4 * max(1, max|ref|)`` per output. A pruned.onnx that holds one
+    branch of a leaf's control flow is never verified (``exit_code`` 3). With ``latency``,
+    the original model (freshly built, exported to a temporary file) and pruned.onnx are
+    timed in ORT. Raises UsageError / ModelError when the directory or model cannot be loaded.
     """
     step = step or (lambda _text: contextlib.nullcontext())
     folder = Path(dir)
@@ -114,6 +160,10 @@ def verify_artifacts(dir: str | os.PathLike, spec: str | None = None, input_shap
     if not spec:
         raise UsageError(f"{folder}/report.json records no model spec: pass --spec")
     result = VerifyResult(dir=str(folder), spec=spec)
+    with step("checking the digests of plan.json, state_dict.pt, pruned.onnx, pruned.pt"):
+        result.failed.extend(integrity_failures(folder, report))
+    if result.failed:
+        return result
     plan = load_plan(folder / "plan.json")
     with step("re-creating the pruned model from plan.json and state_dict.pt"):
         pruned = rebuild(folder, spec, plan)
@@ -123,13 +173,16 @@ def verify_artifacts(dir: str | os.PathLike, spec: str | None = None, input_shap
         result.failed.append(f"no pruned.onnx to check ({why})")
         return result
     specs = _specs_with_shape(plan, input_shape)
-    example = inputs_from_specs(specs) or ()
+    example = _example(spec, specs, input_shape)
     with step("checking pruned.onnx in ONNX Runtime"):
         check = check_batches(pruned, onnx_path, specs, example, seed=1234)
     result.checks, result.max_abs_diff = check["per_batch"], check["max_abs_diff"]
+    if report.get("onnx_one_branch"):
+        result.one_branch = report["onnx_one_branch"]["message"]
+        result.failed.append(result.one_branch)
     result.failed.extend(check_failures(check))
     result.notes.extend(c["skipped"] for c in check["per_batch"].values() if "skipped" in c)
-    if latency and example:
+    if latency and example and not result.failed:
         _latency(result, spec, onnx_path, example, step)
     result.ok = not result.failed
     return result

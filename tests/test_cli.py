@@ -189,7 +189,8 @@ def test_verify_subprocess_and_api(pruned_dir):
     assert proc.returncode == 0, proc.stderr
     assert "verified" in proc.stdout
     result = verify_artifacts(out, latency=False)
-    assert result.ok and set(result.checks) == {"1", "2", "3"} and result.max_abs_diff <= 1e-4
+    assert result.ok and result.max_abs_diff <= 1e-4
+    assert set(result.checks) == {"1", "2", "3", "normal x5", "constant +5", "constant -5", "example"}
 
 
 def test_verify_fails_on_tampered_weights(pruned_dir, tmp_path, fast):
@@ -314,6 +315,7 @@ def test_onnx_export_failure_exits_3(bad_setup, monkeypatch, capsys, fast):
         raise OnnxExportError("both exporters failed (simulated)")
 
     monkeypatch.setattr("softprune_fx.artifacts.export_onnx", fail)
+    monkeypatch.setattr("softprune_fx.onnx_check.export_onnx", fail)
     assert main(["prune", f"{file}:build", "--ratio", "0.4", "--out", str(out), "--force"]) == 3
     assert "ONNX export failed" in capsys.readouterr().err
     report = json.loads((out / "report.json").read_text())
@@ -358,6 +360,7 @@ def test_fixed_batch_model_is_checked_at_its_own_batch(tmp_path, capsys, fast):
     assert "torch cannot run batch 1" in capsys.readouterr().err
     check = json.loads((out / "report.json").read_text())["onnx_check"]
     assert check["ok"] and "skipped" in check["per_batch"]["3"] and check["per_batch"]["2"]["ok"]
+    assert check["per_batch"]["constant +5"]["ok"] and check["per_batch"]["example"]["ok"]
     result = verify_artifacts(out, latency=False)
     assert result.ok and result.notes
 

@@ -138,13 +138,15 @@ def test_spec_loading(tmp_path):
     assert build_model(spec)[1] is module  # imported once: classes stay the same objects
     assert example_inputs_for(module, None)[0].shape == (1, 3, 4, 4)
     assert example_inputs_for(spec, "2,3,5,5")[0].shape == (2, 3, 5, 5)
-    assert parse_input_shape("1x3x8x8;1,2") == [(1, 3, 8, 8), (1, 2)]
+    assert parse_input_shape("1,3,8,8; 1,2") == [(1, 3, 8, 8), (1, 2)]
     assert build_model("torch.nn:Identity")[0].__class__ is nn.Identity
     for bad in ("nocolon", f"{tmp_path}/missing.py:build", f"{tmp_path / 'mymodel.py'}:nothing",
                 "not_a_module_xyz:build"):
         with pytest.raises(UsageError):
             load_builder(bad)
-    for bad in ("", "1,,3", "a", "1,0"):
+    with pytest.raises(UsageError, match=r"has no function 'biuld' \(did you mean 'build'\?\)"):
+        load_builder(f"{tmp_path / 'mymodel.py'}:biuld")
+    for bad in ("", "1,,3", "a", "1,0", "1x3x8x8", "1,3,8,8,", "(1,3,8,8)", "1.0,3"):
         with pytest.raises(UsageError):
             parse_input_shape(bad)
     with pytest.raises(ModelError):
