@@ -1,91 +1,108 @@
-"""Capture: trace a model with torch.fx and put a shape on every node.
+"""Capture: trace a model with the specialising tracer; a meta value on every node.
 
-Tracing specialises Python control flow, including ``if self.training:`` branches, to
-the mode the model is in. A submodule that cannot be traced (data-dependent control
-flow, iterating a proxy, unsupported Python) is retried as a leaf, and recorded in
-``gm.meta["untraced"]``; the channel analysis then treats its channels as unknown.
+Tracing specialises Python to the example inputs (passes/tracer.py): ``if``, ``len``,
+iteration over ``chunk``/``split`` results and shape arithmetic are answered from the meta
+values and recorded in ``gm.meta["specialisations"]`` with their source lines; sizes that
+feed torch ops stay nodes. ``if self.training:`` follows the mode the model is in. A
+submodule that cannot be traced (data-dependent control flow, ``.item()``, unsupported
+Python) is retried as a leaf and recorded in ``gm.meta["untraced"]`` (reasons with source
+lines in ``gm.meta["untraced_why"]``); the channel analysis treats its channels as unknown.
 
-Shapes come from running the graph on meta tensors (no data, no memory traffic), so
-their cost does not grow with input resolution or batch. Only a node that has no meta
-kernel (e.g. data-dependent Python in an untraceable leaf) runs on zero tensors of its
-input shapes, on a private copy of its module. The user's model is never changed.
+Shapes come from the tracer itself (meta tensors: no data, no memory traffic), so their
+cost does not grow with input resolution or batch. Only a leaf without a meta kernel runs
+on zero tensors of its input shapes, on a private copy of its module. The user's model is
+never changed, and Python state a forward writes (``self.anchors``, caches) is restored.
 
 Example::
 
     gm = capture(model, (torch.randn(1, 3, 224, 224),))
     gm.graph.nodes  # each node.meta["val"] holds a meta tensor (or a structure of them)
+    gm.meta["specialisations"]  # [{"kind": "bool", "where": "model.py:12", ...}]
 """
 from __future__ import annotations
 
 import copy
 import inspect
+import operator
 from typing import Any, Iterable
 
 import torch
 import torch.fx as fx
 from torch import nn
-from torch.utils._pytree import tree_map_only
+from torch.utils._pytree import tree_leaves, tree_map_only
 
 from .errors import CaptureError
 from .inputs import as_inputs as as_input_tuple  # noqa: F401 (one normaliser for both)
 from .shapes import fast_function_shape, fast_module_shape
+from .specialise import traceback_line
+from .tracer import ChannelTracer, SpecialisingTracer, one_line as _one_line  # noqa: F401 (re-exported)
 
 MAX_LEAF_RETRIES = 64
 
 
-class ChannelTracer(fx.Tracer):
-    """A Tracer whose leaves are torch.nn's layers, the user's leaves and the modules
-    that failed to trace; it records which non-leaf module an exception came from."""
-
-    def __init__(self, leaf_modules: Iterable = (), fallback_leaves: Iterable[str] = ()):
-        super().__init__()
-        names, types = set(), []
-        for item in leaf_modules:
-            (types.append(item) if isinstance(item, type) else names.add(str(item)))
-        self.leaf_names = names | set(fallback_leaves)
-        self.leaf_types = tuple(types)
-        self.failing: str | None = None
-
-    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        if qualname in self.leaf_names or (self.leaf_types and isinstance(m, self.leaf_types)):
-            return True
-        return super().is_leaf_module(m, qualname)
-
-    def call_module(self, m, forward, args, kwargs):
-        try:
-            return super().call_module(m, forward, args, kwargs)
-        except Exception:
-            name = self.path_of_module(m)
-            if self.failing is None and not self.is_leaf_module(m, name):
-                self.failing = name
-            raise
-
-
-def trace(model: nn.Module, leaf_modules: Iterable = (), n_inputs: int | None = None) -> fx.GraphModule:
+def trace(model: nn.Module, leaf_modules: Iterable = (), n_inputs: int | None = None,
+          example_inputs: tuple | None = None) -> fx.GraphModule:
     """Trace ``model`` (not copied: the GraphModule shares its submodules), retrying
-    untraceable submodules as leaves. ``gm.meta["untraced"]`` lists them. With ``n_inputs``,
-    forward parameters past the first ``n_inputs`` that have defaults are traced at their
-    defaults, as a call with that many inputs runs them."""
+    untraceable submodules as leaves (``gm.meta["untraced"]``, reasons in ``untraced_why``).
+
+    With ``example_inputs`` the specialising tracer runs: exactly those inputs, a meta
+    value on every node, specialisations in ``gm.meta``. Without, plain torch.fx (no
+    shapes); then with ``n_inputs``, forward parameters past the first ``n_inputs`` that
+    have defaults are traced at their defaults, as a call with that many inputs runs them."""
     leaf_modules = tuple(leaf_modules)
-    concrete = _defaults_after(model, n_inputs)
+    concrete = None if example_inputs is not None else _defaults_after(model, n_inputs)
     fallback: list[str] = []
+    why: dict[str, str] = {}
     for _ in range(MAX_LEAF_RETRIES):
-        tracer = ChannelTracer(leaf_modules, fallback)
+        tracer = (SpecialisingTracer(example_inputs, leaf_modules, fallback) if example_inputs is not None
+                  else ChannelTracer(leaf_modules, fallback))
         try:
             with python_state_kept(model):  # also drops the tracer's _tensor_constant attributes
                 graph = tracer.trace(model, concrete_args=concrete)
                 gm = fx.GraphModule(tracer.root, graph, type(model).__name__)  # copies what it reads
+        except CaptureError:
+            raise
         except Exception as exc:  # noqa: BLE001 - any tracing failure is retried or reported
             if not tracer.failing or tracer.failing in fallback:
+                line = traceback_line(exc)
                 raise CaptureError(
-                    f"torch.fx cannot trace {type(model).__name__}.forward itself: "
-                    f"{type(exc).__name__}: {_one_line(exc)}; pass leaf_modules= for the part "
-                    "that cannot be traced") from exc
+                    f"torch.fx cannot trace {type(model).__name__}.forward itself"
+                    f"{f' at {line}' if line else ''}: {type(exc).__name__}: {_one_line(exc)}; "
+                    "pass leaf_modules= for the part that cannot be traced") from exc
             fallback.append(tracer.failing)
+            why[tracer.failing] = tracer.failing_why
             continue
         gm.meta["untraced"] = list(fallback)
+        gm.meta["untraced_why"] = why
+        if example_inputs is not None:
+            _record_specialisations(gm, tracer)
         return gm
     raise CaptureError(f"gave up after {MAX_LEAF_RETRIES} untraceable submodules")
+
+
+def _record_specialisations(gm: fx.GraphModule, tracer: SpecialisingTracer) -> None:
+    """Specialisations into ``gm.meta``; Python-valued nodes nothing reads are dropped."""
+    gm.meta["specialisations"] = [s.to_dict() for s in tracer.specs]
+    gm.meta["static_batch"] = any(s.batch for s in tracer.specs)
+    gm.meta["frozen_extents"] = tracer.frozen_extents
+    changed = False
+    for node in reversed(list(gm.graph.nodes)):
+        if (node.op in ("call_function", "call_method") and not node.users
+                and not isinstance(node.meta.get("val"), torch.Tensor)
+                and (node.op == "call_method" or node.target in _PURE) and not _tensor_in(node.meta.get("val"))):
+            gm.graph.erase_node(node)
+            changed = True
+    if changed:
+        gm.recompile()
+
+
+_PURE = frozenset({getattr, *(getattr(operator, n) for n in (
+    "add", "sub", "mul", "floordiv", "truediv", "mod", "pow", "neg", "eq", "ne", "lt", "le", "gt", "ge",
+    "getitem", "and_", "or_", "not_", "abs"))})
+
+
+def _tensor_in(value: Any) -> bool:
+    return any(isinstance(v, torch.Tensor) for v in tree_leaves(value))
 
 
 def _defaults_after(model: nn.Module, n_inputs: int | None) -> dict | None:
@@ -116,7 +133,8 @@ class python_state_kept:
     ``self.attention_bias_cache`` outside tracing-aware branches): traced, that caches a
     Proxy, which a later trace would read from an old graph and which the user's model
     would keep. Dicts, lists and sets are restored in place, attributes the forward
-    added are removed; parameters, buffers and submodules are not touched.
+    added are removed, buffers and parameters it reassigned (a recomputed table, YOLO's
+    anchors) are put back; submodules are not touched.
 
     Example::
 
@@ -129,15 +147,19 @@ class python_state_kept:
         for m in model.modules():
             attrs = {k: v for k, v in vars(m).items() if k not in _MODULE_INTERNALS}
             containers = {k: copy.copy(v) for k, v in attrs.items() if isinstance(v, (dict, list, set))}
-            self.saved.append((m, attrs, containers))
+            self.saved.append((m, attrs, containers, dict(m._buffers), dict(m._parameters)))
 
     def __enter__(self):
         return self
 
     def __exit__(self, *exc):
-        for m, attrs, containers in self.saved:
+        for m, attrs, containers, buffers, params in self.saved:
             for k in [k for k in vars(m) if k not in _MODULE_INTERNALS and k not in attrs]:
-                delattr(m, k)
+                object.__delattr__(m, k)
+            for store, saved in ((m._buffers, buffers), (m._parameters, params)):
+                if store.keys() != saved.keys() or any(store[k] is not v for k, v in saved.items()):
+                    store.clear()
+                    store.update(saved)
             for k, v in attrs.items():
                 if vars(m).get(k) is not v:
                     object.__setattr__(m, k, v)
@@ -145,10 +167,6 @@ class python_state_kept:
                     v.clear()
                     (v.extend if isinstance(v, list) else v.update)(containers[k])
         return False
-
-
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split())[:300]
 
 
 def _to_meta(value: Any) -> Any:
@@ -228,14 +246,14 @@ class MetaShapeProp(fx.Interpreter):
 
 
 def capture(model: nn.Module, example_inputs: Any, leaf_modules: Iterable = ()) -> fx.GraphModule:
-    """Trace ``model`` and put a meta value on every node (``node.meta["val"]``).
+    """Trace ``model`` on ``example_inputs`` and put a meta value on every node
+    (``node.meta["val"]``), from the tracer itself: no separate shape pass.
 
-    The model is read, never changed: modes, parameters and buffers stay as they were.
+    The model is read, never changed: modes, parameters, buffers and the Python state its
+    forward writes stay as they were. ``leaf_modules``: classes, class names or module names.
     """
     inputs = as_input_tuple(example_inputs)
-    gm = trace(model, leaf_modules, n_inputs=len(inputs))
-    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    if len(inputs) > len(placeholders):
-        raise CaptureError(f"{len(inputs)} example inputs given but forward takes {len(placeholders)}")
-    MetaShapeProp(gm).propagate(*inputs)
+    gm = trace(model, leaf_modules, example_inputs=inputs)
+    if any("val" not in n.meta for n in gm.graph.nodes if n.op != "output"):
+        MetaShapeProp(gm).propagate(*inputs)  # not reached by the zoo: a safety net
     return gm

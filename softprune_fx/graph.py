@@ -84,6 +84,11 @@ class ChannelGraph:
     def untraced(self) -> list[str]:
         return list(self.gm.meta.get("untraced", ()))
 
+    @property
+    def specialisations(self) -> list[dict]:
+        """What capture specialised on: ``{kind, expr, value, where (file:line), code, reads, batch}``."""
+        return list(self.gm.meta.get("specialisations", ()))
+
     def group(self, gid: str) -> Group:
         return self.by_id[gid]
 
@@ -123,6 +128,9 @@ class ChannelGraph:
                 "producers": g.producers, "sites": g.sites,
             } for g in self.groups],
             "untraced": self.untraced,
+            "untraced_why": dict(self.gm.meta.get("untraced_why", {})),
+            "specialisations": self.specialisations,
+            "static_batch": bool(self.gm.meta.get("static_batch", False)),
             "inexact": list(self.flow.inexact),
         }
 

@@ -18,6 +18,7 @@ try:
     from .zoo_big import BIG
     from .zoo_cnn import ZOO_CNN
     from .zoo_common import randomize_norms
+    from .zoo_ecosystem import PLAIN_FX_FAILS, ZOO_ECOSYSTEM
     from .zoo_misc import ZOO_MISC
     from .zoo_mobile import ZOO_MOBILE
     from .zoo_modern import ZOO_MODERN
@@ -25,15 +26,16 @@ except ImportError:  # imported with tests/ on sys.path
     from zoo_big import BIG
     from zoo_cnn import ZOO_CNN
     from zoo_common import randomize_norms
+    from zoo_ecosystem import PLAIN_FX_FAILS, ZOO_ECOSYSTEM
     from zoo_misc import ZOO_MISC
     from zoo_mobile import ZOO_MOBILE
     from zoo_modern import ZOO_MODERN
 
 Builder = Callable[[], "tuple[nn.Module, tuple]"]
 
-ZOO: dict[str, Builder] = {**ZOO_CNN, **ZOO_MOBILE, **ZOO_MODERN, **ZOO_MISC}
+ZOO: dict[str, Builder] = {**ZOO_CNN, **ZOO_MOBILE, **ZOO_MODERN, **ZOO_MISC, **ZOO_ECOSYSTEM}
 
 #: models on which torch.fx.symbolic_trace is expected to fail
-UNTRACEABLE = frozenset({"untraceable"})
+UNTRACEABLE = frozenset({"untraceable"}) | PLAIN_FX_FAILS
 
 __all__ = ["BIG", "UNTRACEABLE", "ZOO", "randomize_norms"]

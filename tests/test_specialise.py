@@ -1,0 +1,217 @@
+"""The specialising capture (issue 9): Python that reads shapes is answered and recorded,
+data-dependent code stays a frozen leaf with its line, no real tensor reaches an op."""
+import inspect
+import re
+
+import pytest
+import torch
+import zoo_ecosystem as Z
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+import softprune_fx as sp
+from softprune_fx.passes import capture as capture_mod
+from softprune_fx.passes.capture import capture
+from softprune_fx.passes.errors import CaptureError
+from softprune_fx.passes.flow import run_flow
+from softprune_fx.passes.groups import build_groups
+from softprune_fx.passes.specialise import freeze_specialised
+
+
+def line_of(obj, marker: str) -> str:
+    """``zoo_ecosystem.py:N`` of the line of ``obj``'s source that contains ``marker``."""
+    lines, start = inspect.getsourcelines(obj)
+    n = next(start + i for i, text in enumerate(lines) if marker in text)
+    return f"{inspect.getsourcefile(obj).rsplit('/', 1)[1]}:{n}"
+
+
+def test_yolo_traces_without_leaves_and_its_c2f_blocks_prune():
+    model, x = Z.yolo()
+    cg = sp.analyze(model, x)
+    assert cg.untraced == []
+    assert [n.name for n in cg.gm.graph.nodes if n.op == "placeholder"] == ["x"]  # forward(x, *args, **kwargs)
+    assert cg.group("b3.2.cv1.conv").prunable and cg.group("o5.cv1.conv").prunable  # list(chunk(2, 1))
+    assert cg.group("n3.cv2.conv").prunable  # the Detect input read by `self.shape != shape`
+    assert sum(g.prunable for g in cg.groups) >= 40
+
+
+def test_specialisations_are_recorded_with_their_source_lines():
+    model, x = Z.yolo()
+    cg = sp.analyze(model, x)
+    specs = cg.specialisations
+    where = line_of(Z.Detect.forward, "self.shape != shape")
+    hit = [s for s in specs if s["where"].endswith(where)]
+    assert hit and hit[0]["kind"] == "bool" and hit[0]["value"] is True and "shape" in hit[0]["code"]
+    assert hit[0]["reads"][0] == ["cat_13", 0]  # the cached shape includes the batch...
+    assert not hit[0]["batch"] and not cg.gm.meta["static_batch"]  # ...but `None != shape` holds at any batch
+    chunk = line_of(Z.C2f.forward, "chunk(2, 1)")
+    assert sum(s["where"].endswith(chunk) and s["kind"] == "iter" for s in specs) == 8  # one per C2f, no len
+    assert cg.to_dict()["specialisations"] == specs
+
+
+def test_tf_same_padding_and_size_checks_specialise_on_spatial_sizes_only():
+    model, x = Z.tf_same()
+    cg = sp.analyze(model, x)
+    assert cg.untraced == [] and sum(g.prunable for g in cg.groups) >= 4
+    assert {s["kind"] for s in cg.specialisations} == {"bool"}  # max(...); math.ceil stays a node (fx autowraps math)
+    assert all(d >= 2 for s in cg.specialisations for _, d in s["reads"])
+    assert not cg.gm.meta["static_batch"]
+    model, x = Z.size_check()
+    cg = sp.analyze(model, x)  # the root's `h % 32` check: plain fx fails at the root
+    assert cg.untraced == [] and any(g.prunable for g in cg.groups)
+    assert any(s["where"].endswith(line_of(Z.SizeCheckNet.forward, "% 32")) for s in cg.specialisations)
+    with pytest.raises(CaptureError, match="zoo_ecosystem.py:.*divisible by 32"):
+        sp.analyze(model, torch.randn(1, 3, 40, 40))  # the branch the input takes is the user's
+
+
+def test_data_dependent_branch_is_a_frozen_leaf_with_its_line():
+    model, x = Z.data_branch()
+    cg = sp.analyze(model, x)
+    assert cg.untraced == ["gate"]
+    why = cg.gm.meta["untraced_why"]["gate"]
+    assert line_of(Z.DataGate.forward, "DATA-DEPENDENT LINE") in why and "tensor contents" in why
+    assert not cg.group("a.conv").prunable and cg.group("b.conv").prunable
+
+
+class DataRoot(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 1)
+
+    def forward(self, x):
+        if x.sum() > 0:  # ROOT DATA LINE
+            return self.conv(x)
+        return x
+
+
+class ItemRoot(DataRoot):
+    def forward(self, x):
+        return self.conv(x) * x.max().item()  # ITEM LINE
+
+
+@pytest.mark.parametrize("cls,marker", [(DataRoot, "ROOT DATA LINE"), (ItemRoot, "ITEM LINE")])
+def test_root_trace_error_names_the_failing_line(cls, marker):
+    line = line_of(cls.forward, marker)
+    with pytest.raises(CaptureError, match=re.escape(line)):
+        sp.analyze(cls(), torch.randn(1, 3, 4, 4))
+
+
+class DispatchSpy(TorchDispatchMode):
+    """Records the device of every tensor any aten op reads or returns."""
+
+    def __init__(self):
+        super().__init__()
+        self.devices = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves((args, kwargs, out)):
+            if isinstance(t, torch.Tensor):
+                self.devices.add(t.device.type)
+        return out
+
+
+@pytest.mark.parametrize("name", ["eco_yolo", "eco_tf_same", "eco_size_check", "resnet_basic", "eco_std_conv"])
+def test_no_real_tensor_reaches_an_op_while_tracing(name, monkeypatch):
+    from zoo import ZOO
+    model, x = ZOO[name]()
+    monkeypatch.setattr(capture_mod.MetaShapeProp, "propagate", lambda *a: pytest.fail("a second shape pass ran"))
+    with DispatchSpy() as spy:
+        gm = capture(model, x)
+    assert spy.devices <= {"meta"}, spy.devices
+    assert all("val" in n.meta for n in gm.graph.nodes if n.op != "output")
+
+
+def test_user_module_state_is_unchanged_after_analyze():
+    model, x = Z.yolo()
+    det = model.detect
+    before = {k: v for k, v in vars(det).items() if not k.startswith("_")}
+    stride, anchors = det.stride, det.anchors
+    for _ in range(2):  # the second trace must not read what the first cached
+        cg = sp.analyze(model, x)
+    assert {k: v for k, v in vars(det).items() if not k.startswith("_")} == before
+    assert det.shape is None and det.anchors is anchors and det.anchors.numel() == 0 and det.stride is stride
+    assert all(v.device.type == "cpu" for v in model.state_dict().values())
+    drop = {"b3.2.cv1.conv": [1, 9], "o4.cv2.conv": [0]}
+    drop = cg.legalize(drop)
+    pruned = sp.prune_channels(model, x, drop)
+    assert not any(isinstance(v, torch.fx.Proxy) for v in vars(pruned).values())
+    assert torch.allclose(pruned(*x), sp.masked(model, x, drop)(*x), atol=1e-5)
+    assert det.shape is None  # pruning traced again: still untouched
+
+
+class ReadsChannels(nn.Module):
+    """Python turns a channel extent into a constant (`int(x.shape[1])`)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        y = self.a(x)
+        c = int(y.shape[1])  # CHANNEL LINE
+        return self.b(y.view(y.shape[0], c, -1).view_as(y))
+
+
+def test_a_channel_extent_consumed_by_python_freezes_its_group_with_the_line():
+    model, x = ReadsChannels().eval(), (torch.randn(2, 3, 8, 8),)
+    gm = capture(model, x)
+    line = line_of(ReadsChannels.forward, "CHANNEL LINE")
+    assert [(r["node"], r["dim"]) for r in gm.meta["frozen_extents"]] == [("a", 1)]
+    flow = run_flow(gm)
+    freeze_specialised(flow)
+    group = next(g for g in build_groups(flow) if g.id == "a")
+    assert not group.prunable and line in group.frozen_reason
+
+
+class Iterates(nn.Module):
+    def forward(self, x):
+        return torch.stack([row * 2 for row in x])  # BATCH LINE
+
+
+class ChecksBatch(nn.Module):
+    def forward(self, x):
+        if x.shape[0] != 3:  # true at any other batch size
+            raise ValueError("batch of 3 only")
+        return x.reshape(int(x.shape[1]), -1)  # the channel count, not the batch
+
+
+def test_a_specialisation_on_the_batch_is_flagged():
+    gm = capture(Iterates(), (torch.randn(3, 4, 5),))
+    spec = next(s for s in gm.meta["specialisations"] if s["kind"] == "iter")
+    assert spec["batch"] and spec["value"] == 3 and gm.meta["static_batch"]
+    gm = capture(ChecksBatch(), (torch.randn(3, 4, 5),))
+    check, size = gm.meta["specialisations"]
+    assert check["kind"] == "bool" and check["batch"] and gm.meta["static_batch"]
+    assert size["kind"] == "int" and not size["batch"] and size["reads"] == [["x", 1]]
+
+
+class KwOnly(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 4, 1)
+
+    def forward(self, x, *extra, scale=2.0, mask=None, **kwargs):
+        y = torch.relu(self.a(x))
+        if mask is not None or extra or kwargs:
+            y = y * 0
+        return self.b(y) * scale
+
+
+def test_forward_with_varargs_keyword_only_and_defaults_traces_the_given_inputs():
+    model, x = KwOnly().eval(), (torch.randn(2, 3, 8, 8),)
+    cg = sp.analyze(model, x)
+    assert [n.name for n in cg.gm.graph.nodes if n.op == "placeholder"] == ["x"]
+    assert cg.group("a").prunable
+    drop = {"a": [0, 3]}
+    assert torch.allclose(sp.prune_channels(model, x, drop)(*x), sp.masked(model, x, drop)(*x), atol=1e-6)
+
+
+@pytest.mark.parametrize("leaf", ["C2f", "tests.zoo_ecosystem.C2f", "b3.2"])
+def test_leaf_modules_accept_class_names_and_module_names(leaf):
+    model, x = Z.yolo()
+    leaf = leaf.replace("tests.zoo_ecosystem", Z.C2f.__module__)
+    cg = sp.analyze(model, x, leaf_modules=[leaf])
+    calls = {n.target for n in cg.gm.graph.nodes if n.op == "call_module"}
+    assert "b3.2" in calls and ("n4" in calls) == (leaf != "b3.2")
