@@ -13,6 +13,8 @@ Example::
 """
 from __future__ import annotations
 
+import contextlib
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,6 +27,34 @@ from . import ops  # noqa: F401  (fills the registry)
 from .atoms import NONE, UNKNOWN, AtomTable, filled, on_axis
 from .flow_types import Balance, ChannelCount, Grid, NonEmpty, ParamRef, Site  # noqa: F401 (re-exported)
 from .registry import describe, lookup, node_arg
+
+
+# Strict mode: an exception inside a channel rule is a bug, so it propagates instead of
+# freezing the op's channels (which would look like caution). On in the test suite
+# (SOFTPRUNE_STRICT=1, tests/conftest.py), off for users, whose models must not fail on a
+# rule the project got wrong.
+_STRICT = [os.environ.get("SOFTPRUNE_STRICT", "") not in ("", "0")]
+
+
+def strict_mode() -> bool:
+    """Whether rule exceptions re-raise (``SOFTPRUNE_STRICT=1`` or ``set_strict(True)``)."""
+    return _STRICT[0]
+
+
+def set_strict(flag: bool) -> bool:
+    """Turn strict mode on or off; returns the previous setting."""
+    old, _STRICT[0] = _STRICT[0], bool(flag)
+    return old
+
+
+@contextlib.contextmanager
+def strict(flag: bool = True):
+    """``with strict(False):`` runs a block with strict mode set to ``flag``."""
+    old = set_strict(flag)
+    try:
+        yield
+    finally:
+        set_strict(old)
 
 
 @dataclass
@@ -204,6 +234,9 @@ def _node_layout(ctx: FlowContext, node: fx.Node) -> Any:
         try:
             return entry.rule(ctx, node)
         except Exception as exc:  # noqa: BLE001 - a rule that cannot follow the op freezes
+            if strict_mode():
+                exc.add_note(f"in the channel rule of {ctx.where()} (strict mode: SOFTPRUNE_STRICT)")
+                raise
             return ctx.unknown(f"{ctx.where()}: rule failed ({type(exc).__name__}: {exc})")
     if not any(_has_tensor(ctx.val(a)) for a in node.all_input_nodes) and not _has_tensor(value):
         return None  # plain Python arithmetic on sizes

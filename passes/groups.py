@@ -97,7 +97,7 @@ def build_groups(flow: ChannelFlow, frozen: tuple = ()) -> list[Group]:
         gid = names[0]
         fz = np.flatnonzero(is_frozen[classes_array]).tolist()
         reason = frozen_roots[classes[fz[0]]] if fz else ""
-        if any(n == f or n.startswith(f + ".") for f in frozen for n in names):
+        if any(_names_within(n, f) for f in frozen for n in names):
             fz, reason = list(range(len(classes))), "frozen by the user"
         kinds = set(tags_by_lead.get(int(lead[members[0]]), ())) - {"norm"}
         site_names = sorted(readers.get(int(lead[members[0]]), ()))
@@ -106,6 +106,13 @@ def build_groups(flow: ChannelFlow, frozen: tuple = ()) -> list[Group]:
                             kinds, names))
     groups += _site_groups(flow, roots, frozen)
     return groups
+
+
+def _names_within(name: str, prefix: str) -> bool:
+    """Whether ``name`` (a module path, or a site group's ``<consumer>:in``) lies in the
+    module ``prefix``: at a dot or colon boundary, so "features.1" holds "features.1.conv"
+    and "features.1:in" but not "features.10.conv1:in"."""
+    return name == prefix or name.startswith(prefix + ".") or name.startswith(prefix + ":")
 
 
 def _site_name(site: Site) -> str:
@@ -177,7 +184,7 @@ def _site_groups(flow: ChannelFlow, roots: np.ndarray, frozen: tuple) -> list[Gr
         if not (readers[roots[atoms[atoms >= 0]]] > 1).any():
             continue
         gid = f"{_site_name(site)}:in"
-        fz = list(range(width)) if any(gid.startswith(f) for f in frozen) else []
+        fz = list(range(width)) if any(_names_within(gid, f) for f in frozen) else []
         out.append(Group(gid, width, [], fz, "frozen by the user" if fz else "", [str(x.name)],
                          [_site_name(site)], {"site"}, [], site=site, chain=chain, source=x))
     return out

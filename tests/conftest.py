@@ -1,10 +1,17 @@
-"""Shared test setup: the zoo on sys.path, one torch thread (2-core CI), helpers."""
+"""Shared test setup: the zoo on sys.path, one torch thread (2-core CI), strict mode
+(a rule that raises fails its test instead of freezing channels; subprocesses inherit it
+through SOFTPRUNE_STRICT), helpers."""
 import os
 import sys
 
-import pytest
-import torch
+os.environ["SOFTPRUNE_STRICT"] = "1"
 
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from softprune_fx.passes.flow import set_strict  # noqa: E402
+
+set_strict(True)
 sys.path.insert(0, os.path.dirname(__file__))
 
 from drops import random_drop  # noqa: E402,F401 (re-exported to the tests)

@@ -4,11 +4,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import outputs, random_drop, rel_err
+from opaque import opaque
 from torch import nn
 from zoo import ZOO
 
 import softprune_fx as sp
 from softprune_fx.passes.errors import IllegalDropError
+
+torch.fx.wrap("opaque")  # this module's name for the op with no rule
 
 
 def groups_of(name, **kw):
@@ -120,7 +123,7 @@ def test_inexact_groupnorm_frozen_unless_allowed():
     assert torch.isfinite(pruned(*inputs)).all()
 
 
-class Roll(nn.Module):
+class Opaque(nn.Module):
     def __init__(self):
         super().__init__()
         self.a = nn.Conv2d(3, 8, 3)
@@ -128,13 +131,13 @@ class Roll(nn.Module):
         self.c = nn.Conv2d(8, 4, 1)
 
     def forward(self, x):
-        return self.c(torch.roll(self.b(self.a(x)), 1, 1).softmax(1) + 0)
+        return self.c(opaque(self.b(self.a(x))).softmax(1) + 0)
 
 
 def test_unknown_op_freezes_with_reason():
-    cg = sp.analyze(Roll(), torch.randn(1, 3, 12, 12))
+    cg = sp.analyze(Opaque(), torch.randn(1, 3, 12, 12))
     g = containing(cg, "b")
-    assert not g.prunable and "no rule for torch.roll at node roll" in g.frozen_reason
+    assert not g.prunable and "no rule for opaque.opaque at node opaque" in g.frozen_reason
     assert containing(cg, "a").prunable
 
 
@@ -272,3 +275,21 @@ def test_functional_bn_in_a_site_group_chain_is_sliced_by_position():
     assert pruned.pre_bn.running_mean.shape[0] == 13 and pruned.pre_conv1.in_channels == 13
     assert pruned.dw_bn.weight.shape[0] == 15 and pruned.stem.out_channels == 16
     assert rel_err(outputs(sp.masked(model, inputs, drop), inputs), outputs(pruned, inputs)) <= 1e-5
+
+
+def test_frozen_prefix_stops_at_a_dot_boundary():
+    """frozen=("features.1",) freezes features.1's channels and site group, never
+    features.10's or features.11's (a bare startswith did)."""
+    from zoo_cnn import DenseNet
+    torch.manual_seed(0)
+    model = DenseNet(growth=4, blocks=(11,), init=8).eval()
+    inputs = (torch.randn(2, 3, 16, 16),)
+    cg = sp.analyze(model, inputs, frozen=("features.1",))
+    by_id = {g.id: g for g in cg.groups}
+    assert by_id["features.10.conv1:in"].prunable and by_id["features.11.conv1:in"].prunable
+    assert containing(cg, "features.10.conv1").prunable
+    assert not containing(cg, "features.1.conv1").prunable
+    assert by_id["features.10.conv1:in"].frozen_channels == []
+    frozen_sg = sp.analyze(model, inputs, frozen=("features.10",))
+    assert not frozen_sg.group("features.10.conv1:in").prunable
+    assert frozen_sg.group("features.11.conv1:in").prunable

@@ -23,7 +23,9 @@ ACTIVATION_MODULES = (
     nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout,
     nn.Identity,
 )
-# PReLU with one weight per channel is a norm-like op: norm.py registers it.
+# PReLU with one weight per channel is a norm-like op: norm.py registers it. F.sigmoid and
+# F.tanh are absent: they call x.sigmoid() / x.tanh() without a torch-function check, so
+# fx records the method.
 ACTIVATION_FUNCTIONS = (
     F.relu, F.relu_, F.relu6, F.leaky_relu, F.elu, F.selu, F.celu, F.gelu, F.silu, F.mish,
     F.hardswish, F.hardsigmoid, F.hardtanh, F.softplus, F.softsign, F.tanhshrink,
@@ -31,7 +33,7 @@ ACTIVATION_FUNCTIONS = (
     torch.relu, torch.relu_, torch.sigmoid, torch.tanh, torch.exp, torch.log, torch.abs,
     torch.neg, torch.sqrt, torch.rsqrt, torch.square, torch.clamp, torch.clip, torch.sign,
     torch.erf, torch.sin, torch.cos, torch.reciprocal, torch.nan_to_num, torch.pow,
-    F.sigmoid, F.tanh, torch.zeros_like, torch.ones_like, torch.full_like, torch.empty_like,
+    torch.zeros_like, torch.ones_like, torch.full_like, torch.empty_like,
     torch.rand_like, torch.randn_like, operator.neg, operator.pos, torch.detach, torch.clone,
     torch.special.expit,
 )
@@ -39,7 +41,7 @@ ACTIVATION_METHODS = (
     "relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_", "exp", "log", "abs", "neg", "sqrt",
     "rsqrt", "square", "clamp", "clamp_", "clip", "clamp_min", "clamp_max", "sign", "erf", "pow",
     "reciprocal", "contiguous", "clone", "detach", "to", "type", "float", "double", "half",
-    "bfloat16", "type_as", "requires_grad_", "zero_", "fill_", "hardswish", "sin", "cos",
+    "bfloat16", "type_as", "requires_grad_", "zero_", "fill_", "sin", "cos",
     "nan_to_num",
 )
 
@@ -57,8 +59,7 @@ register(*ACTIVATION_MODULES, *ACTIVATION_FUNCTIONS, *ACTIVATION_METHODS, chain=
 register_name("torchvision.ops.stochastic_depth.stochastic_depth", same_rule, chain="pass")
 annotate(nn.ReLU, nn.ReLU6, nn.SiLU, nn.GELU, nn.Hardswish, nn.Hardsigmoid, nn.Sigmoid, nn.Tanh,
          nn.Identity, nn.Dropout, nn.LeakyReLU, nn.ELU, nn.Mish, shape=same_shape_module)
-annotate(F.relu, torch.relu, F.relu6, F.silu, F.gelu, F.hardswish, torch.sigmoid, F.sigmoid,
-         shape=same_shape_function)
+annotate(F.relu, torch.relu, F.relu6, F.silu, F.gelu, F.hardswish, torch.sigmoid, shape=same_shape_function)
 
 # ----------------------------------------------------------------------------- dead regions
 
@@ -87,13 +88,13 @@ _HARD = ZeroBelow(-3.0)
 _SIGMOID = SmallTail("sigmoid", lambda: torch.sigmoid)
 DEAD_REGIONS = {
     **dict.fromkeys((nn.ReLU, nn.ReLU6, F.relu, F.relu_, F.relu6, torch.relu, torch.relu_, "relu", "relu_"), _ZERO),
-    **dict.fromkeys((nn.Hardswish, F.hardswish, nn.Hardsigmoid, F.hardsigmoid, "hardswish"), _HARD),
+    **dict.fromkeys((nn.Hardswish, F.hardswish, nn.Hardsigmoid, F.hardsigmoid), _HARD),
     **dict.fromkeys((nn.SiLU, F.silu), SmallTail("silu", lambda: F.silu)),
     **dict.fromkeys((nn.Mish, F.mish), SmallTail("mish", lambda: F.mish)),
     **dict.fromkeys((nn.GELU, F.gelu), SmallTail("gelu", lambda a: lambda y: F.gelu(y, approximate=a), _gelu_params)),
     **dict.fromkeys((nn.Softplus, F.softplus), SmallTail("softplus", lambda b, th: lambda y: F.softplus(y, b, th),
                                                           _softplus_params)),
-    **dict.fromkeys((nn.Sigmoid, F.sigmoid, torch.sigmoid, torch.special.expit, "sigmoid", "sigmoid_"), _SIGMOID),
+    **dict.fromkeys((nn.Sigmoid, torch.sigmoid, torch.special.expit, "sigmoid", "sigmoid_"), _SIGMOID),
 }
 for _target, _dead in DEAD_REGIONS.items():
     annotate(_target, dead=_dead)
@@ -143,7 +144,7 @@ def broadcast_rule(ctx, node):
     return ctx.unify(*[lay for lay, _ in kept])
 
 
-MULS = (operator.mul, operator.imul, torch.mul, torch.multiply, "mul", "mul_", "__mul__", "__rmul__")
+MULS = (operator.mul, torch.mul, torch.multiply, "mul", "mul_")
 
 
 def _is_mul(node) -> bool:
@@ -163,13 +164,14 @@ def binary_shape(target, args, kwargs):
     return None
 
 
+# In-place operators (``y += x``) and dunder calls (``x.__add__(y)``) trace to operator.add
+# and friends: fx proxies have no __iadd__, so those need no entries of their own.
 register(
-    operator.add, operator.sub, operator.mul, operator.truediv, operator.floordiv,
-    operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.pow,
+    operator.add, operator.sub, operator.mul, operator.truediv, operator.floordiv, operator.pow,
+    operator.gt, operator.lt, operator.ge, operator.le, operator.eq, operator.ne,
     torch.add, torch.sub, torch.subtract, torch.mul, torch.multiply, torch.div, torch.true_divide,
     torch.maximum, torch.minimum, torch.where, torch.addcmul, torch.lerp,
     "add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_", "maximum", "minimum",
-    "__add__", "__mul__", "__sub__", "__truediv__", "__radd__", "__rmul__",
 )(broadcast_rule)
-annotate(operator.add, operator.iadd, operator.mul, shape=binary_shape)
-annotate(operator.add, operator.iadd, torch.add, "add", "add_", bn="through")  # BN -> add -> ReLU
+annotate(operator.add, operator.mul, shape=binary_shape)
+annotate(operator.add, torch.add, "add", "add_", bn="through")  # BN -> add -> ReLU

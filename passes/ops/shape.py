@@ -101,7 +101,7 @@ register(torch.reshape, torch.flatten, torch.squeeze, torch.unsqueeze, nn.Flatte
          surgery=reshape_surgery)(reshape_rule)
 
 
-@register("permute", "transpose", "t", "movedim", "swapaxes", "mT", torch.permute, torch.transpose,
+@register("permute", "transpose", "t", "movedim", "swapaxes", torch.permute, torch.transpose,
           torch.movedim, torch.swapaxes, torch.t)
 def permute_rule(ctx, node):
     x = node.args[0]
