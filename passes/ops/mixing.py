@@ -1,5 +1,6 @@
 """Ops that mix channels (mask sites): conv (dense, grouped, depthwise, transposed),
-linear, their functional forms on plain parameters, and matmul; with their surgery,
+linear, their functional forms on parameters (grouped, depthwise, or a weight computed from
+parameters only: passes/ops/params.py), and matmul; with their surgery,
 fast shapes, FLOPs terms and one-shot importance.
 """
 from __future__ import annotations
@@ -15,32 +16,32 @@ from torch import nn
 from ..atoms import NONE, UNKNOWN, along, filled, fixed, on_axis
 from ..flow_types import Balance, NonEmpty
 from ..registry import FlopsTerm, annotate, node_arg, register
+from .params import erase_unused, evaluate, param_source, still_read
 from .tensors import empty, idx, one_tensor, set_tensor
 
 # ----------------------------------------------------------------------------- surgery
 
 
+def slice_weight(w: torch.Tensor, groups: int, in_keep: np.ndarray, out_keep: np.ndarray):
+    """A dense, depthwise or grouped conv weight cut to the kept channels: ``(weight, groups)``."""
+    ik, ok = idx(in_keep), idx(out_keep)
+    if groups == 1:
+        return w[ok][:, ik], 1
+    if groups == len(in_keep):  # depthwise, any channel multiplier
+        return w[ok], len(ik)
+    ip, op = len(in_keep) // groups, len(out_keep) // groups  # grouped: same count per group (Balance)
+    rows = [w[idx(out_keep[b * op:(b + 1) * op]) + b * op][:, idx(in_keep[b * ip:(b + 1) * ip])]
+            for b in range(groups)]
+    return torch.cat(rows, 0), groups
+
+
 def slice_conv(m: nn.Module, in_keep: np.ndarray, out_keep: np.ndarray) -> None:
     """Slice a (transposed, grouped, depthwise) conv's weight and bias in place."""
-    w = m.weight.data
     ik, ok = idx(in_keep), idx(out_keep)
-    transposed = isinstance(m, nn.modules.conv._ConvTransposeNd)
-    g = m.groups
-    if transposed:
-        w = w[ik][:, ok]
-    elif g == 1:
-        w = w[ok][:, ik]
-    elif g == m.in_channels:  # depthwise, any channel multiplier
-        w = w[ok]
-        g = len(ik)
-    else:  # grouped: every group keeps the same count (Balance constraint)
-        ip, op = m.in_channels // g, m.out_channels // g
-        rows = []
-        for b in range(g):
-            ob = idx(out_keep[b * op:(b + 1) * op]) + b * op
-            ib = idx(in_keep[b * ip:(b + 1) * ip])
-            rows.append(w[ob][:, ib])
-        w = torch.cat(rows, 0)
+    if isinstance(m, nn.modules.conv._ConvTransposeNd):
+        w, g = m.weight.data[ik][:, ok], m.groups
+    else:
+        w, g = slice_weight(m.weight.data, m.groups, in_keep, out_keep)
     set_tensor(m, "weight", w)
     if m.bias is not None:
         set_tensor(m, "bias", m.bias.data[ok])
@@ -69,21 +70,47 @@ def linear_surgery(sctx, node):
 
 
 def functional_weight_surgery(sctx, node):
-    """``F.conv2d`` / ``F.linear`` on a plain parameter: slice the weight (the bias is a
-    one-axis parameter, sliced by the generic parameter pass)."""
+    """``F.conv2d`` / ``F.linear`` on a parameter, or on a weight computed from parameters
+    only (folded: evaluated once, sliced, stored in place of the raw parameter); grouped and
+    depthwise convs re-emit their ``groups``. The bias is a one-axis parameter, sliced by the
+    generic parameter pass."""
     w = node_arg(node, 1, "weight")
-    if not sctx.first_call(node, key=w.target):
+    src = param_source(w)
+    if src is None or not sctx.first_call(node, key=("weight", src.target)):
         return
-    axis = -1 if node.target is torch.nn.functional.linear else 1
+    linear = node.target is torch.nn.functional.linear
+    axis = -1 if linear else 1
     site = sctx.site_of(node)  # none where the input carries no prunable channel (e.g. the image)
-    x = node_arg(node, 0, "input")
-    in_keep = sctx.site_keep(site) if site is not None else sctx.keep_along(x, axis)
+    in_keep = sctx.site_keep(site) if site is not None else sctx.keep_along(node_arg(node, 0, "input"), axis)
     out_keep = sctx.keep_along(node, axis)
     if out_keep.all() and in_keep.all():
-        return  # nothing dropped (a grouped or computed-weight conv is frozen by its rule)
-    ok, ik = idx(out_keep), idx(in_keep)
-    owner, name = sctx.owner_of(w.target)
-    set_tensor(owner, name, getattr(owner, name).data[ok][:, ik])
+        return  # nothing dropped
+    owner, name = sctx.owner_of(src.target)
+    value = getattr(owner, name).data if w is src else evaluate(sctx.gm, w)
+    groups = 1 if linear else node_arg(node, 6, "groups", 1)
+    if groups != 1:  # input channels of a grouped weight: groups x its dim 1
+        in_keep = sctx.keep_along(node_arg(node, 0, "input"), 1) if site is None else in_keep
+    sliced, new_groups = slice_weight(value, groups, in_keep, out_keep)
+    set_tensor(owner, name, sliced)
+    if new_groups != groups:
+        _set_arg(node, 6, "groups", new_groups)
+    if isinstance(owner, nn.modules.conv._ConvNd) and not linear:
+        owner.in_channels, owner.out_channels, owner.groups = int(in_keep.sum()), int(out_keep.sum()), new_groups
+    if w is not src:  # the conv reads the folded weight; the computation is erased
+        with sctx.graph.inserting_before(node):
+            folded = sctx.graph.get_attr(src.target)
+        folded.meta["val"] = w.meta["val"]
+        node.replace_input_with(w, folded)
+        for target in erase_unused(sctx.graph, w):
+            if target != src.target and not still_read(sctx.gm, target):
+                delattr(*sctx.owner_of(target))
+
+
+def _set_arg(node, index: int, name: str, value) -> None:
+    if len(node.args) > index:
+        node.args = (*node.args[:index], value, *node.args[index + 1:])
+    else:
+        node.kwargs = {**node.kwargs, name: value}
 
 
 # ----------------------------------------------------------------------------- FLOPs, importance, shapes
@@ -102,7 +129,7 @@ def conv_flops(node, modules, has_site: bool) -> FlopsTerm:
         w, groups = m.weight, m.groups
         transposed = isinstance(m, nn.modules.conv._ConvTransposeNd)
     else:
-        w, groups, transposed = node_arg(node, 1, "weight").meta["val"], 1, False
+        w, groups, transposed = node_arg(node, 1, "weight").meta["val"], node_arg(node, 6, "groups", 1), False
     cin, cout = x.shape[1], out.shape[1]
     spatial = _numel(x.shape) // cin if transposed else _numel(out.shape) // cout
     flops = 2.0 * spatial * cin * cout // groups * _numel(w.shape[2:])
@@ -229,17 +256,19 @@ def functional_weight_rule(ctx, node):
     the output atoms, the bias is tied to them."""
     w = ctx.arg(1, "weight")
     b = ctx.arg(2, "bias")
-    if not (hasattr(w, "op") and w.op == "get_attr") or (b is not None and getattr(b, "op", None) != "get_attr"):
+    src = param_source(w)  # the parameter itself, or the one a parameter-only computation reads
+    if src is None or (b is not None and getattr(b, "op", None) != "get_attr"):
         return ctx.unknown(f"{ctx.where()}: weight is computed, not a parameter")
     wv = ctx.val(w)
     if node.target is F.linear:
-        out = linear_like(ctx, node, w.target, node.args[0], wv.shape[1], wv.shape[0])
+        out = linear_like(ctx, node, src.target, node.args[0], wv.shape[1], wv.shape[0])
         axis = -1
     else:
         groups = ctx.arg(6, "groups", 1)
-        if groups != 1:
-            return ctx.unknown(f"{ctx.where()}: grouped functional conv")
-        out = conv_like(ctx, node, w.target, node.args[0], wv.shape[1], wv.shape[0], 1, False, wv.dim())
+        if not isinstance(groups, int):
+            return ctx.unknown(f"{ctx.where()}: groups is not a constant")
+        out = conv_like(ctx, node, src.target, node.args[0], wv.shape[1] * groups, wv.shape[0], groups, False,
+                        wv.dim())
         axis = 1
     if b is not None:
         ctx.unify(along(out, axis, wv.shape[0]), along(ctx.layout(b), 0, wv.shape[0]))

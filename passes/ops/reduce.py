@@ -29,9 +29,9 @@ SPATIAL_MODULES = (
 SPATIAL_FUNCTIONS = (
     F.max_pool1d, F.max_pool2d, F.max_pool3d, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d,
     F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d, F.adaptive_max_pool1d,
-    F.adaptive_max_pool2d, F.adaptive_max_pool3d, F.lp_pool2d, F.interpolate, F.upsample,
-    F.upsample_nearest, F.upsample_bilinear, torch.max_pool2d, torch.avg_pool1d,
+    F.adaptive_max_pool2d, F.adaptive_max_pool3d, F.lp_pool2d, F.interpolate, torch.max_pool2d, torch.avg_pool1d,
 )
+# F.upsample* call F.interpolate without a torch-function check: fx records interpolate.
 
 
 def spatial_rule(ctx, node):
@@ -95,7 +95,13 @@ def reduce_surgery(sctx, node):
     node.replace_all_uses_with(scaled, delete_user_cb=lambda u: u is not scaled)
 
 
-EXACT_FILL = {"sum": 0.0, "mean": 0.0, "amax": float("-inf"), "max": float("-inf"),
+def _reads_values(user) -> bool:
+    """``torch.max(x, 1)[0]`` or ``.values``: the values, not the arg-max index."""
+    return (user.target is operator.getitem and user.args[1] == 0) or (
+        user.target is getattr and user.args[1] == "values")
+
+
+EXACT_FILL = {"sum": 0.0, "nansum": 0.0, "mean": 0.0, "amax": float("-inf"), "max": float("-inf"),
               "amin": float("inf"), "min": float("inf")}
 REDUCTIONS = ("sum", "mean", "amax", "amin", "max", "min", "std", "var", "prod", "norm", "logsumexp",
               "nansum", "nanmean")
@@ -118,7 +124,7 @@ def reduce_rule(ctx, node):
         axes = carrying_axes(lay)
         if name in EXACT_FILL and len(axes) == 1:
             ctx.site(0, along(lay, axes[0], v.shape[axes[0]]), axes[0], "reduce", EXACT_FILL[name])
-            if isinstance(out, tuple) and any(u.target is not operator.getitem or u.args[1] != 0 for u in node.users):
+            if isinstance(out, tuple) and not all(_reads_values(u) for u in node.users):
                 ctx.freeze(lay, f"{ctx.where()}: uses the arg-max index over channels")
         else:
             ctx.inexact(lay, f"{name} over channels")

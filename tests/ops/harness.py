@@ -29,7 +29,7 @@ class Net(nn.Module):
 
 def build(op, module=None, size=8):
     torch.manual_seed(0)
-    net = Net(op, module)
+    net = Net(op, module.double() if module is not None else None)
     x = (torch.randn(2, 3, size, size, dtype=torch.float64),)
     with torch.no_grad():
         y = op(net, net.a.double()(x[0]))

@@ -1,0 +1,86 @@
+"""Weights computed from parameters only: timm's ``StdConv2d``/``ScaledStdConv2d`` weight
+standardisation (``F.batch_norm`` over the weight), a reshaped or scaled parameter.
+
+The functional conv/linear that reads such a weight owns its output channels as if the
+weight were the parameter itself (the key is the parameter the weight is computed from).
+The computation may mix over the input-channel axis (standardisation over the fan-in), so
+surgery folds it: the weight is evaluated once on the real parameters (a constant in
+eval mode), sliced, and stored in place of the raw parameter; the subgraph that computed
+it is erased. The pruned model is exact in eval mode; fine-tuning it trains a plain conv.
+
+Example::
+
+    src = param_source(weight_node)   # the get_attr node it is computed from, or None
+    value = evaluate(gm, weight_node)  # the real computed weight
+"""
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+
+
+def param_source(w) -> fx.Node | None:
+    """The parameter a weight node is computed from, when every ancestor is a parameter
+    (``get_attr``) or a constant: the one of the weight's shape, else the first."""
+    if not isinstance(w, fx.Node):
+        return None
+    if w.op == "get_attr":
+        return w
+    seen, stack, attrs = set(), [w], []
+    while stack:
+        n = stack.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        if n.op == "get_attr":
+            attrs.append(n)
+        elif n.op in ("call_function", "call_method"):
+            stack.extend(n.all_input_nodes)
+        else:
+            return None  # an activation, an input or a module call: not a parameter computation
+    shape = getattr(w.meta.get("val"), "shape", None)
+    same = [a for a in attrs if getattr(a.meta.get("val"), "shape", None) == shape]
+    return (same or attrs or [None])[0]
+
+
+def evaluate(gm: fx.GraphModule, w: fx.Node) -> torch.Tensor:
+    """The real value of a parameter-only node (run once, without autograd)."""
+    env: dict[fx.Node, object] = {}
+
+    def run(n: fx.Node):
+        if n not in env:
+            if n.op == "get_attr":
+                obj = gm
+                for atom in n.target.split("."):
+                    obj = getattr(obj, atom)
+                env[n] = obj
+            else:
+                args, kwargs = fx.node.map_arg(n.args, run), fx.node.map_arg(n.kwargs, run)
+                env[n] = n.target(*args, **kwargs) if n.op == "call_function" else \
+                    getattr(args[0], n.target)(*args[1:], **kwargs)
+        return env[n]
+    with torch.no_grad():
+        return run(w).detach().clone()
+
+
+def erase_unused(graph: fx.Graph, start: fx.Node) -> list[str]:
+    """Erase ``start`` and the ancestors nothing else reads; the targets of the erased
+    ``get_attr`` nodes are returned."""
+    gone, stack = [], [start]
+    while stack:
+        n = stack.pop()
+        if n.users or n.op not in ("get_attr", "call_function", "call_method"):
+            continue
+        inputs = list(n.all_input_nodes)
+        if n.op == "get_attr":
+            gone.append(n.target)
+        graph.erase_node(n)
+        stack.extend(inputs)
+    return gone
+
+
+def still_read(gm: fx.GraphModule, target: str) -> bool:
+    """Whether any node still reads the parameter ``target`` (or calls its module)."""
+    owner = target.rpartition(".")[0]
+    return any((n.op == "get_attr" and n.target == target) or (n.op == "call_module" and n.target == owner)
+               for n in gm.graph.nodes)

@@ -1,0 +1,91 @@
+"""One test per registry key of the norm (passes/ops/norm.py) and mixing
+(passes/ops/mixing.py) families."""
+import operator
+
+import pytest
+import torch
+import torch.nn.functional as F
+from harness import check
+from torch import nn
+
+
+def cl(f):
+    """Run ``f`` channels-last and come back (LayerNorm / Linear over the channel axis)."""
+    return lambda s, x: f(s, x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+def deep(x):
+    return torch.stack([x, x * 2], 2)  # (N, C, 2, H, W)
+
+
+def attention(mm):
+    def op(s, x):
+        n, c, h, w = x.shape
+        q, k = x.flatten(2).transpose(1, 2), x.flatten(2)
+        att = torch.softmax(mm(q, k) / 8.0, dim=-1)
+        return x + (att @ q).transpose(1, 2).reshape(n, c, h, w) * 0.1
+    return op
+
+
+M = lambda s, x: s.m(x)  # noqa: E731
+CASES = [
+    # norm family
+    (nn.BatchNorm1d, lambda s, x: s.m(x.flatten(2)), nn.BatchNorm1d(8), True),
+    (nn.BatchNorm2d, M, nn.BatchNorm2d(8), True),
+    (nn.BatchNorm3d, lambda s, x: s.m(deep(x)), nn.BatchNorm3d(8), True),
+    (nn.SyncBatchNorm, M, nn.SyncBatchNorm(8), True),
+    (nn.InstanceNorm1d, lambda s, x: s.m(x.flatten(2)), nn.InstanceNorm1d(8, affine=True), True),
+    (nn.InstanceNorm2d, M, nn.InstanceNorm2d(8, affine=True), True),
+    (nn.InstanceNorm3d, lambda s, x: s.m(deep(x)), nn.InstanceNorm3d(8, affine=True), True),
+    (nn.GroupNorm, M, nn.GroupNorm(8, 8), True),
+    (nn.GroupNorm, M, nn.GroupNorm(2, 8), "inexact: GroupNorm with 2 groups"),
+    (nn.PReLU, M, nn.PReLU(8), True),
+    (F.batch_norm, lambda s, x: F.batch_norm(x, s.m.running_mean, s.m.running_var, s.m.weight, s.m.bias),
+     nn.BatchNorm2d(8), True),
+    (F.instance_norm, lambda s, x: F.instance_norm(x), None, True),
+    (nn.LocalResponseNorm, M, nn.LocalResponseNorm(2), "inexact: LocalResponseNorm"),
+    (F.local_response_norm, lambda s, x: F.local_response_norm(x, 2), None, "inexact: LocalResponseNorm"),
+    (nn.LayerNorm, cl(M), nn.LayerNorm(8), True),
+    (F.layer_norm, cl(lambda s, x: F.layer_norm(x, (8,))), None, True),
+    (F.group_norm, lambda s, x: F.group_norm(x, 2), None, "normalisation statistics over channels"),
+    (nn.Softmax, M, nn.Softmax(dim=-1), True),
+    (nn.Softmax, M, nn.Softmax(dim=1), "inexact"),
+    (nn.Softmax2d, M, nn.Softmax2d(), "inexact"),
+    (nn.LogSoftmax, M, nn.LogSoftmax(dim=-1), True),
+    (F.softmax, lambda s, x: F.softmax(x, -1), None, True),
+    (F.log_softmax, lambda s, x: F.log_softmax(x, 1), None, "inexact"),
+    (torch.softmax, lambda s, x: torch.softmax(x, -1), None, True),
+    (torch.log_softmax, lambda s, x: torch.log_softmax(x, -1), None, True),
+    ("softmax", lambda s, x: x.softmax(-1), None, True),
+    ("log_softmax", lambda s, x: x.log_softmax(-2), None, True),
+    # mixing family
+    (nn.Conv1d, lambda s, x: s.m(x.flatten(2)), nn.Conv1d(8, 6, 3), True),
+    (nn.Conv2d, M, nn.Conv2d(8, 6, 3, padding=1), True),
+    (nn.Conv2d, M, nn.Conv2d(8, 8, 3, groups=8), True),          # depthwise
+    (nn.Conv2d, M, nn.Conv2d(8, 4, 1, groups=2), True),          # grouped: Balance
+    (nn.Conv3d, lambda s, x: s.m(deep(x)), nn.Conv3d(8, 6, 1), True),
+    (nn.ConvTranspose1d, lambda s, x: s.m(x.flatten(2)), nn.ConvTranspose1d(8, 6, 2), True),
+    (nn.ConvTranspose2d, M, nn.ConvTranspose2d(8, 6, 2, stride=2), True),
+    (nn.ConvTranspose3d, lambda s, x: s.m(deep(x)), nn.ConvTranspose3d(8, 6, 1), True),
+    (nn.Linear, cl(M), nn.Linear(8, 6), True),
+    (F.conv1d, lambda s, x: F.conv1d(x.flatten(2), s.m.weight, s.m.bias), nn.Conv1d(8, 6, 1), True),
+    (F.conv2d, lambda s, x: F.conv2d(x, s.m.weight, s.m.bias, padding=1), nn.Conv2d(8, 6, 3), True),
+    (F.conv3d, lambda s, x: F.conv3d(deep(x), s.m.weight), nn.Conv3d(8, 6, 1), True),
+    (F.linear, cl(lambda s, x: F.linear(x, s.m.weight, s.m.bias)), nn.Linear(8, 6), True),
+    (torch.matmul, attention(torch.matmul), None, True),
+    (operator.matmul, attention(operator.matmul), None, True),
+    ("matmul", attention(lambda a, b: a.matmul(b)), None, True),
+    (torch.bmm, attention(torch.bmm), None, True),
+    ("bmm", attention(lambda a, b: a.bmm(b)), None, True),
+]
+
+
+def _id(case):
+    key = case[0]
+    return key if isinstance(key, str) else getattr(key, "__name__", repr(key))
+
+
+@pytest.mark.parametrize("case", CASES, ids=[f"{i}-{_id(c)}" for i, c in enumerate(CASES)])
+def test_norm_mixing_key(case):
+    key, op, module, expect = case
+    check(key, op, expect, module)

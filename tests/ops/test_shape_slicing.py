@@ -1,0 +1,100 @@
+"""One test per registry key of the shape (passes/ops/shape.py) and slicing
+(passes/ops/slicing.py) families."""
+import operator
+
+import pytest
+import torch
+import torch.nn.functional as F
+from harness import check
+from torch import nn
+
+M = lambda s, x: s.m(x)  # noqa: E731
+CASES = [
+    # reshapes (the head reads the result: 3-d -> conv1d, 5-d -> conv3d, 2-d -> linear)
+    (torch.reshape, lambda s, x: torch.reshape(x, (2, 8, 64)), None, True),
+    (torch.flatten, lambda s, x: torch.flatten(x, 2), None, True),
+    (torch.flatten, lambda s, x: torch.flatten(x, 1), None, True),  # into a linear: atoms repeat
+    (torch.squeeze, lambda s, x: torch.squeeze(x.amax(3, keepdim=True), 3), None, True),
+    (torch.unsqueeze, lambda s, x: torch.unsqueeze(x, 2), None, True),
+    (nn.Flatten, M, nn.Flatten(2), True),
+    (nn.Unflatten, lambda s, x: s.m(x.flatten(2)), nn.Unflatten(2, (8, 8)), True),
+    ("view", lambda s, x: x.view(2, 8, 64), None, True),
+    ("view", lambda s, x: x.view(2, 2, 4, 8, 8).transpose(1, 2).reshape(2, 8, 8, 8), None, True),  # shuffle
+    ("reshape", lambda s, x: x.reshape(2, 8, -1), None, True),
+    ("flatten", lambda s, x: x.flatten(2), None, True),
+    ("unflatten", lambda s, x: x.flatten(2).unflatten(2, (8, 8)), None, True),
+    ("squeeze", lambda s, x: x.unsqueeze(2).squeeze(2), None, True),
+    ("unsqueeze", lambda s, x: x.unsqueeze(2), None, True),
+    ("view_as", lambda s, x: x.flatten(2).view_as(x), None, True),
+    ("reshape_as", lambda s, x: x.flatten(2).reshape_as(x), None, True),
+    # permutes
+    ("permute", lambda s, x: x.permute(0, 2, 3, 1).permute(0, 3, 1, 2), None, True),
+    ("transpose", lambda s, x: x.transpose(1, 3).transpose(1, 3), None, True),
+    ("t", lambda s, x: x.mean((2, 3)).t().t(), None, True),
+    ("movedim", lambda s, x: x.movedim(1, -1).movedim(-1, 1), None, True),
+    ("swapaxes", lambda s, x: x.swapaxes(1, 2).swapaxes(1, 2), None, True),
+    (torch.permute, lambda s, x: torch.permute(torch.permute(x, (0, 2, 3, 1)), (0, 3, 1, 2)), None, True),
+    (torch.transpose, lambda s, x: torch.transpose(torch.transpose(x, 1, 2), 1, 2), None, True),
+    (torch.movedim, lambda s, x: torch.movedim(torch.movedim(x, 1, 3), 3, 1), None, True),
+    (torch.swapaxes, lambda s, x: torch.swapaxes(torch.swapaxes(x, 1, 3), 1, 3), None, True),
+    (torch.t, lambda s, x: torch.t(torch.t(x.mean((2, 3)))), None, True),
+    # expand
+    ("expand", lambda s, x: x.mean(1, keepdim=True).expand(-1, x.size(1), -1, -1) * x, None, True),
+    ("expand", lambda s, x: x.mean(1, keepdim=True).expand(-1, 8, -1, -1) * x, None, "expanded to a constant size"),
+    ("expand_as", lambda s, x: x.mean(1, keepdim=True).expand_as(x) + x, None, True),
+    # a spatial broadcast to a constant shape is frozen: the constant would not follow pruning
+    (torch.broadcast_to, lambda s, x: torch.broadcast_to(x.mean((2, 3), keepdim=True), (2, 8, 8, 8)) + x, None,
+     "expanded over many"),
+    # cat / stack
+    (torch.cat, lambda s, x: torch.cat([x, x.relu()], 1), None, True),
+    (torch.concat, lambda s, x: torch.concat([x.relu(), x], 1), None, True),
+    (torch.concatenate, lambda s, x: torch.concatenate([x.relu(), x], 1), None, True),
+    (torch.cat, lambda s, x: torch.cat([x, x], 2), None, "inputs carry channels on another axis"),  # conservative
+    (torch.stack, lambda s, x: torch.stack([x, x * 2], 0).mean(0), None, True),
+    # shuffles and GLU
+    (nn.PixelShuffle, M, nn.PixelShuffle(2), True),
+    (F.pixel_shuffle, lambda s, x: F.pixel_shuffle(x, 2), None, True),
+    (nn.PixelUnshuffle, M, nn.PixelUnshuffle(2), True),
+    (F.pixel_unshuffle, lambda s, x: F.pixel_unshuffle(x, 2), None, True),
+    (nn.ChannelShuffle, M, nn.ChannelShuffle(2), True),
+    (torch.channel_shuffle, lambda s, x: torch.channel_shuffle(x, 2), None, True),
+    (torch.native_channel_shuffle, lambda s, x: torch.native_channel_shuffle(x, 2), None, True),
+    (nn.GLU, M, nn.GLU(1), True),
+    (F.glu, lambda s, x: F.glu(x, 1), None, True),
+    # shape queries
+    (getattr, lambda s, x: x.flatten(2).view(x.shape[0], x.shape[1], 8, 8), None, True),
+    ("size", lambda s, x: x.view(x.size(0), x.size(1), -1), None, True),
+    ("numel", lambda s, x: x / x.numel(), None, "channel count is used as a number"),
+    ("nelement", lambda s, x: x / x.nelement(), None, "channel count is used as a number"),
+    (torch.numel, lambda s, x: x / torch.numel(x), None, "channel count is used as a number"),
+    ("dim", lambda s, x: x.flatten(x.dim() - 2), None, True),
+    ("element_size", lambda s, x: x * x.element_size(), None, True),
+    # slicing family
+    (torch.split, lambda s, x: torch.cat(torch.split(x, [3, 5], 1)[::-1], 1), None, True),
+    (torch.chunk, lambda s, x: torch.chunk(x, 2, 1)[0] * torch.chunk(x, 2, 1)[1], None, True),
+    (torch.tensor_split, lambda s, x: torch.cat(torch.tensor_split(x, [3, 5], dim=1)[::-1], 1), None, True),
+    ("split", lambda s, x: torch.cat(x.split(4, 1)[::-1], 1), None, True),
+    ("chunk", lambda s, x: x.chunk(2, 1)[1], None, True),
+    ("tensor_split", lambda s, x: torch.cat(x.tensor_split(2, 1)[::-1], 1), None, True),
+    ("split_with_sizes", lambda s, x: torch.cat(x.split_with_sizes([3, 5], 1)[::-1], 1), None, True),
+    (torch.unbind, lambda s, x: torch.stack(torch.unbind(x, 2), 2), None, True),
+    ("unbind", lambda s, x: x.unbind(1)[0].unsqueeze(1) + x, None, "unbinds the channel axis"),
+    (torch.narrow, lambda s, x: torch.narrow(x, 1, 2, 4), None, True),
+    ("narrow", lambda s, x: x.narrow(1, 0, 6) + x.narrow(1, 2, 6), None, True),
+    (operator.getitem, lambda s, x: x[:, 2:7], None, True),
+    (operator.getitem, lambda s, x: x[:, ::2, 1:], None, True),
+    (operator.getitem, lambda s, x: x[:, 3:4] * x, None, True),
+    (F.pad, lambda s, x: F.pad(x, (1, 1, 1, 1)), None, True),
+    (F.pad, lambda s, x: F.pad(x, (0, 0, 0, 0, 2, 1)), None, True),  # channel pad: owned channels
+]
+
+
+def _id(case):
+    key = case[0]
+    return key if isinstance(key, str) else getattr(key, "__name__", repr(key))
+
+
+@pytest.mark.parametrize("case", CASES, ids=[f"{i}-{_id(c)}" for i, c in enumerate(CASES)])
+def test_shape_slicing_key(case):
+    key, op, module, expect = case
+    check(key, op, expect, module)
