@@ -154,6 +154,8 @@ def meta_call(kind: str, target: Any, args: tuple, kwargs: dict, module: nn.Modu
         if isinstance(self, torch.Tensor):
             if target in _DEVICE_METHODS:
                 return self
+            if target == "new_full" and len(rest) >= 2 and isinstance(rest[1], torch.Tensor):
+                rest = (rest[0], 0, *rest[2:])  # the fill's value is data; only the shape and dtype matter
             if target == "to":
                 rest = tuple(a for a in rest if not isinstance(a, (torch.device, str)))
                 if not rest and set(kwargs) <= {"device", "non_blocking", "copy"}:

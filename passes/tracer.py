@@ -64,7 +64,7 @@ class ChannelTracer(fx.Tracer):
         if self.leaf_names and (cls.__name__ in self.leaf_names
                                 or f"{cls.__module__}.{cls.__qualname__}" in self.leaf_names):
             return True
-        return super().is_leaf_module(m, qualname)
+        return super().is_leaf_module(m, qualname) or _inherits_torch_layer(cls)
 
     def call_module(self, m, forward, args, kwargs):
         try:
@@ -77,6 +77,24 @@ class ChannelTracer(fx.Tracer):
                 msg = f"{type(exc).__name__}: {one_line(exc)}"
                 self.failing_why = msg + (f" at {line}" if line and line not in msg else "")
             raise
+
+
+_CONTAINERS = (nn.Module, nn.Sequential, nn.ModuleList, nn.ModuleDict)
+_HARMLESS = frozenset({"__init__", "extra_repr", "reset_parameters", "__repr__", "__setstate__"})
+
+
+def _inherits_torch_layer(cls: type) -> bool:
+    """A subclass of a torch.nn layer that overrides none of its methods (HF EfficientNet's
+    depthwise ``nn.Conv2d`` subclass) is that layer: a leaf, with the layer's rule."""
+    if cls.__module__.startswith("torch."):
+        return False
+    for base in cls.__mro__[1:]:
+        if base.__module__.startswith("torch.nn") and base not in _CONTAINERS:
+            mine = set()
+            for klass in cls.__mro__[:cls.__mro__.index(base)]:
+                mine |= {k for k, v in vars(klass).items() if callable(v) and hasattr(base, k)}
+            return not (mine - _HARMLESS)
+    return False
 
 
 class SpecProxy(fx.Proxy):

@@ -83,9 +83,10 @@ def test_op(name):
         assert rel_err(outputs(sp.masked(net, x, drop), x), outputs(sp.prune_channels(net, x, drop), x)) <= 1e-12
 
 
-def test_grouped_functional_conv_on_a_buffer_freezes_and_prunes_the_rest():
+def test_grouped_functional_conv_on_a_buffer_prunes_with_its_groups():
     """TResNet's anti-aliasing: a depthwise blur ``F.conv2d(x, self.filt, groups=C)`` on a
-    buffer. Its channels are frozen, and pruning the other groups must leave it alone."""
+    buffer. Its channels prune with the conv before it (the buffer sliced, ``groups``
+    re-emitted), and pruning the other groups leaves it alone."""
     class Blur(nn.Module):
         def __init__(self):
             super().__init__()
@@ -101,10 +102,14 @@ def test_grouped_functional_conv_on_a_buffer_freezes_and_prunes_the_rest():
     torch.manual_seed(0)
     net, x = Blur().double().eval(), (torch.randn(2, 3, 16, 16, dtype=torch.float64),)
     cg = sp.analyze(net, x)
-    assert not next(g for g in cg.groups if "a" in g.producers).prunable
+    assert "depthwise" in next(g for g in cg.groups if "a" in g.producers).kinds
     drop = {next(g for g in cg.groups if "b" in g.producers).id: [1, 4]}
     pruned = sp.prune_channels(net, x, drop)
     assert pruned.filt.shape == (8, 1, 3, 3) and pruned.b.out_channels == 4
+    assert rel_err(outputs(sp.masked(net, x, drop), x), outputs(pruned, x)) <= 1e-12
+    drop = {next(g for g in cg.groups if "a" in g.producers).id: [0, 5, 6]}
+    pruned = sp.prune_channels(net, x, drop)
+    assert pruned.filt.shape == (5, 1, 3, 3) and pruned.a.out_channels == 5
     assert rel_err(outputs(sp.masked(net, x, drop), x), outputs(pruned, x)) <= 1e-12
 
 

@@ -215,3 +215,54 @@ def test_leaf_modules_accept_class_names_and_module_names(leaf):
     cg = sp.analyze(model, x, leaf_modules=[leaf])
     calls = {n.target for n in cg.gm.graph.nodes if n.op == "call_module"}
     assert "b3.2" in calls and ("n4" in calls) == (leaf != "b3.2")
+
+
+def _drop_and_compare(model, x, drop):
+    model, x = model.double(), tuple(t.double() for t in x)
+    pruned = sp.prune_channels(model, x, drop)
+    ref = sp.masked(model, x, drop)(*x)
+    assert (pruned(*x) - ref).abs().max() <= 1e-12 * max(1.0, ref.abs().max().item())
+    return pruned
+
+
+def test_functional_grouped_and_depthwise_convs_on_own_parameters_prune():
+    model, x = Z.functional_dw()
+    cg = sp.analyze(model, x)
+    expand = cg.group("expand.weight")
+    assert expand.prunable and "depthwise" in expand.kinds and "dw.weight" in expand.members
+    assert cg.group("grouped.weight").prunable and "grouped" in cg.group("grouped.weight").kinds
+    pruned = _drop_and_compare(model, x, cg.legalize({"expand.weight": [0, 7, 9, 30]}))
+    conv = [n for n in pruned.graph.nodes if n.target is torch.conv2d]
+    assert conv[1].args[6] == 28 and pruned.dw.weight.shape == (28, 1, 3, 3)  # depthwise: groups re-emitted
+    assert pruned.grouped.weight.shape == (16, 7, 3, 3) and conv[2].args[6] == 4  # 4 groups of 7 inputs
+
+
+def test_weight_standardised_convs_prune_and_fold():
+    model, x = Z.std_conv()
+    cg = sp.analyze(model, x)
+    assert all(cg.group(g).prunable for g in ("c1.weight", "c2.weight", "c3.weight"))
+    drop = {"c1.weight": [0, 5], "c2.weight": [3]}
+    pruned = _drop_and_compare(model, x, drop)
+    assert not any(n.target is torch.nn.functional.batch_norm for n in pruned.graph.nodes)  # c1-c3 all folded
+    assert not hasattr(pruned, "reshape_as")
+    w = model.c1.weight.double()
+    std = torch.nn.functional.batch_norm(w.reshape(1, 16, -1), None, None, training=True, eps=1e-6).reshape_as(w)
+    keep = [i for i in range(16) if i not in drop["c1.weight"]]
+    assert torch.allclose(pruned.c1.weight, std[keep], atol=1e-12)  # the folded, sliced weight
+
+
+class InheritsConv(nn.Conv2d):
+    """HF EfficientNet's depthwise conv: an nn.Conv2d subclass with only its own __init__."""
+
+    def __init__(self, c):
+        super().__init__(c, c, 3, padding=1, groups=c, bias=False)
+
+
+def test_a_torch_layer_subclass_without_overrides_is_that_layer():
+    model = nn.Sequential(nn.Conv2d(3, 8, 1), InheritsConv(8), nn.ReLU(), nn.Conv2d(8, 4, 1)).eval()
+    x = (torch.randn(2, 3, 8, 8),)
+    cg = sp.analyze(model, x)
+    assert [n.op for n in cg.gm.graph.nodes if n.target == "1"] == ["call_module"]
+    assert cg.group("0").prunable and "depthwise" in cg.group("0").kinds
+    pruned = _drop_and_compare(model, x, {"0": [2, 3]})
+    assert pruned.get_submodule("1").weight.shape == (6, 1, 3, 3)

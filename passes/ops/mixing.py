@@ -94,8 +94,6 @@ def functional_weight_surgery(sctx, node):
     set_tensor(owner, name, sliced)
     if new_groups != groups:
         _set_arg(node, 6, "groups", new_groups)
-    if isinstance(owner, nn.modules.conv._ConvNd) and not linear:
-        owner.in_channels, owner.out_channels, owner.groups = int(in_keep.sum()), int(out_keep.sum()), new_groups
     if w is not src:  # the conv reads the folded weight; the computation is erased
         with sctx.graph.inserting_before(node):
             folded = sctx.graph.get_attr(src.target)
