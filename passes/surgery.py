@@ -16,10 +16,10 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from .atoms import along
+from .atoms import NONE, UNKNOWN, along
 from .capture import MetaShapeProp
 from .errors import SurgeryError
-from .flow import ChannelFlow, ParamRef, Site
+from .flow import ChannelFlow, ParamRef, Site, run_flow
 from .plan import Plan
 from .registry import lookup
 from .ops.tensors import set_tensor
@@ -167,8 +167,10 @@ def _select_for_site_groups(sctx: SurgeryContext) -> None:
 def apply_surgery(gm: fx.GraphModule, flow: ChannelFlow, plan: Plan, example_inputs: tuple) -> fx.GraphModule:
     """Rewrite ``gm`` (the graph the flow was computed on) to drop the plan's channels."""
     sctx = SurgeryContext(gm, flow, plan)
-    planned = {n: sctx.kept_extents(n) for n in gm.graph.nodes
-               if isinstance(flow.layouts.get(n), np.ndarray) and isinstance(n.meta.get("val"), torch.Tensor)}
+    tensors = [n for n in gm.graph.nodes
+               if isinstance(flow.layouts.get(n), np.ndarray) and isinstance(n.meta.get("val"), torch.Tensor)]
+    planned = {n: sctx.kept_extents(n) for n in tensors}
+    layouts = {n: planned_classes(flow, plan, n) for n in tensors}
     _select_for_site_groups(sctx)
     for node in list(gm.graph.nodes):
         entry = lookup(node, sctx.modules)
@@ -178,7 +180,48 @@ def apply_surgery(gm: fx.GraphModule, flow: ChannelFlow, plan: Plan, example_inp
     gm.delete_all_unused_submodules()
     gm.recompile()
     check_extents(gm, planned, example_inputs)
+    check_layouts(gm, layouts, flow.allow_inexact)
     return gm
+
+
+def planned_classes(flow: ChannelFlow, plan: Plan, node: fx.Node) -> np.ndarray:
+    """The classes of a node's layout with the plan's dropped positions removed: what the
+    pruned graph's layout must be, up to renaming its atoms."""
+    lay = flow.layouts[node]
+    keep = np.broadcast_to(plan.keep_node(node, lay), lay.shape)
+    classes = flow.table.find(lay)
+    for d in range(lay.ndim):
+        if lay.shape[d] > 1:
+            other = tuple(k for k in range(lay.ndim) if k != d)
+            classes = classes.take(np.flatnonzero(keep.any(axis=other) if other else keep), axis=d)
+    return classes
+
+
+def check_layouts(gm: fx.GraphModule, planned: dict, allow_inexact: bool = False) -> None:
+    """Re-run the channel flow on the pruned graph (DESIGN.md section 5): every surviving
+    value's layout must be its planned, filtered one up to renaming, i.e. each class of the
+    pruned graph stands for exactly one planned class, and no planned channel lost its
+    identity. Values the re-analysis cannot follow (UNKNOWN, e.g. after an inserted
+    ``index_select``) are not compared."""
+    flow = run_flow(gm, allow_inexact)
+    alive = set(gm.graph.nodes)
+    stands_for = np.full(len(flow.table.owner_of) + 1, -1, dtype=np.int64)
+    for node, old in planned.items():
+        new = flow.layouts.get(node)
+        if node not in alive or not isinstance(new, np.ndarray) or (new == UNKNOWN).all():
+            continue
+        if new.shape != old.shape:
+            raise SurgeryError(f"node {node.name}: pruned layout {new.shape} but the plan says {old.shape}")
+        new = flow.table.find(new)
+        if ((old >= 0) & (new == NONE)).any():
+            raise SurgeryError(f"node {node.name}: planned channels have no channel identity after pruning")
+        both = (old >= 0) & (new >= 0)
+        for n, o in np.unique(np.stack([new[both], old[both]], 1), axis=0).tolist():
+            if stands_for[n] == -1:
+                stands_for[n] = o
+            elif stands_for[n] != o:
+                raise SurgeryError(f"node {node.name}: the pruned graph couples channels the plan keeps apart "
+                                   f"(classes {stands_for[n]} and {o})")
 
 
 def check_extents(gm: fx.GraphModule, planned: dict, example_inputs: tuple) -> None:

@@ -1,0 +1,54 @@
+"""Surgery re-runs the channel flow on the pruned graph and compares every layout with
+the planned, filtered one (DESIGN.md section 5): a plan that disagrees is refused."""
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import softprune_fx as sp
+from softprune_fx.passes.errors import SurgeryError
+from softprune_fx.passes.surgery import check_layouts, planned_classes
+
+
+class Residual(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = nn.Conv2d(3, 8, 3), nn.Conv2d(3, 8, 3), nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        return self.c(self.a(x) + self.b(x))
+
+
+def planned_for(cg, drop):
+    plan = cg.plan(drop)
+    nodes = [n for n in cg.gm.graph.nodes if isinstance(cg.flow.layouts.get(n), np.ndarray)
+             and isinstance(n.meta.get("val"), torch.Tensor)]
+    return {n.name: planned_classes(cg.flow, plan, n) for n in nodes}
+
+
+def test_planned_classes_filter_the_dropped_positions():
+    cg = sp.analyze(Residual().eval(), (torch.randn(1, 3, 8, 8),))
+    gid = next(g.id for g in cg.groups if "a" in g.producers)
+    planned = planned_for(cg, {gid: [1, 4]})
+    assert planned["a"].shape == (1, 6, 1, 1) and planned["add"].shape == (1, 6, 1, 1)
+    assert (planned["a"] == planned["add"]).all() and (planned["b"] == planned["add"]).all()
+
+
+def test_check_layouts_accepts_the_real_plan_and_refuses_a_wrong_one():
+    model, x = Residual().eval(), (torch.randn(1, 3, 8, 8),)
+    cg = sp.analyze(model, x)
+    gid = next(g.id for g in cg.groups if "a" in g.producers)
+    planned = planned_for(cg, {gid: [1, 4]})
+    pruned = cg.prune({gid: [1, 4]})  # apply_surgery ran check_layouts already
+    by_name = {n.name: n for n in pruned.graph.nodes}
+    from softprune_fx.passes.capture import MetaShapeProp
+    MetaShapeProp(pruned).propagate(*x)
+    check_layouts(pruned, {by_name[k]: v for k, v in planned.items() if k in by_name})
+    wrong = dict(planned)
+    wrong["b"] = planned["b"] + 1000  # a plan in which b's channels are a class of their own
+    with pytest.raises(SurgeryError, match="couples channels the plan keeps apart"):
+        check_layouts(pruned, {by_name[k]: v for k, v in wrong.items() if k in by_name})
+    short = dict(planned)
+    short["add"] = planned["add"][:, :5]
+    with pytest.raises(SurgeryError, match="pruned layout"):
+        check_layouts(pruned, {by_name[k]: v for k, v in short.items() if k in by_name})
