@@ -240,8 +240,11 @@ def test_functional_grouped_and_depthwise_convs_on_own_parameters_prune():
 def test_weight_standardised_convs_prune_and_fold():
     model, x = Z.std_conv()
     cg = sp.analyze(model, x)
-    assert all(cg.group(g).prunable for g in ("c1.weight", "c2.weight", "c3.weight"))
-    drop = {"c1.weight": [0, 5], "c2.weight": [3]}
+    c2 = next(g for g in cg.groups if "c2.weight" in g.members)
+    assert all(cg.group(g).prunable for g in ("c1.weight", "c3.weight")) and c2.prunable
+    assert "c2.gain" in c2.members and len(cg.groups) == 6  # ScaledStdConv2d's gain is the conv's
+    assert not any("batch_norm" in g.frozen_reason for g in cg.groups)
+    drop = {"c1.weight": [0, 5], c2.id: [3]}
     pruned = _drop_and_compare(model, x, drop)
     assert not any(n.target is torch.nn.functional.batch_norm for n in pruned.graph.nodes)  # c1-c3 all folded
     assert not hasattr(pruned, "reshape_as")

@@ -280,11 +280,27 @@ class StdConv2d(nn.Conv2d):
         return F.conv2d(x, weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
 
 
+class ScaledStdConv2d(nn.Conv2d):
+    """timm's ScaledStdConv2d (NFNets): standardised, then scaled by a learned per-output gain."""
+
+    def __init__(self, *args, eps=1e-6, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.gain = nn.Parameter(torch.rand(self.out_channels, 1, 1, 1) + 0.5)
+        self.scale = self.weight[0].numel() ** -0.5
+        self.eps = eps
+
+    def forward(self, x):
+        weight = F.batch_norm(self.weight.reshape(1, self.out_channels, -1), None, None,
+                              weight=(self.gain * self.scale).view(-1), training=True, momentum=0.0,
+                              eps=self.eps).reshape_as(self.weight)
+        return F.conv2d(x, weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+
 class StdConvNet(nn.Module):
     def __init__(self):
         super().__init__()
         self.c1 = StdConv2d(3, 16, 3, padding=1)
-        self.c2 = StdConv2d(16, 24, 3, padding=1, stride=2)
+        self.c2 = ScaledStdConv2d(16, 24, 3, padding=1, stride=2)
         self.c3 = StdConv2d(24, 16, 1)
         self.plain = nn.Conv2d(16, 16, 1)  # a plain conv: its own outputs stay prunable
         self.head = Head(16)

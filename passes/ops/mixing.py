@@ -16,7 +16,7 @@ from torch import nn
 from ..atoms import NONE, UNKNOWN, along, filled, fixed, on_axis
 from ..flow_types import Balance, NonEmpty
 from ..registry import FlopsTerm, annotate, node_arg, register
-from .params import erase_unused, evaluate, param_source, still_read
+from .params import adopt_params, erase_unused, evaluate, param_source, still_read
 from .tensors import empty, idx, one_tensor, set_tensor
 
 # ----------------------------------------------------------------------------- surgery
@@ -270,6 +270,8 @@ def functional_weight_rule(ctx, node):
         axis = 1
     if b is not None:
         ctx.unify(along(out, axis, wv.shape[0]), along(ctx.layout(b), 0, wv.shape[0]))
+    if w is not src:
+        adopt_params(ctx, w, src, along(out, axis, wv.shape[0]))
     return out
 
 

@@ -43,6 +43,34 @@ def param_source(w) -> fx.Node | None:
     return (same or attrs or [None])[0]
 
 
+def subgraph(w: fx.Node) -> set[fx.Node]:
+    """The nodes of a parameter-only computation, ``w`` included."""
+    seen, stack = set(), [w]
+    while stack:
+        n = stack.pop()
+        if n not in seen:
+            seen.add(n)
+            stack.extend(n.all_input_nodes)
+    return seen
+
+
+def adopt_params(ctx, w: fx.Node, src: fx.Node, out_atoms) -> None:
+    """Parameters read only inside the computation of ``w`` (ScaledStdConv2d's ``gain``),
+    one entry per output channel: their atoms are the conv's output atoms. The folding makes
+    them exact, so the freeze an op of the computation put on them (``F.batch_norm`` with no
+    running statistics) is lifted."""
+    nodes = subgraph(w)
+    for a in nodes:
+        if a.op != "get_attr" or a is src or not all(u in nodes for u in a.users):
+            continue
+        lay = ctx.layout(a)
+        atoms = lay[lay >= 0] if lay is not None else ()
+        if len(atoms) == len(out_atoms) and len(set(atoms.tolist())) == len(atoms):
+            for atom in atoms.tolist():
+                ctx.table.frozen.pop(atom, None)
+            ctx.unify(atoms, out_atoms)
+
+
 def evaluate(gm: fx.GraphModule, w: fx.Node) -> torch.Tensor:
     """The real value of a parameter-only node (run once, without autograd)."""
     env: dict[fx.Node, object] = {}
