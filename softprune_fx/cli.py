@@ -52,6 +52,7 @@ def dependency_totals(model: nn.Module, inputs: tuple, cg) -> dict:
         "flops": total, "prunable_flops_share": (sum(per_module.get(n, 0) for n in touched) / total
                                                  if total else 0.0),
         "untraced": cg.untraced, "inexact": list(cg.flow.inexact),
+        "untraced_why": {name: str(why) for name, why in (cg.gm.meta.get("untraced_why") or {}).items()},
     }
 
 
@@ -70,7 +71,8 @@ def cmd_deps(args, out: Console, rep: Reporter) -> int:
               f"{totals['channels']} channels prunable; {totals['prunable_flops_share']:.1%} of "
               f"{flops_text(totals['flops'])} in layers whose input or output channels can be pruned")
     for leaf in totals["untraced"]:
-        out.print(f"untraced submodule (channels frozen): {leaf}", highlight=False)
+        why = totals["untraced_why"].get(leaf)
+        out.print(f"untraced submodule (channels frozen): {leaf}" + (f": {why}" if why else ""), highlight=False)
     if args.json:
         Path(args.json).write_text(json.dumps(cg.to_dict() | {"totals": totals}, indent=1, default=str) + "\n")
     if args.dot:

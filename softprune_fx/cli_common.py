@@ -67,7 +67,9 @@ class Reporter:
 
     @property
     def log_fn(self) -> Callable[[str], None] | None:
-        return None if self.quiet else self.log
+        """The training loop's line logger: plain lines without a terminal (its rich bars
+        show the same figures on one); None when quiet or on a terminal."""
+        return None if self.quiet or self.terminal else self.log
 
 
 def leaf_modules(args) -> list[str]:

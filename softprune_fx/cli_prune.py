@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import shlex
 import shutil
+import warnings as warnings_module
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,9 @@ from softprune_fx.passes.errors import SoftpruneError
 
 from .cli_args import PROG, parse_round_to
 from .cli_common import Reporter, analysis_options, flops_text, frozen, prepare, stderr_line
-from .cli_errors import EXIT_FAILURE, EXIT_OK, EXIT_ONNX_EXPORT, Interrupted, UsageError
+from .cli_errors import EXIT_FAILURE, EXIT_OK, EXIT_ONNX_EXPORT, Interrupted, UsageError, one_line
+
+PACKAGE_DIR = str(Path(__file__).resolve().parent)  # our own warnings (training shortfalls) only
 from .spec import absolute_spec, load_data
 
 
@@ -145,7 +148,13 @@ def cmd_prune(args, out: Console, rep: Reporter) -> int:
         raise SoftpruneError(f"no prunable channel group ({'; '.join(reasons)}); run "
                              f"`{PROG} deps {args.spec}` to see why")
     ckpt = Path(f"{args.out}.checkpoints")
-    pruned, result, info = run_pruning(args, model, inputs, round_to, rep, ckpt, cg)
+    with warnings_module.catch_warnings(record=True) as caught:  # one line each, and into the report
+        warnings_module.simplefilter("always", UserWarning)
+        pruned, result, info = run_pruning(args, model, inputs, round_to, rep, ckpt, cg)
+    for w in caught:
+        if issubclass(w.category, UserWarning) and w.filename.startswith(PACKAGE_DIR):
+            warnings.append(one_line(str(w.message)))
+            stderr_line("warning", warnings[-1])
     model.eval()  # training may leave it in train mode; the plan is made in eval mode
     plan = make_plan(model, inputs, result.drop, result, **analysis_options(args))  # on result.analysis
     meta = report_meta(args, plan, info, warnings)
