@@ -33,11 +33,13 @@ class Controller(nn.Module):
     """Dual ascent on lambda for the equality constraint ``hard cut = target``, as a PI
     controller on the gap ``e = setpoint - hard_cut``:
 
-        I      <- clamp(I + ki * e),   lambda = clamp(I + kp * e),   clamp to [-lambda_max / 2, lambda_max]
+        I      <- clamp(I + (ki + kg |I|) * e),   lambda = clamp(I + kp * e),   clamp to [-lambda_max / 2, lambda_max]
 
     Why each part: the plant (SGD on beta, gamma, gate logits) integrates lambda, so the
     proportional term is the damping; the clamp on I is the anti-wind-up; lambda may go
-    negative (an equality constraint's multiplier has no sign), which pushes beta and the
+    negative (an equality constraint's multiplier has no sign); the ``kg |I|`` part makes the
+    integral geometric, so it finds the lambda a net needs whatever its scale (digits ReLU
+    holds at ~0.005, SiLU, whose channels must travel to beta < -4.5, needs ~10x that), which pushes beta and the
     gate logits back up and revives the least-dead channels after an overshoot, where a
     ReLU channel's own loss gradient cannot (a dead ReLU passes none). The setpoint ramps
     from 0 to the target over ``ramp`` steps (two thirds of ``total_steps`` when known), so
@@ -52,17 +54,20 @@ class Controller(nn.Module):
     """
 
     T_MIN = 0.1
+    BRAKE = 0.2
 
     def __init__(self, target: float, kp: float, ki: float, lambda_max: float, ramp: int,
-                 total_steps: int | None = None):
+                 total_steps: int | None = None, kg: float = 0.05):
         super().__init__()
-        self.kp, self.ki, self.lambda_max = kp, ki, lambda_max
+        self.kp, self.ki, self.kg, self.lambda_max = kp, ki, kg, lambda_max
         self.register_buffer("target", torch.tensor(float(target)))
         self.register_buffer("ramp", torch.tensor(int(ramp if not total_steps else max(1, 2 * total_steps // 3))))
         self.register_buffer("lam", torch.tensor(0.0))
         self.register_buffer("integral", torch.tensor(0.0))
         self.register_buffer("steps", torch.tensor(0, dtype=torch.long))
         self.register_buffer("hard_ratio", torch.tensor(0.0))
+        self.register_buffer("progress", torch.tensor(0.0))
+        self.register_buffer("speed", torch.tensor(0.0))
 
     def temperature(self) -> float:
         ramp = max(1, int(self.ramp))
@@ -73,11 +78,24 @@ class Controller(nn.Module):
         return float(self.target) * min(1.0, (int(self.steps) + 1) / max(1, int(self.ramp)))
 
     @torch.no_grad()
-    def advance(self, ratio: float) -> None:
-        """One training step: ``ratio`` is the hard-rule cut now."""
+    def advance(self, ratio: float, progress: float) -> None:
+        """One training step: ``ratio`` is the hard-rule cut now, ``progress`` the cut weighted
+        by how near death each channel is in log space (``MaskBank.progress``), which moves
+        while the hard cut still sits still (SiLU channels travel beta 0 -> -4.5 first)."""
         gap = self.setpoint() - ratio
         clamp = lambda v: min(max(v, -0.5 * self.lambda_max), self.lambda_max)  # noqa: E731
-        integral = clamp(float(self.integral) + self.ki * gap)
+        speed = 0.9 * float(self.speed) + 0.1 * (progress - float(self.progress)) if int(self.steps) else 0.0
+        self.speed.fill_(speed)
+        self.progress.fill_(progress)
+        integral = float(self.integral)
+        # hold: the channels are already on their way and would close the gap within a
+        # ramp at this speed; integrating on would wind lambda up during the dead time and
+        # every channel would then cross at once (SiLU digits: hard cut 0 -> 0.87 -> 0.99 -> 0)
+        if not (gap > 0 and speed > 0 and gap < float(self.ramp) * speed):
+            integral += (self.ki + self.kg * abs(integral)) * gap
+        if gap < -0.01 and speed > 0:  # past the target and still moving deeper: brake
+            integral *= 1.0 - self.BRAKE
+        integral = clamp(integral)
         self.integral.fill_(integral)
         self.lam.fill_(clamp(integral + self.kp * gap))
         if dist.is_available() and dist.is_initialized():
@@ -90,22 +108,27 @@ class Controller(nn.Module):
 class MaskBank(nn.Module):
     def __init__(self, size: int, sites: list[BNSite], fixed_keep: np.ndarray, cost: CostModel, target: float,
                  scp: SCPConfig = SCPConfig(), kp: float = 0.05, ki: float = 2e-3, lambda_max: float = 0.2,
-                 ramp: int = 100, total_steps: int | None = None):
+                 ramp: int = 100, total_steps: int | None = None, exact: np.ndarray | None = None):
         super().__init__()
         self.size, self.scp, self.cost = size, scp, cost
         self.sites = sites
         flat = [s.flat for s in sites]
         ts = [np.full(len(s.flat), s.threshold) for s in sites]
+        exact = np.ones(len(sites), bool) if exact is None else exact
+        ss = [np.full(len(s.flat), scp.s if ex else scp.s_smooth) for s, ex in zip(sites, exact)]
         self.register_buffer("ent_flat", torch.as_tensor(np.concatenate(flat) if flat else np.zeros(0, int)),
                              persistent=False)
         self.register_buffer("ent_t", torch.as_tensor(np.concatenate(ts) if ts else np.zeros(0)).float(),
                              persistent=False)
+        self.register_buffer("ent_s", torch.as_tensor(np.concatenate(ss) if ss else np.zeros(0)).float(),
+                             persistent=False)  # the regulariser's s per entry (s_smooth behind SiLU/GELU)
         self._channels = [torch.as_tensor(s.channel) for s in sites]
         has = torch.zeros(size, dtype=torch.bool)
         has[self.ent_flat] = True
         self.register_buffer("has_bn", has, persistent=False)
         self.register_buffer("fixed", torch.as_tensor(fixed_keep, dtype=torch.bool), persistent=False)
         self.gate_logits = nn.Parameter(torch.full((size,), gate_init_logit()))
+        self.register_buffer("logp0", torch.zeros(size))  # z = Phi^-1(p) at the first training step (progress)
         self.controller = Controller(target, kp, ki, lambda_max, ramp, total_steps)
         self.force_keep = False
         self.last_pi: torch.Tensor | None = None
@@ -157,6 +180,23 @@ class MaskBank(nn.Module):
         score = keep_score(self.log_deactivation(params).detach().cpu()).numpy()
         return np.where(self.fixed.cpu().numpy(), np.inf, score)
 
+    @torch.no_grad()
+    def progress(self, params) -> float:
+        """The FLOPs cut weighted by how far each channel has come from where it started
+        towards the hard rule (0 at the first training step, 1 when pruned), measured in
+        ``z = Phi^-1(p)`` (for a gate: its logit), which the regulariser moves at a steady
+        rate (log p would move fastest far from death): a smooth leading indicator of the
+        hard cut for the controller."""
+        logp = self.log_deactivation(params).detach().double()
+        z = torch.special.ndtri(torch.exp(logp).clamp(1e-300, 1.0 - 1e-16)).float()
+        z = torch.where(self.has_bn, z, self.gate_logits.detach().float())
+        if int(self.controller.steps) == 0:
+            self.logp0.copy_(z)
+        end = torch.where(self.has_bn, torch.tensor(float(torch.special.ndtri(torch.tensor(self.scp.c0)))),
+                          torch.tensor(0.0))
+        u = ((z - self.logp0) / (end - self.logp0).clamp(min=1e-6)).clamp(0.0, 1.0)
+        return float(self.cost.ratio((1.0 - u).cpu().numpy()))
+
     def forward(self, *params) -> torch.Tensor:
         one = self.gate_logits.new_ones(1)
         if self.force_keep:
@@ -164,7 +204,8 @@ class MaskBank(nn.Module):
         pi = self.prune_probs(params)
         self.last_pi = pi
         if self.training:
-            self.controller.advance(float(self.cost.ratio(hard_keep(pi.detach()).cpu().numpy())))
+            self.controller.advance(float(self.cost.ratio(hard_keep(pi.detach()).cpu().numpy())),
+                                    self.progress(params))
             keep = soft_keep(pi, self.scp.tau)
         else:
             keep = hard_keep(pi).to(pi.dtype)

@@ -115,3 +115,99 @@ def test_finalize_is_exact_and_does_not_touch_the_users_model():
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert isinstance(pruned, nn.Module) and result.to_dict()["widths"]
     assert np.isfinite(result.flops_after)
+
+
+# --------------------------------------------------------------------------- beyond rectifiers (issue 10)
+
+
+def _silu_pruner():
+    model, inputs = ZOO["resnet_silu"]()
+    return model, inputs, sp.SoftPruner(model, inputs, ratio=0.4)
+
+
+def _single_site(pruner):
+    """A BN site whose channels no other site also scores (not a residual stream)."""
+    counts = np.bincount(pruner.bank.ent_flat.numpy(), minlength=pruner.index.size)
+    return next(s for s in pruner.bank.sites if (counts[s.flat] == 1).all())
+
+
+def test_silu_sites_use_the_tail_threshold_and_a_dead_channel_is_pruned():
+    model, inputs, pruner = _silu_pruner()
+    assert pruner.bank.sites and not pruner.bank.gates().any()  # BN-SiLU: scored, not gated
+    ts = {t for v in pruner.thresholds().values() for t in v}
+    assert len(ts) == 1 and -4.6 < ts.pop() < -4.4
+    site = _single_site(pruner)
+    with torch.no_grad():
+        pruner.model.get_parameter(site.beta)[site.channel[0]] = -6.0
+        pruner.model.get_parameter(site.gamma)[site.channel[0]] = 0.1
+    keep = pruner.hard_keep()
+    assert not keep[site.flat[0]] and keep.sum() == len(keep) - 1
+
+
+def test_live_silu_channels_do_not_tie_in_the_ranking():
+    """Channels with z < -10 behind SiLU: p < 1e-23, so ``1 - p`` is exactly 1 in float64 and
+    the old scores tied; keep_score still orders them by p (lower beta: less alive)."""
+    model, inputs, pruner = _silu_pruner()
+    site = _single_site(pruner)
+    n = len(site.channel)
+    with torch.no_grad():
+        pruner.model.get_parameter(site.gamma)[site.channel] = 0.5
+        pruner.model.get_parameter(site.beta)[site.channel] = torch.linspace(1.0, 2.0, n)
+        params = pruner._site_params()
+        scores = pruner.bank.scores(params)[site.flat]
+        p = torch.exp(pruner.bank.log_deactivation(params))[site.flat].double()
+    assert (1.0 - p == 1.0).all()
+    assert len(np.unique(scores)) == n
+    assert (np.argsort(scores) == np.arange(n)).all()  # beta increasing: score increasing
+
+
+@pytest.mark.parametrize("name", ["resnet_silu", "convnext_ln"])
+def test_masked_model_starts_equal_to_the_original_in_eval(name):
+    model, inputs = ZOO[name]()
+    pruner = sp.SoftPruner(model, inputs, ratio=0.4)
+    assert pruner.hard_keep().all()
+    pruner.model.eval()
+    assert all(torch.equal(a, b) for a, b in zip(outputs(model, inputs), outputs(pruner.model, inputs)))
+
+
+def test_gates_get_a_strong_pull_and_thresholds_say_gate():
+    model, inputs = ZOO["convnext_ln"]()
+    pruner = sp.SoftPruner(model, inputs, ratio=0.4)
+    assert pruner.bank.gates().any() and all(v == [] for v in pruner.thresholds().values())
+    pruner.bank.controller.lam.fill_(0.1)
+    pruner.regularization().backward()
+    g = pruner.bank.gate_logits.grad[pruner.bank.gates()]
+    w = pruner.weights[pruner.bank.gates()]
+    # -log pi: the pull is lambda * w * (1 - pi) = 0.095 w at the initial pi of 0.05
+    assert torch.allclose(-g, 0.1 * w * 0.95, rtol=1e-4)
+
+
+def test_finalize_records_thresholds_and_warns_on_a_training_shortfall():
+    model, inputs = ZOO["resnet_basic"]()
+    pruner = sp.SoftPruner(model, inputs, ratio=0.4)
+    with pytest.warns(UserWarning, match="cut by the decision, not by training"):
+        _, result = pruner.finalize()
+    assert result.training_cut == 0.0 and result.training_shortfall == pytest.approx(0.4)
+    assert set(result.thresholds) == {g.id for g in pruner.cg.groups if g.prunable}
+    assert result.to_dict()["training_shortfall"] == pytest.approx(0.4)
+    with torch.no_grad():  # a hard-rule cut near the target: no warning, no shortfall
+        for s in pruner.bank.sites:
+            pruner.model.get_parameter(s.beta)[s.channel[::2]] = -50.0
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        cut = sp.SoftPruner.finalize(pruner)[1]
+    assert cut.training_shortfall is None and cut.training_cut > 0.35
+
+
+def test_controller_state_is_in_the_state_dict():
+    model, inputs = ZOO["resnet_basic"]()
+    pruner = sp.SoftPruner(model, inputs, ratio=0.4, total_steps=30)
+    keys = set(pruner.state_dict()["model"])
+    for k in ("lam", "integral", "steps", "ramp", "hard_ratio"):
+        assert f"_softprune_bank.controller.{k}" in keys
+    assert int(pruner.bank.controller.ramp) == 20  # two thirds of total_steps
+    other = sp.SoftPruner(model, inputs, ratio=0.4)
+    assert int(other.bank.controller.ramp) == 100
+    other.load_state_dict(pruner.state_dict())
+    assert int(other.bank.controller.ramp) == 20

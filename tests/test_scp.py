@@ -46,7 +46,7 @@ def t64(*values):
 
 def test_config_defaults_frozen_and_match_function_defaults():
     cfg = SCPConfig()
-    assert (cfg.eps, cfg.k, cfg.c0, cfg.tau, cfg.s, cfg.delta) == (0.05, 20.0, 0.95, 0.5, 2.0, 0.05)
+    assert (cfg.eps, cfg.k, cfg.c0, cfg.tau, cfg.s, cfg.delta, cfg.s_smooth) == (0.05, 20.0, 0.95, 0.5, 2.0, 0.05, 0.0)
     with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.k = 1.0  # type: ignore[misc]
     defaults = {
@@ -56,6 +56,7 @@ def test_config_defaults_frozen_and_match_function_defaults():
         "tau": inspect.signature(soft_keep).parameters["tau"].default,
         "s": inspect.signature(scp_regularizer).parameters["s"].default,
         "delta": 0.05,
+        "s_smooth": 0.0,
     }
     assert defaults == dataclasses.asdict(cfg)
 

@@ -171,7 +171,7 @@ def test_ddp_two_processes_agree(tmp_path):
 
 
 @pytest.mark.parametrize("name", ["resnet_basic", "densenet", "resnet_bottleneck",
-                                  "preact_resnet", "mobilenetv2"])
+                                  "preact_resnet", "mobilenetv2", "resnet_silu", "convnext_ln"])
 def test_controller_reaches_target(name):
     """The hard-rule cut reaches the target during a short run; finalize lands within 1 point.
     32 random inputs of the model's example shape, batch 4, 30 epochs (240 steps)."""
@@ -186,6 +186,39 @@ def test_controller_reaches_target(name):
     assert reached >= RATIO - 0.01, [(round(h["hard_flops_ratio"], 3), h["lambda"]) for h in info["history"]]
     assert abs(result.achieved_ratio - RATIO) <= 0.01
     assert result.max_abs_diff < 1e-4
+
+
+@pytest.mark.parametrize("name", ["mobilenetv2", "resnet_silu", "resnet_gelu", "convnext_ln"])
+def test_controller_lands_in_a_plain_user_loop(name):
+    """The README's loop, nothing but forwards (no total_steps): 240 steps, cosine lr. The
+    hard-rule cut at the end is near the target (not an overshoot finalize repairs) and
+    finalize warns of no shortfall."""
+    import warnings
+
+    import softprune_fx as sp
+    from zoo import ZOO
+
+    model, inputs = ZOO[name]()
+    torch.manual_seed(0)
+    train, _ = synthetic_loaders(inputs[0].shape, batch_size=4)
+    pruner = sp.SoftPruner(model, inputs, RATIO)
+    net = pruner.model.train()
+    opt = torch.optim.SGD(pruner.param_groups(1e-4), lr=0.1, momentum=0.9)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=30 * len(train))
+    cuts = []
+    for _ in range(30):
+        for x, y in train:
+            loss = F.cross_entropy(net(x), y) + pruner.regularization()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+        cuts.append(round(pruner.progress()["hard_flops_ratio"], 3))
+    assert RATIO - 0.05 <= cuts[-1] <= RATIO + 0.05, cuts
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no training_shortfall warning
+        _, result = pruner.finalize()
+    assert result.training_shortfall is None and abs(result.achieved_ratio - RATIO) <= 0.015
 
 
 if __name__ == "__main__" and len(sys.argv) == 3 and sys.argv[1] == "--worker":

@@ -15,6 +15,7 @@ from typing import Callable
 import torch.nn as nn
 
 try:
+    from .zoo_activations import ZOO_ACTIVATIONS
     from .zoo_big import BIG
     from .zoo_cnn import ZOO_CNN
     from .zoo_common import randomize_norms
@@ -23,6 +24,7 @@ try:
     from .zoo_mobile import ZOO_MOBILE
     from .zoo_modern import ZOO_MODERN
 except ImportError:  # imported with tests/ on sys.path
+    from zoo_activations import ZOO_ACTIVATIONS
     from zoo_big import BIG
     from zoo_cnn import ZOO_CNN
     from zoo_common import randomize_norms
@@ -33,7 +35,7 @@ except ImportError:  # imported with tests/ on sys.path
 
 Builder = Callable[[], "tuple[nn.Module, tuple]"]
 
-ZOO: dict[str, Builder] = {**ZOO_CNN, **ZOO_MOBILE, **ZOO_MODERN, **ZOO_MISC, **ZOO_ECOSYSTEM}
+ZOO: dict[str, Builder] = {**ZOO_CNN, **ZOO_MOBILE, **ZOO_MODERN, **ZOO_MISC, **ZOO_ECOSYSTEM, **ZOO_ACTIVATIONS}
 
 #: models on which torch.fx.symbolic_trace is expected to fail
 UNTRACEABLE = frozenset({"untraceable"}) | PLAIN_FX_FAILS
