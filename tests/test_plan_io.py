@@ -151,3 +151,29 @@ def test_spec_loading(tmp_path):
             parse_input_shape(bad)
     with pytest.raises(ModelError):
         build_model("torch.nn:Conv2d")  # raises: missing arguments
+
+
+def test_sealed_plan_detects_edits_and_weights():
+    from softprune_fx.plan_io import check_groups_consistent, plan_digest, seal_plan, weights_digest
+
+    model, inputs = ZOO["resnet_basic"]()
+    drop = half_drop(model, inputs)
+    pruned = prune_channels(model, inputs, drop)
+    state = pruned.state_dict()
+    plan = seal_plan(make_plan(model, inputs, drop), state)
+    assert load_plan(copy.deepcopy(plan))["weights_sha256"] == weights_digest(state)
+    edited = copy.deepcopy(plan)
+    g = next(g for g in edited["groups"].values() if g["dropped"])
+    g["kept"][0], g["dropped"][0] = g["dropped"][0], g["kept"][0]  # still a partition once sorted
+    g["kept"].sort(), g["dropped"].sort()
+    with pytest.raises(SoftpruneError, match="does not match its digest"):
+        load_plan(edited)
+    edited.pop("digest")
+    check_groups_consistent(edited)  # a consistent partition passes the consistency check ...
+    g["dropped"] = g["dropped"][1:]
+    with pytest.raises(SoftpruneError, match="kept and dropped disagree"):
+        load_plan(edited)             # ... a channel in neither list does not
+    other = {k: v.clone() for k, v in state.items()}
+    key = next(k for k, v in other.items() if v.is_floating_point())
+    other[key].view(-1)[0] += 1e-6
+    assert weights_digest(other) != plan["weights_sha256"] and plan_digest(plan) == plan["digest"]

@@ -217,3 +217,55 @@ def test_models_left_untouched(tmp_path):
     for key, value in model.stem[1].state_dict().items():
         assert torch.equal(value, stats[key]), key
     assert all(p.grad is None for p in model.parameters())
+
+
+# ------------------------------------------------------------------ leaves with data-dependent branches
+class _Branchy(nn.Module):
+    def forward(self, x):
+        if x.mean() > 0.5:
+            return x * 2
+        return x - 1
+
+
+class _TryBranchy(nn.Module):
+    def forward(self, x):
+        try:
+            big = x.mean() > 0.5
+        except RuntimeError:
+            big = False
+        if big:
+            return x * 2
+        return x - 1
+
+
+class _WithLeaf(nn.Module):
+    def __init__(self, leaf):
+        super().__init__()
+        self.c, self.leaf = nn.Conv2d(3, 4, 1), leaf
+
+    def forward(self, x):
+        return self.leaf(self.c(x))
+
+
+def test_scripted_leaf_keeps_its_branch_as_an_onnx_if(tmp_path):
+    """The plain TorchScript export bakes the example's branch; the scripted one keeps both."""
+    model = _WithLeaf(_Branchy()).eval()
+    x = torch.randn(1, 3, 4, 4)
+    baked = tmp_path / "baked.onnx"
+    export_onnx(model, x, baked, ("torchscript",))
+    kept = verify.export_with_leaves(model, x, tmp_path / "kept.onnx", ["leaf"])
+    assert kept.scripted == ["leaf"] and kept.one_branch is None
+    assert "If" in {n.op_type for n in onnx.load(str(tmp_path / "kept.onnx")).graph.node}
+    for value in (5.0, -5.0):
+        x = torch.full((2, 3, 4, 4), value)
+        assert check_onnx(model, x, tmp_path / "kept.onnx").ok
+    assert not all(check_onnx(model, torch.full((2, 3, 4, 4), v), baked).ok for v in (5.0, -5.0))
+
+
+def test_unscriptable_leaf_is_reported_as_one_branch(tmp_path):
+    model = _WithLeaf(_TryBranchy()).eval()
+    twin, failed = verify.script_leaves(model, ["leaf"])
+    assert "try" in failed["leaf"] and isinstance(twin.leaf, _TryBranchy)
+    result = verify.export_with_leaves(model, torch.randn(1, 3, 4, 4), tmp_path / "m.onnx", ["leaf"])
+    assert result.one_branch["leaf"] == "leaf" and (tmp_path / "m.onnx").is_file()
+    assert result.info.exporter == "torchscript"
