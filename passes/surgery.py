@@ -199,29 +199,26 @@ def planned_classes(flow: ChannelFlow, plan: Plan, node: fx.Node) -> np.ndarray:
 
 def check_layouts(gm: fx.GraphModule, planned: dict, allow_inexact: bool = False) -> None:
     """Re-run the channel flow on the pruned graph (DESIGN.md section 5): every surviving
-    value's layout must be its planned, filtered one up to renaming, i.e. each class of the
-    pruned graph stands for exactly one planned class, and no planned channel lost its
-    identity. Values the re-analysis cannot follow (UNKNOWN, e.g. after an inserted
-    ``index_select``) are not compared."""
+    value's layout must have its planned, filtered shape (an axis of extent 1 broadcasts)
+    and every planned channel must still carry a channel identity there.
+
+    Classes are not compared one to one: degenerate sizes legitimately change couplings (a
+    grouped conv left with one input per group reads as depthwise, a depthwise conv left
+    with one channel as dense; a cat of one-channel tensors unifies them), both ways.
+    Values the re-analysis cannot follow (UNKNOWN, after an inserted ``index_select``) are
+    not compared."""
     flow = run_flow(gm, allow_inexact)
     alive = set(gm.graph.nodes)
-    stands_for = np.full(len(flow.table.owner_of) + 1, -1, dtype=np.int64)
     for node, old in planned.items():
         new = flow.layouts.get(node)
         if node not in alive or not isinstance(new, np.ndarray) or (new == UNKNOWN).all():
             continue
-        if new.shape != old.shape:
-            raise SurgeryError(f"node {node.name}: pruned layout {new.shape} but the plan says {old.shape}")
-        new = flow.table.find(new)
+        try:
+            new = np.broadcast_to(new, old.shape)
+        except ValueError:
+            raise SurgeryError(f"node {node.name}: pruned layout {new.shape} but the plan says {old.shape}") from None
         if ((old >= 0) & (new == NONE)).any():
             raise SurgeryError(f"node {node.name}: planned channels have no channel identity after pruning")
-        both = (old >= 0) & (new >= 0)
-        for n, o in np.unique(np.stack([new[both], old[both]], 1), axis=0).tolist():
-            if stands_for[n] == -1:
-                stands_for[n] = o
-            elif stands_for[n] != o:
-                raise SurgeryError(f"node {node.name}: the pruned graph couples channels the plan keeps apart "
-                                   f"(classes {stands_for[n]} and {o})")
 
 
 def check_extents(gm: fx.GraphModule, planned: dict, example_inputs: tuple) -> None:

@@ -53,9 +53,7 @@ register(*SPATIAL_MODULES, *SPATIAL_FUNCTIONS, chain="pass")(spatial_rule)
 
 def pool_shape(m, args, kwargs):
     x = one_tensor(args, kwargs)
-    if x is None:
-        return None
-    if getattr(m, "ceil_mode", True) or getattr(m, "return_indices", False) or x.dim() != 4:
+    if x is None or getattr(m, "ceil_mode", True) or getattr(m, "return_indices", False) or x.dim() != 4:
         return None
     pair = lambda v: (v, v) if isinstance(v, int) else tuple(v)  # noqa: E731
     k, s, p = pair(m.kernel_size), pair(m.stride or m.kernel_size), pair(m.padding)

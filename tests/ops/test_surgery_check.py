@@ -34,7 +34,7 @@ def test_planned_classes_filter_the_dropped_positions():
     assert (planned["a"] == planned["add"]).all() and (planned["b"] == planned["add"]).all()
 
 
-def test_check_layouts_accepts_the_real_plan_and_refuses_a_wrong_one():
+def test_check_layouts_accepts_the_real_plan_and_refuses_a_wrong_shape():
     model, x = Residual().eval(), (torch.randn(1, 3, 8, 8),)
     cg = sp.analyze(model, x)
     gid = next(g.id for g in cg.groups if "a" in g.producers)
@@ -44,11 +44,37 @@ def test_check_layouts_accepts_the_real_plan_and_refuses_a_wrong_one():
     from softprune_fx.passes.capture import MetaShapeProp
     MetaShapeProp(pruned).propagate(*x)
     check_layouts(pruned, {by_name[k]: v for k, v in planned.items() if k in by_name})
-    wrong = dict(planned)
-    wrong["b"] = planned["b"] + 1000  # a plan in which b's channels are a class of their own
-    with pytest.raises(SurgeryError, match="couples channels the plan keeps apart"):
-        check_layouts(pruned, {by_name[k]: v for k, v in wrong.items() if k in by_name})
+    coarser = dict(planned)
+    coarser["b"] = planned["b"] + 1000  # other class names: couplings may differ, shapes may not
+    check_layouts(pruned, {by_name[k]: v for k, v in coarser.items() if k in by_name})
     short = dict(planned)
     short["add"] = planned["add"][:, :5]
     with pytest.raises(SurgeryError, match="pruned layout"):
         check_layouts(pruned, {by_name[k]: v for k, v in short.items() if k in by_name})
+
+
+class MeanGate(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.c = nn.Conv2d(3, 8, 3), nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        y = self.a(x)
+        return self.c(y * y.mean(1, keepdim=True))
+
+
+def test_check_layouts_refuses_a_planned_channel_without_identity():
+    """A plan that says the channel mean still carries a channel is refused."""
+    model, x = MeanGate().eval(), (torch.randn(1, 3, 8, 8),)
+    cg = sp.analyze(model, x)
+    gid = next(g.id for g in cg.groups if "a" in g.producers)
+    planned = planned_for(cg, {gid: [2]})
+    assert (planned["mean"] < 0).all()  # a reduction over channels has no channel identity
+    pruned = cg.prune({gid: [2]})
+    from softprune_fx.passes.capture import MetaShapeProp
+    MetaShapeProp(pruned).propagate(*x)
+    by_name = {n.name: n for n in pruned.graph.nodes}
+    wrong = dict(planned)
+    wrong["mean"] = planned["a"][:, :1]  # (1, 1, 1, 1): one class
+    with pytest.raises(SurgeryError, match="no channel identity"):
+        check_layouts(pruned, {by_name[k]: v for k, v in wrong.items() if k in by_name})
