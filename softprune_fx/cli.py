@@ -24,7 +24,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from softprune_fx.passes.errors import SoftpruneError
 
-from .cli_args import PROG, build_parser
+from .cli_args import build_parser
 from .cli_common import Reporter, analysis_options, flops_text, prepare, stderr_line
 from .cli_errors import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, Interrupted, UsageError, one_line
 from .cli_prune import bn_looks_untrained, cmd_prune, summary_table  # noqa: F401 - re-exported
