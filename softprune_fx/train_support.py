@@ -125,7 +125,10 @@ def mode_analyses(model: nn.Module, inputs: tuple, options: dict, eval_analysis=
         model.eval()
         cg_eval = eval_analysis if eval_analysis is not None else analyze(model, inputs, **options)
         model.train()
-        cg_train = analyze(model, inputs, **options)
+        try:
+            cg_train = analyze(model, inputs, **options)
+        except Exception:  # noqa: BLE001 - e.g. BatchNorm refuses a batch of 1 in training mode
+            return cg_eval, cg_eval, False  # then the masked model is the eval-mode graph, as before
     finally:
         model.train(was)
     branches = cg_train.gm.code != cg_eval.gm.code
