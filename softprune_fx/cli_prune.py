@@ -95,8 +95,8 @@ def _train(args, model, inputs, options, rep: Reporter, ckpt: Path, cg):
                          objective=_objective(args), analysis=cg, **options)
     except KeyboardInterrupt:
         if not (ckpt / CHECKPOINT).is_file():
-            raise Interrupted("interrupted before the first epoch ended: no checkpoint, nothing to resume")
-        raise Interrupted(f"interrupted; checkpoint {ckpt / CHECKPOINT} holds the last finished epoch; "
+            raise Interrupted("Ctrl-C before the first epoch ended: no checkpoint, nothing to resume") from None
+        raise Interrupted(f"Ctrl-C; checkpoint {ckpt / CHECKPOINT} holds the last finished epoch; "
                           f"continue with: {resume_command(args)}") from None
 
 
