@@ -259,8 +259,9 @@ def train_scp(model: nn.Module, example_inputs: Any, train_loader, val_loader, *
     ckpt = load_checkpoint(out_dir, config, log) if resume else None
     options = dict(frozen=frozen, leaf_modules=leaf_modules, allow_inexact=allow_inexact)
     inputs = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
-    metric_before = evaluate_metric(model, val_loader, objective)
-    cg_train, cg_eval, branches = mode_analyses(model, inputs, options, analysis)
+    with torch.random.fork_rng(devices=[]):  # the seeded run draws the same numbers with or without these
+        metric_before = evaluate_metric(model, val_loader, objective)
+        cg_train, cg_eval, branches = mode_analyses(model, inputs, options, analysis)
     was = model.training
     model.train(branches)  # the masked model copies the mode of the graph it was traced in
     try:
