@@ -182,7 +182,7 @@ class SoftPruner:
 
     def __init__(self, model: nn.Module, example_inputs: Any, ratio: float = 0.4, *, strict: bool = False,
                  frozen=(), min_width=1, round_to="auto", allow_inexact: bool = False, leaf_modules=(),
-                 scp: SCPConfig = SCPConfig(), kp: float = 0.05, ki: float = 2e-3, lambda_max: float = 0.2,
+                 scp: SCPConfig = SCPConfig(), kp: float = 0.15, ki: float = 5e-3, lambda_max: float = 0.2,
                  total_steps: Optional[int] = None, ramp: int = 100, weighting: float = 0.5, analysis=None):
         if not 0.0 < ratio < 1.0:
             raise SoftpruneError(f"ratio must be in (0, 1), got {ratio}")

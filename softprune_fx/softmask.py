@@ -54,7 +54,7 @@ class Controller(nn.Module):
     """
 
     T_MIN = 0.1
-    BRAKE = 0.2
+    BRAKE = 0.1
 
     def __init__(self, target: float, kp: float, ki: float, lambda_max: float, ramp: int,
                  total_steps: int | None = None, kg: float = 0.05):
@@ -107,7 +107,7 @@ class Controller(nn.Module):
 
 class MaskBank(nn.Module):
     def __init__(self, size: int, sites: list[BNSite], fixed_keep: np.ndarray, cost: CostModel, target: float,
-                 scp: SCPConfig = SCPConfig(), kp: float = 0.05, ki: float = 2e-3, lambda_max: float = 0.2,
+                 scp: SCPConfig = SCPConfig(), kp: float = 0.15, ki: float = 5e-3, lambda_max: float = 0.2,
                  ramp: int = 100, total_steps: int | None = None, exact: np.ndarray | None = None):
         super().__init__()
         self.size, self.scp, self.cost = size, scp, cost
