@@ -298,6 +298,13 @@ def base_report(result: Any, meta: dict) -> dict:
     report["rounding_dropped"] = list(getattr(result, "rounding_dropped", []) or [])
     report["inexact"] = list(getattr(result, "inexact", []) or [])
     report["groups"] = group_rows(result)
+    for key in ("training_cut", "training_shortfall"):  # SCP runs: what training itself reached
+        if getattr(result, key, None) is not None:
+            report[key] = float(getattr(result, key))
+    thresholds = getattr(result, "thresholds", None) or {}
+    for row in report["groups"]:
+        if row["id"] in thresholds:
+            row["dead_thresholds"] = [float(t) for t in thresholds[row["id"]]]
     return report
 
 
