@@ -16,7 +16,6 @@ Example::
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import math
 import operator
@@ -30,12 +29,8 @@ from torch.utils._pytree import tree_leaves, tree_map_only
 
 from .specialise import (META, DataDependentError, Specialisation, batch_bound, flat_reads, meta_call,
                          meta_like, node_reads, render, traceback_line, user_frame)
+from .trace_patches import FACTORIES, factories_patched, proxy_buffer_writes
 
-#: torch factories patched while tracing so that sizes given as proxies record a node
-#: (``torch.zeros(h, w)`` takes sizes as varargs, which plain fx cannot see)
-PATCHED_FACTORIES = ("zeros", "ones", "empty", "full", "rand", "randn", "randint", "eye", "tensor",
-                     "as_tensor", "linspace")
-FACTORIES = frozenset(getattr(torch, n) for n in (*PATCHED_FACTORIES, "arange"))
 
 
 def one_line(exc: BaseException) -> str:
@@ -346,7 +341,7 @@ class SpecialisingTracer(ChannelTracer):
 
     # ------------------------------------------------------------------ tracing
     def trace(self, root, concrete_args=None):
-        with _factories_patched(self), _proxy_buffer_writes():
+        with factories_patched(self), proxy_buffer_writes():
             return super().trace(root, concrete_args)
 
 
@@ -382,53 +377,3 @@ def _run_on_zeros(module: nn.Module, args, kwargs, node: fx.Node) -> Any:
         raise CaptureError(f"the model does not run on the example inputs (node {node.name}): "
                            f"{one_line(exc)}") from exc
     return tree_map_only(torch.Tensor, meta_like, out)
-
-
-def _has_proxy(values) -> bool:
-    """A Proxy anywhere in (nested) tuples, lists and dicts."""
-    if isinstance(values, fx.Proxy):
-        return True
-    if isinstance(values, (tuple, list)):
-        return any(_has_proxy(v) for v in values)
-    if isinstance(values, dict):
-        return any(_has_proxy(v) for v in values.values())
-    return False
-
-
-@contextlib.contextmanager
-def _factories_patched(tracer: fx.Tracer):
-    """``torch.zeros(h, w)`` with traced sizes records a node instead of failing."""
-    saved = {name: getattr(torch, name) for name in PATCHED_FACTORIES}
-
-    def wrap(orig):
-        def factory(*args, **kwargs):
-            if not tracer._in_meta and _has_proxy((args, kwargs)):
-                return tracer.create_proxy("call_function", orig, args, kwargs)
-            return orig(*args, **kwargs)
-        return factory
-    try:
-        for name, orig in saved.items():
-            setattr(torch, name, wrap(orig))
-        yield
-    finally:
-        for name, orig in saved.items():
-            setattr(torch, name, orig)
-
-
-@contextlib.contextmanager
-def _proxy_buffer_writes():
-    """A forward that assigns a traced value to a registered buffer or parameter
-    (``self.anchors = ...``) stores it as a plain attribute that shadows it; capture's
-    state restore removes it afterwards."""
-    orig = nn.Module.__setattr__
-
-    def setattr_(self, name, value):
-        if isinstance(value, fx.Proxy) and (name in self._buffers or name in self._parameters):
-            object.__setattr__(self, name, value)
-        else:
-            orig(self, name, value)
-    nn.Module.__setattr__ = setattr_
-    try:
-        yield
-    finally:
-        nn.Module.__setattr__ = orig
