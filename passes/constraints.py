@@ -304,6 +304,7 @@ class Constraints:
         self.unit_size = np.bincount(unit, minlength=self.n_units)
         self.forced = np.zeros(self.n_units, dtype=bool)
         self.forced[self.unit_of[np.asarray(forced_flat, dtype=np.int64)]] = True
+        self.forced[self.unit_of[:-1][self.space.frozen]] = True       # frozen channels stay
         order = np.argsort(unit, kind="stable")
         self.unit_members = np.split(order, np.cumsum(self.unit_size)[:-1]) if n else []
 

@@ -29,7 +29,7 @@ from __future__ import annotations
 import numpy as np
 from networkx.utils import UnionFind
 
-from .constraints import BalanceRule, Constraints, Space
+from .constraints import BalanceRule, Constraints, NonEmptyRule, Space
 from .errors import IllegalDropError
 from .plan import Plan
 
@@ -122,6 +122,26 @@ def _balance_exact(prob: _Problem, free: np.ndarray, rule: BalanceRule, state: n
     return out
 
 
+def _nonempty_exact(prob: _Problem, free: np.ndarray, rule: NonEmptyRule, state: np.ndarray):
+    """Exact for one non-empty rule: every free unit at its own best, then the position
+    whose taking back costs least is taken back."""
+    where = {int(u): j for j, u in enumerate(free)}
+    out = prob.best[free] & ~state[free] | state[free]
+    ua, ub = _rule_units(prob.engine, rule)
+    costs, parts = [], []
+    for a, b in zip(ua.tolist(), ub.tolist()):
+        back = [u for u in {a, b} if u >= 0 and (out[where[u]] if u in where else state[u])]
+        if any(u not in where for u in back):
+            continue                                      # a pinned unit: this position stays dropped
+        costs.append(-sum((prob.delta[u] for u in back), np.zeros(4)))
+        parts.append(back)
+    if not costs:
+        return None
+    for u in parts[_lexmin(np.array(costs))]:
+        out[where[u]] = False
+    return out
+
+
 def _local(prob: _Problem, comp_units: np.ndarray, rules: list, state: np.ndarray, score: np.ndarray):
     """Large mixed components: the rules' own repairs, round after round; else keep the
     component whole (legal for its rules)."""
@@ -156,10 +176,14 @@ def _solve(prob: _Problem, comp_units: np.ndarray, rules: list, state: np.ndarra
         got = _enumerate(prob, free, rules, base)
     elif len(rules) == 1 and isinstance(rules[0], BalanceRule) and _distinct(prob.engine, rules[0], free):
         got = _balance_exact(prob, free, rules[0], base)
+    elif len(rules) == 1 and isinstance(rules[0], NonEmptyRule):
+        got = _nonempty_exact(prob, free, rules[0], base)
     if got is not None:
         base[free] = got
         return base[comp_units]
-    local = _local(prob, comp_units, rules, base, score)
+    start = base.copy()
+    start[comp_units] = (prob.best[comp_units] & ~prob.engine.forced[comp_units]) | pinned[comp_units]
+    local = _local(prob, comp_units, rules, start, score)
     if local is not None and not (pinned[comp_units] & ~local).any():
         return local
     if pinned[comp_units].any():
@@ -234,17 +258,22 @@ def nearest(engine: Constraints, keep0: np.ndarray, score: np.ndarray | None = N
     return prob.keep(state)
 
 
-def _nonempty(prob: _Problem, score: np.ndarray, limit: int = 64):
-    """Best legal state that drops something, pinning one touched unit at a time (the
-    cheapest ``limit`` of them)."""
-    cands = np.flatnonzero(prob.touched & ~prob.engine.forced)
-    cands = cands[np.lexsort(prob.delta[cands].T[::-1])][:limit]
+def _nonempty(prob: _Problem, score: np.ndarray, limit: int = 256):
+    """Best legal state that drops something: pin one free unit dropped at a time, in the
+    order of a lower bound on the result (the relaxed optimum plus that unit's own cost),
+    stopping once the bound reaches the best found (at most ``limit`` pins)."""
+    engine = prob.engine
+    cands = np.flatnonzero(~engine.forced)
+    bound = np.where(prob.best[cands, None], 0.0, prob.delta[cands])
+    order = np.lexsort(bound.T[::-1])[:limit]
     best, best_key = None, None
-    for u in cands:
-        pinned = np.zeros(prob.engine.n_units, dtype=bool)
+    for u, lb in zip(cands[order], bound[order]):
+        if best_key is not None and tuple(np.round(lb, 6)) >= tuple(np.subtract(best_key, prob.key(prob.best))):
+            break
+        pinned = np.zeros(engine.n_units, dtype=bool)
         pinned[u] = True
         state = _relaxed(prob, score, pinned)
-        if state is not None and prob.engine.legal(prob.keep(state)):
+        if state is not None and engine.legal(prob.keep(state)):
             key = prob.key(state)
             if best_key is None or key < best_key:
                 best, best_key = state, key

@@ -1,12 +1,14 @@
 """The budget decision: per-group kept counts that land on a FLOPs cut.
 
 Per group the candidate kept counts are at least ``min_width`` (and the frozen count),
-and multiples of the rounding step or the full width; a group in front of or behind a
-grouped conv also keeps a multiple of its conv groups, the same count in every block.
-From the hard-rule set the search steps one group at a time, picking the step that loses
-the least value per FLOP saved (or, when the cut is too deep, gains the most value per
-FLOP added), until the cut is within ``tol`` of the target. When rounding makes that
-impossible, rounding is given up on the fewest groups, and the result says which.
+and multiples of the rounding step or the full width; a group a grouped conv balances
+also keeps a multiple of its conv groups, the same count in every block, and groups a
+channel shuffle ties keep whole columns (both from the constraint engine,
+``softprune_fx.passes.constraints``). From the hard-rule set the search steps groups by
+the least value lost per FLOP saved (or, when the cut is too deep, the most value gained
+per FLOP added) until the cut is within ``tol`` of the target. When rounding makes that
+impossible, rounding is given up on the fewest groups, and the result says which; when
+no single step lands, a step up in one group and one down in another are combined.
 
 A group's value has diminishing returns: ``W_g * log(S_g)``, S_g the summed score of its
 kept channels. Why: with a linear value (score lost per FLOP) and the near-equal scores
@@ -17,6 +19,14 @@ of the group's layers in the model cut uniformly to the target, which makes "the
 kept fraction in every group" the optimum when scores are equal. Only scores relative to
 the rest of their group count: a group whose channels SCP calls dead (low ``1 - pi``)
 loses them cheaply, so it is cut further, and low-scored channels go first.
+
+Speed: every step of every group is priced at once (numpy over one array of candidate
+counts), from one ``cost.marginal`` per round; far from the target a round takes the
+best-priced steps worth half the remaining FLOPs gap (first-order prices go stale as
+neighbours shrink, so each round re-prices), near it one exact step at a time. The keep
+set of any counts is legalized by the engine (``nearest``), so the search prices what
+will be cut. ``cost`` is any object with the CostModel protocol: ``total0``,
+``flops(keep)``, ``ratio(keep)``, ``marginal(keep)``.
 
 Example::
 
@@ -29,19 +39,20 @@ import math
 from dataclasses import dataclass, field
 
 import numpy as np
-
-from softprune_fx.passes.errors import BudgetError
 from networkx.utils import UnionFind
 
-from softprune_fx.passes.flow import Balance, Grid, NonEmpty
+from softprune_fx.passes.errors import BudgetError
+from softprune_fx.passes.legalize import nearest
 
-from .cost import CostModel
 from .index import ChannelIndex
 
-MAX_STEPS = 100000
+MAX_ROUNDS = 100000
+BULK = 0.5          # share of the FLOPs gap one round may close on first-order prices
+EXACT_SPAN = 3.0    # gaps under this many best steps are closed one exact step at a time
 
 
 def rounding_step(width: int, round_to) -> int:
+    """The kept-count step of a ``width``-wide group (the latency model may refine it)."""
     if round_to is None or round_to == "none":
         return 1
     if round_to == "auto":
@@ -64,311 +75,272 @@ class Decision:
     rounding_dropped: list = field(default_factory=list)
 
 
+@dataclass
 class _Group:
     """One decision unit: a group, or groups a channel shuffle ties column by column.
+    Counts are in engine units (a shuffled column, else one channel), kept best first
+    (per conv block when a grouped conv balances it: ``seq`` interleaves the blocks)."""
 
-    Its channels are kept in *units* (a shuffled column, else one channel), best unit
-    first; per conv block when a grouped conv balances it. Counts are in units.
-    """
-
-    def __init__(self, gid, ids, units, scores, frozen, blocks, step, lower):
-        self.id, self.ids, self.units = gid, ids, units
-        self.blocks = blocks            # block of each unit (balanced groups) or None
-        nb = 1 if blocks is None else int(blocks.max()) + 1
-        self.nb = nb
-        self.step = math.lcm(step, nb)
-        self.lower = lower
-        unit_scores = np.array([np.inf if frozen[u].any() else scores[u].sum() for u in units])
-        self.order = np.argsort(-unit_scores, kind="stable")       # best first
-        if blocks is not None:
-            self.block_order = [self.order[blocks[self.order] == b] for b in range(nb)]
-        self.n_frozen = int(np.isinf(unit_scores).sum())
-        self._kept: dict[int, np.ndarray] = {}
+    id: str
+    flat: np.ndarray        # flat ids of its channels
+    rank: np.ndarray        # per flat id: position of its unit in ``seq`` order
+    unit_score: np.ndarray  # clipped score of each unit, in seq order
+    n_fixed: int            # units that always stay (frozen or tied to a frozen channel)
+    nb: int
+    step: int
+    lower: int
 
     @property
     def width(self) -> int:
-        return len(self.units)
+        return len(self.unit_score)
 
-    def allowed(self) -> list[int]:
-        lo = max(self.lower, self.n_frozen, self.nb)
-        ks = [k for k in range(lo, self.width + 1) if k % self.step == 0 or k == self.width]
-        return ks or [self.width]
-
-    def kept(self, count: int) -> np.ndarray:
-        """Flat ids kept at ``count`` units: the best ones (per block when balanced)."""
-        cached = self._kept.get(count)
-        if cached is None:
-            cached = self._kept[count] = self._select(count)
-        return cached
-
-    def _select(self, count: int) -> np.ndarray:
-        if self.blocks is None:
-            chosen = self.order[:count]
-        else:
-            per = count // self.nb
-            chosen = np.concatenate([o[:per] for o in self.block_order])
-        return np.concatenate([self.units[u] for u in chosen]) if len(chosen) else np.zeros(0, np.int64)
+    def allowed(self) -> np.ndarray:
+        lo = max(self.lower, self.n_fixed, self.nb)
+        ks = np.arange(lo, self.width + 1)
+        ks = ks[(ks % self.step == 0) | (ks == self.width)]
+        return ks if len(ks) else np.array([self.width])
 
 
-def _shuffle_units(cg, index: ChannelIndex) -> UnionFind:
-    """Flat channels a channel shuffle keeps or drops together (one grid column)."""
-    uf = UnionFind()
-    for c in cg.constraints:
-        if isinstance(c, Grid):
-            flat = index.atom_ids(c.layout, frozen=True)
-            col_axis = [d for d in range(flat.ndim) if flat.shape[d] > 1][-1]
-            for j in range(flat.shape[col_axis]):
-                col = np.take(flat, j, axis=col_axis).reshape(-1)
-                col = col[col >= 0]
-                if len(col) > 1:
-                    uf.union(*col.tolist())
-    return uf
+def _unit_table(index: ChannelIndex, engine, g_ids: list[np.ndarray]):
+    """Prunable groups merged where one shuffled column spans several of them."""
+    uf = UnionFind(range(len(g_ids)))
+    owner: dict[int, int] = {}
+    for k, ids in enumerate(g_ids):
+        units = engine.unit_of[ids][engine.unit_size[engine.unit_of[ids]] > 1]
+        for u in np.unique(units).tolist():
+            if u in owner:
+                uf.union(owner[u], k)
+            else:
+                owner[u] = k
+    return [sorted(s) for s in uf.to_sets()]
 
 
-def _decision_groups(cg, index: ChannelIndex, scores, min_width, round_to) -> list[_Group]:
-    """Prunable groups, merged where a shuffle ties them, as decision groups."""
+def _decision_groups(cg, index: ChannelIndex, engine, scores, min_width, round_to) -> list[_Group]:
     prunable = [g for g in cg.groups if g.prunable]
-    units_uf = _shuffle_units(cg, index)
-    group_uf = UnionFind([g.id for g in prunable])
-    group_of = {}
-    for g in prunable:
-        for f in index.ids(g.id).tolist():
-            group_of[f] = g.id
-    for f in list(units_uf.parents):
-        lead = units_uf[f]
-        if f in group_of and lead in group_of:
-            group_uf.union(group_of[f], group_of[lead])
+    g_ids = [index.ids(g.id) for g in prunable]
+    raw = np.asarray(scores, dtype=float)
+    clipped = np.clip(np.where(np.isfinite(raw), raw, 0.0), 0.0, None)
     out = []
-    for members in group_uf.to_sets():
-        gs = [g for g in prunable if g.id in members]
-        ids = np.concatenate([index.ids(g.id) for g in gs])
-        classes: dict[int, list[int]] = {}
-        for f in ids.tolist():
-            classes.setdefault(units_uf[f] if f in units_uf.parents else f, []).append(f)
-        units = [np.array(u) for u in classes.values()]
-        per_unit = {g.id: g.width / len(units) for g in gs}
+    for members in _unit_table(index, engine, g_ids):
+        gs = [prunable[k] for k in members]
+        flat = np.concatenate([g_ids[k] for k in members])
+        units, inverse = np.unique(engine.unit_of[flat], return_inverse=True)
+        fixed_unit = np.bincount(inverse, weights=index.frozen[flat], minlength=len(units)) > 0
+        fixed_unit |= engine.forced[units]
+        u_raw = np.bincount(inverse, weights=raw[flat], minlength=len(units))
+        u_clip = np.bincount(inverse, weights=clipped[flat], minlength=len(units))
+        key = np.where(fixed_unit, np.inf, u_raw)
+        n_units = len(units)
+        blocks = engine.blocks_of(flat) if len(gs) == 1 and n_units == len(flat) else None
+        nb = 1 if blocks is None else int(blocks.max()) + 1
+        if blocks is None:
+            order = np.argsort(-key, kind="stable")
+        else:
+            ub = np.empty(n_units, np.int64)
+            ub[inverse] = blocks
+            within = np.empty(n_units, np.int64)
+            for b in range(nb):
+                m = np.flatnonzero(ub == b)
+                within[m[np.argsort(-key[m], kind="stable")]] = np.arange(len(m))
+            order = np.lexsort((ub, within))
+        pos = np.empty(n_units, np.int64)
+        pos[order] = np.arange(n_units)
         step, lower = 1, 1
+        per_unit = {g.id: g.width / n_units for g in gs}
         uniform = all(float(r).is_integer() and r >= 1 for r in per_unit.values())
         for g in gs:
             r = int(per_unit[g.id]) if uniform else 1
             s = rounding_step(g.width, round_to) if uniform else 1
             step = math.lcm(step, s // math.gcd(s, r))
             lower = max(lower, math.ceil(min_count(g.width, min_width) / max(r, 1)))
-        blocks = _balanced_blocks(cg, index, gs[0].id) if len(gs) == 1 and len(units) == len(ids) else None
-        out.append(_Group(gs[0].id, ids, units, np.asarray(scores), index.frozen, blocks, step, lower))
+        out.append(_Group(gs[0].id, flat, pos[inverse], u_clip[order], int(fixed_unit.sum()), nb,
+                          math.lcm(step, nb), lower))
     return sorted(out, key=lambda grp: index.offsets[grp.id])
 
 
-def _balanced_blocks(cg, index: ChannelIndex, gid: str) -> np.ndarray | None:
-    """Block of every channel of a group that a grouped conv splits into blocks."""
-    ids = index.ids(gid)
-    for c in cg.constraints:
-        if not isinstance(c, Balance):
-            continue
-        flat = index.atom_ids(c.atoms)
-        if c.site is not None:
-            _, sg = index.site_ids(c.site)
-            if (sg >= 0).any() and np.isin(sg, ids).all():
-                flat = sg
-        if (flat >= 0).any() and np.isin(flat[flat >= 0], ids).all() and np.isin(ids, flat).all():
-            blocks = np.full(len(ids), -1)
-            per = len(flat) // c.blocks
-            for p, f in enumerate(flat):
-                if f >= 0:
-                    blocks[f - ids[0]] = p // per
-            if (blocks >= 0).all():
-                return blocks
-    return None
-
-
-def decide(cg, index: ChannelIndex, cost: CostModel, scores: np.ndarray, keep0: np.ndarray, ratio: float, *,
+def decide(cg, index: ChannelIndex, cost, scores: np.ndarray, keep0: np.ndarray, ratio: float, *,
            min_width=1, round_to="auto", tol: float = 0.01) -> Decision:
     """Kept channels per group meeting ``ratio`` within ``tol`` (see the module doc)."""
-    groups = _decision_groups(cg, index, scores, min_width, round_to)
-    counts = {}
-    for grp in groups:
-        hard = sum(1 for u in grp.units if np.asarray(keep0)[u].all())
-        counts[grp.id] = min((k for k in grp.allowed() if k >= hard), default=grp.width)
-    balances = _balances(cg, index)
-    search = _Search(groups, counts, cost, scores, index.size, _nonempty(cg, index, balances), balances,
-                     index.frozen)
+    engine = index.constraints
+    groups = _decision_groups(cg, index, engine, scores, min_width, round_to)
+    search = _Search(groups, cost, np.asarray(scores, float), index.size, engine)
+    hard = search.hard_counts(np.asarray(keep0, bool))
+    for grp, h in zip(groups, hard):
+        ks = grp.allowed()
+        search.counts[grp.id] = int(ks[ks >= h][0]) if (ks >= h).any() else grp.width
     rounding_dropped = search.run(ratio, tol)
     keep = search.keep()
     return Decision(keep, index.drop_from_keep(keep), cost.ratio(keep), dict(search.counts), rounding_dropped)
 
 
-def _balances(cg, index: ChannelIndex) -> list[tuple[np.ndarray, np.ndarray]]:
-    """(class ids, conv block per position) of every grouped conv's input or output whose
-    positions are all channel classes (site-group balances are left to ``legalize``)."""
-    out = []
-    for c in cg.constraints:
-        if isinstance(c, Balance):
-            flat = index.atom_ids(c.atoms)
-            if (flat >= 0).all():
-                out.append((flat, np.arange(len(flat)) // max(1, len(flat) // c.blocks)))
-    return out
-
-
-def _nonempty(cg, index: ChannelIndex, balances: list) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """(class ids, site-group ids, conv block) per position of every tensor that must keep a
-    channel. The block is that of a grouped conv (``balances``) reading exactly these
-    positions (else 0): it keeps the same count in every block, so every block must keep one."""
-    out = []
-    for c in cg.constraints:
-        if isinstance(c, NonEmpty):
-            cls, sg = index.site_ids(c.site) if c.site is not None else (index.atom_ids(c.atoms), None)
-            if sg is None:
-                sg = np.full(len(cls), -1, dtype=np.int64)
-            if (cls >= 0).all() or (sg >= 0).any():
-                block = np.zeros(len(cls), dtype=np.int64)
-                for flat, blocks in balances:
-                    if len(flat) == len(cls) and (flat >= 0).all() and set(flat.tolist()) == set(cls.tolist()):
-                        where = {f: b for f, b in zip(flat.tolist(), blocks.tolist())}
-                        block = np.array([where[f] for f in cls.tolist()], dtype=np.int64)
-                        break
-                out.append((cls, sg, block))
-    return out
-
-
 class _Search:
-    def __init__(self, groups, counts, cost: CostModel, scores, size, nonempty=(), balances=(), frozen=None):
-        self.nonempty, self.balances = list(nonempty), list(balances)
-        self.frozen = np.zeros(size, bool) if frozen is None else np.asarray(frozen, bool)
-        self.groups, self.counts, self.cost = groups, counts, cost
-        self.scores = np.clip(np.where(np.isfinite(scores), scores, 0.0), 0.0, None)
-        self.size = size
-        self.weight: dict[str, float] = {}
+    def __init__(self, groups: list[_Group], cost, scores: np.ndarray, size: int, engine):
+        self.groups, self.cost, self.engine, self.size = groups, cost, engine, size
+        self.raw = scores
+        self.counts: dict[str, int] = {}
+        self.flat = np.concatenate([g.flat for g in groups]) if groups else np.zeros(0, np.int64)
+        self.member = np.repeat(np.arange(len(groups)), [len(g.flat) for g in groups])
+        self.unit_base = np.concatenate([[0], np.cumsum([g.width for g in groups])]).astype(np.int64)
+        self.gpos = np.concatenate([g.rank for g in groups]) + self.unit_base[self.member] if groups else self.flat
+        self.rank = np.concatenate([g.rank for g in groups]) if groups else self.flat
+        self.weight = np.zeros(len(groups))
+        self._tables()
+
+    def _tables(self) -> None:
+        """One array of every group's allowed counts (group-major), with S at each count."""
+        allowed = [g.allowed() for g in self.groups]
+        self.A = np.concatenate(allowed) if allowed else np.zeros(0, np.int64)
+        self.G = np.repeat(np.arange(len(self.groups)), [len(a) for a in allowed])
+        cum = [np.concatenate([[0.0], np.cumsum(g.unit_score)]) for g in self.groups]
+        self.S = np.concatenate([c[a] for c, a in zip(cum, allowed)]) if allowed else np.zeros(0)
+        self.pair = np.flatnonzero(self.G[1:] == self.G[:-1]) if len(self.G) else np.zeros(0, np.int64)
+
+    def hard_counts(self, keep0: np.ndarray) -> list[int]:
+        """Units each group keeps whole in the hard-rule set."""
+        out = []
+        for g in self.groups:
+            whole = np.bincount(g.rank, weights=~keep0[g.flat], minlength=g.width) == 0
+            out.append(int(whole.sum()))
+        return out
+
+    def keep(self, *steps: tuple) -> np.ndarray:
+        """The legalized keep vector at the current counts, with ``(group, count)`` steps."""
+        counts = np.array([self.counts[g.id] for g in self.groups])
+        for k, count in steps:
+            counts[k] = count
+        keep = np.ones(self.size, dtype=bool)
+        keep[self.flat] = self.rank < counts[self.member]
+        return nearest(self.engine, keep, self.raw)
 
     def _weigh(self, ratio: float) -> None:
-        """W_g: the FLOPs of each group's layers when every group keeps the same fraction f,
-        f chosen (by bisection on the soft cost model) so that the uniform cut is ``ratio``."""
+        """W_g: the FLOPs of each group's layers when every group keeps the same fraction f
+        that cuts ``ratio`` on the (soft) cost model."""
         def uniform(f: float) -> np.ndarray:
             keep = np.ones(self.size)
-            for grp in self.groups:
-                keep[grp.ids] = f
+            keep[self.flat] = f
             return keep
         lo, hi = 0.0, 1.0
         for _ in range(30):
             mid = (lo + hi) / 2
             lo, hi = (lo, mid) if self.cost.ratio(uniform(mid)) < ratio else (mid, hi)
+            if hi - lo < 1e-4:
+                break
         f = max(hi, 1e-3)
         marg = self.cost.marginal(uniform(f))
-        self.weight = {grp.id: f * float(marg[grp.ids].sum()) for grp in self.groups}
+        self.weight = f * np.bincount(self.member, weights=marg[self.flat], minlength=len(self.groups))
 
-    def keep(self, *steps: tuple) -> np.ndarray:
-        """The keep vector at the current counts, with ``(group, count)`` steps applied."""
-        counts = {**self.counts, **{grp.id: count for grp, count in steps}}
-        keep = np.ones(self.size, dtype=bool)
-        for grp in self.groups:
-            count = counts[grp.id]
-            keep[grp.ids] = False
-            keep[grp.kept(count)] = True
-        return self.balance(self.repair(keep))
+    def _steps(self, marg: np.ndarray, down: bool):
+        """Every legal step of every group from its current count: (group, new count,
+        priority, FLOPs), priorities made monotone along each group's sequence."""
+        unit_marg = np.bincount(self.gpos, weights=marg[self.flat], minlength=int(self.unit_base[-1]))
+        C = np.concatenate([[0.0], np.cumsum(unit_marg)])
+        cm = C[self.unit_base[self.G] + self.A] - C[self.unit_base[self.G]]
+        lo, hi = self.pair, self.pair + 1
+        grp = self.G[lo]
+        cur = np.array([self.counts[g.id] for g in self.groups])[grp]
+        ok = (self.A[hi] <= cur) if down else (self.A[lo] >= cur)
+        lo, hi, grp = lo[ok], hi[ok], grp[ok]
+        dflops = cm[hi] - cm[lo]
+        s_hi, s_lo = self.S[hi], self.S[lo]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            dvalue = np.where(s_hi > 0, self.weight[grp] * np.log(s_hi / np.maximum(s_lo, 1e-12 * s_hi)), 0.0)
+            prio = np.where(dflops > 0, (dvalue if down else -dvalue) / dflops, np.inf)
+        seq = -lo if down else lo                 # each group's steps in the order they come
+        order = np.lexsort((seq, grp))
+        lo, hi, grp, prio, dflops = lo[order], hi[order], grp[order], prio[order], dflops[order]
+        if len(prio):
+            n = len(prio)      # ranks 0..n-1; n marks "never" (no FLOPs), offsets isolate groups
+            ranks = np.argsort(np.argsort(prio, kind="stable"), kind="stable")
+            ranks[~np.isfinite(prio)] = n
+            mono = np.maximum.accumulate(ranks + grp * (n + 1)) - grp * (n + 1)
+            keep = mono < n
+            lo, hi, grp, prio, dflops, mono = lo[keep], hi[keep], grp[keep], prio[keep], dflops[keep], mono[keep]
+        else:
+            mono = prio
+        new = self.A[lo] if down else self.A[hi]
+        first = np.concatenate([[True], grp[1:] != grp[:-1]]) if len(grp) else np.zeros(0, bool)
+        return grp, new, prio, mono, dflops, first
 
-    def balance(self, keep: np.ndarray) -> np.ndarray:
-        """What ``legalize`` will do to a grouped conv whose blocks keep different counts
-        (a split piece read by a grouped conv, in a group the counts treat as one): drop
-        each block's lowest-scored channels down to the smallest count, so the search
-        prices the keep set that will really be cut."""
-        for _ in range(len(self.balances) + 1):
-            changed = False
-            for flat, blocks in self.balances:
-                counts = np.bincount(blocks, weights=keep[flat])
-                target = counts.min()
-                for b in np.flatnonzero(counts > target):
-                    pos = flat[(blocks == b) & keep[flat] & ~self.frozen[flat]]
-                    drop = pos[np.argsort(self.scores[pos], kind="stable")][:int(counts[b] - target)]
-                    keep[drop] = False
-                    changed |= len(drop) > 0
-            if not changed:
-                break
-        return keep
+    def _bulk(self, steps, gap_flops: float) -> bool:
+        """Take the best-priced steps worth ``BULK`` of the gap; False when the gap is too
+        small for that (the exact phase takes over)."""
+        grp, new, _, mono, dflops, first = steps
+        order = np.lexsort((np.arange(len(mono)), mono))
+        best = dflops[order[0]]
+        if gap_flops < EXACT_SPAN * best:
+            return False
+        taken = order[np.cumsum(dflops[order]) <= BULK * gap_flops]
+        if len(taken) < 2:
+            return False
+        for k in np.unique(grp[taken]).tolist():
+            mine = taken[grp[taken] == k]
+            self.counts[self.groups[k].id] = int(new[mine[-1]] if len(mine) else self.counts[self.groups[k].id])
+        return True
 
-    def repair(self, keep: np.ndarray) -> np.ndarray:
-        """Keep the best position of any tensor the counts would empty (of each conv block
-        of it, where a grouped conv reads it): a site group and the group it reads may
-        each keep channels, but not the same ones."""
-        ext = np.append(keep, True)
-        score = np.append(self.scores, np.inf)
-        for cls, sg, block in self.nonempty:
-            for b in np.unique(block):
-                pos = np.flatnonzero(block == b)
-                if (ext[cls[pos]] & ext[sg[pos]]).any() or not len(pos):
-                    continue
-                best = pos[int(np.argmax(score[cls[pos]] + score[sg[pos]] + np.where(ext[cls[pos]], 1e6, 0.0)))]
-                ext[cls[best]] = ext[sg[best]] = True
-        return ext[:-1]
+    def _single(self, marg: np.ndarray, down: bool):
+        """Each group's next step, best priced first: [(group index, count)]."""
+        grp, new, prio, _, _, first = self._steps(marg, down)
+        grp, new, prio = grp[first], new[first], prio[first]
+        order = np.lexsort((grp, prio))
+        return [(int(grp[k]), int(new[k])) for k in order]
 
-    def _value_change(self, grp: _Group, hi: np.ndarray, lo: np.ndarray) -> float:
-        """Value lost going from kept set ``hi`` down to ``lo``: ``W_g * log(S(hi) / S(lo))``."""
-        s_hi, s_lo = self.scores[hi].sum(), self.scores[lo].sum()
-        if s_hi <= 0:
-            return 0.0
-        return self.weight[grp.id] * math.log(s_hi / max(s_lo, 1e-12 * s_hi))
-
-    def _moves(self, down: bool):
-        """Candidate single-group steps with their value change per FLOP."""
-        keep = self.keep()
-        marg = self.cost.marginal(keep)
-        moves = []
-        for grp in self.groups:
-            ks = grp.allowed()
-            cur = self.counts[grp.id]
-            nxt = max((k for k in ks if k < cur), default=None) if down else min((k for k in ks if k > cur), default=None)
-            if nxt is None:
-                continue
-            hi, lo = grp.kept(max(cur, nxt)), grp.kept(min(cur, nxt))
-            dflops = float(marg[np.setdiff1d(hi, lo)].sum())
-            dvalue = self._value_change(grp, hi, lo)
-            if dflops > 0:
-                moves.append((dvalue / dflops if down else -dvalue / dflops, grp, nxt))
-        return sorted(moves, key=lambda m: m[0])
-
-    def _closest(self, cut: float, ratio: float, width: int = 20) -> bool:
+    def _closest(self, cut: float, ratio: float, marg: np.ndarray, width: int = 20) -> bool:
         """When no single step lands in the window (tiny models, whose channels are each a
         big share of the FLOPs): take the single step, or the pair of one step up in one
         group and one down in another (the ``width`` best of each), that lands nearest
         ``ratio``, if it is nearer than ``cut``. Says whether it took one."""
-        up = [(grp, nxt) for _, grp, nxt in self._moves(False)[:width]]
-        down = [(grp, nxt) for _, grp, nxt in self._moves(True)[:width]]
-        options = [(s,) for s in up + down] + [(a, b) for a in up for b in down if a[0] is not b[0]]
+        up, down = self._single(marg, False)[:width], self._single(marg, True)[:width]
+        options = [(s,) for s in up + down] + [(a, b) for a in up for b in down if a[0] != b[0]]
         best, best_gap = None, abs(cut - ratio)
         for steps in options:
             gap = abs(self.cost.ratio(self.keep(*steps)) - ratio)
             if gap < best_gap - 1e-12:
                 best, best_gap = steps, gap
-        for grp, count in best or ():
-            self.counts[grp.id] = count
+        for k, count in best or ():
+            self.counts[self.groups[k].id] = count
         return best is not None
+
+    def _drop_rounding(self, moves) -> str | None:
+        rounded = [k for k, _ in moves if self.groups[k].step > max(1, self.groups[k].nb)]
+        if not rounded:
+            return None
+        g = self.groups[rounded[0]]
+        g.step = max(1, g.nb)
+        self._tables()
+        return g.id
 
     def run(self, ratio: float, tol: float) -> list[str]:
         rounding_dropped: list[str] = []
         self._weigh(ratio)
-        for _ in range(MAX_STEPS):
-            cut = self.cost.ratio(self.keep())
+        for _ in range(MAX_ROUNDS):
+            keep = self.keep()
+            cut = self.cost.ratio(keep)
             if abs(cut - ratio) <= tol:
                 return rounding_dropped
             down = cut < ratio
-            moves = self._moves(down)
-            if not moves:
+            marg = self.cost.marginal(keep)
+            steps = self._steps(marg, down)
+            if not len(steps[0]):
                 if down:
                     raise BudgetError(f"no legal keep set reaches a {ratio:.1%} FLOPs cut; the largest "
                                       f"reachable cut is {cut:.1%}")
                 return rounding_dropped
+            if self._bulk(steps, abs(ratio - cut) * self.cost.total0):
+                continue
+            moves = self._single(marg, down)
             landed = None
-            for _, grp, nxt in moves:
-                new = self.cost.ratio(self.keep((grp, nxt)))
+            for k, count in moves:
+                new = self.cost.ratio(self.keep((k, count)))
                 if (new <= ratio + tol) if down else (new >= ratio - tol):
-                    landed = (grp, nxt)
+                    landed = (k, count)
                     break
             if landed is None:  # every step jumps over the window: give up rounding on one group
-                rounded = [grp for _, grp, _ in moves if grp.step > max(1, grp.nb)]
-                if not rounded:  # the window is narrower than any single step: get closer
-                    if self._closest(cut, ratio):
+                gid = self._drop_rounding(moves)
+                if gid is None:  # the window is narrower than any single step: get closer
+                    if self._closest(cut, ratio, marg):
                         continue  # each such step narrows the gap, so this ends
                     return rounding_dropped
-                rounded[0].step = max(1, rounded[0].nb)
-                rounding_dropped.append(rounded[0].id)
+                rounding_dropped.append(gid)
                 continue
-            self.counts[landed[0].id] = landed[1]
+            self.counts[self.groups[landed[0]].id] = landed[1]
         return rounding_dropped

@@ -4,7 +4,12 @@
 time; `RandomNet.forward` walks it, so torch.fx traces it into a plain graph. Ops:
 conv (kernel 1/3; dense, grouped or depthwise, incl. a channel multiplier), BN,
 activations, residual add, cat / chunk / split on dim 1, SE gate, channel shuffle by
-view/transpose, max/avg pooling; head = adaptive pool + flatten + Linear.
+view/transpose, max/avg pooling, ShuffleNet units (v2: chunk, branch, cat, shuffle; v1:
+grouped 1x1, shuffle, depthwise, grouped 1x1, add); head = adaptive pool to 1x1 or 2x2 +
+flatten + Linear (the 2x2 head repeats each channel over 4 features).
+
+``random_model(seed, tiny=True)`` draws 1-4 steps of 2-4 channel values: graphs small
+enough to enumerate every drop (the legalize contract tests).
 """
 from __future__ import annotations
 
@@ -40,13 +45,13 @@ class RandomNet(nn.Module):
     appends its result(s) to the list of values. The head pools every value nobody else
     read (`leaves`, so no branch is dead), cats them, flattens, and applies a Linear."""
 
-    def __init__(self, plan, mods: dict[str, nn.Module], leaves, c_out: int, classes: int = 10):
+    def __init__(self, plan, mods: dict[str, nn.Module], leaves, c_out: int, classes: int = 10, head: int = 1):
         super().__init__()
         self.plan = tuple(plan)
         self.leaves = tuple(leaves)
         self.mods = nn.ModuleDict(mods)
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(c_out, classes)
+        self.pool = nn.AdaptiveAvgPool2d(head)
+        self.fc = nn.Linear(c_out * head * head, classes)
 
     def forward(self, x):
         vals = [x]
@@ -68,6 +73,8 @@ class RandomNet(nn.Module):
                 vals.append(parts[1])
             elif kind == "shuffle":
                 vals.append(channel_shuffle(a, arg))
+            elif kind == "relu":
+                vals.append(torch.relu(a))
         feats = [self.pool(vals[i]) for i in self.leaves]
         x = feats[0] if len(feats) == 1 else torch.cat(feats, 1)
         return self.fc(torch.flatten(x, 1))
@@ -76,8 +83,9 @@ class RandomNet(nn.Module):
 class _Builder:
     """Draws the plan while tracking each value's (channels, spatial size)."""
 
-    def __init__(self, rng: random.Random, size: int):
+    def __init__(self, rng: random.Random, size: int, widths: tuple[int, int] = (4, 24)):
         self.rng = rng
+        self.min_w, self.max_w = widths
         self.plan: list[tuple] = []
         self.mods: dict[str, nn.Module] = {}
         self.sigs: dict[str, tuple] = {}  # key -> (c_in or None, c_out or None, halves)
@@ -115,11 +123,11 @@ class _Builder:
         kind = r.choice(("dense", "dense", "grouped", "depthwise"))
         g = r.choice([g for g in (2, 4) if cin % g == 0] or [1])
         if kind == "depthwise" and src > 0:
-            groups, cout = cin, cin * r.choice((1, 1, 2) if 2 * cin <= MAX_W else (1,))
+            groups, cout = cin, cin * r.choice((1, 1, 2) if 2 * cin <= self.max_w else (1,))
         elif kind == "grouped" and g > 1 and src > 0:
-            groups, cout = g, g * r.randint(max(1, MIN_W // g), MAX_W // g)
+            groups, cout = g, g * r.randint(max(1, self.min_w // g), max(1, self.max_w // g))
         else:
-            groups, cout = 1, r.randint(MIN_W, MAX_W)
+            groups, cout = 1, r.randint(self.min_w, self.max_w)
         conv = nn.Conv2d(cin, cout, k, padding=k // 2, groups=groups, bias=r.random() < 0.3)
         self.mod(src, conv, cin, cout)
         if r.random() < 0.7:
@@ -141,9 +149,13 @@ class _Builder:
     def step(self):
         r, n = self.rng, len(self.vals)
         op = r.choice(("conv", "conv", "conv", "bn", "act", "add", "cat", "chunk",
-                       "split", "se", "shuffle", "pool", "reuse"))
+                       "split", "se", "shuffle", "pool", "reuse", "unit_v2", "unit_v1"))
         if op == "conv":
             return self.conv()
+        if op == "unit_v2":
+            return self.unit_v2()
+        if op == "unit_v1":
+            return self.unit_v1()
         if op == "reuse":
             return self.reuse()
         if op in ("bn", "act", "se"):
@@ -162,7 +174,7 @@ class _Builder:
             a = self.pick()
             ca, ha = self.vals[a]
             fit = ((lambda c, h: c == ca and h == ha) if op == "add"
-                   else (lambda c, h: h == ha and c + ca <= MAX_W))
+                   else (lambda c, h: h == ha and c + ca <= self.max_w))
             others = [i for i in range(1, n) if i != a and fit(*self.vals[i])]
             if not others:  # make a partner: a conv of `a` with the right width
                 return self.conv(a)
@@ -194,23 +206,68 @@ class _Builder:
             self.vals.append((c, h))
         return None
 
+    def block(self, src, cout, k=1, groups=1, act=True):
+        """conv -> BN (-> ReLU) on value ``src``; returns the new value's index."""
+        cin = self.vals[src][0]
+        self.mod(src, nn.Conv2d(cin, cout, k, padding=k // 2, groups=groups, bias=False), cin, cout)
+        self.mod(len(self.vals) - 1, nn.BatchNorm2d(cout), cout, cout)
+        if act:
+            self.mod(len(self.vals) - 1, nn.ReLU())
+        return len(self.vals) - 1
+
+    def unit_v2(self):
+        """ShuffleNetV2 unit: chunk, a 1x1 / depthwise 3x3 / 1x1 branch on one half, cat, shuffle."""
+        src = self.pick(lambda c, h: c % 2 == 0 and c >= 4)
+        if src is None:
+            return self.conv()
+        c, n = self.vals[src][0], len(self.vals)
+        self.plan.append(("chunk", (src,), "", 2))
+        self.vals += [(c // 2, self.vals[src][1])] * 2
+        b = self.block(n + 1, c // 2)
+        b = self.block(b, c // 2, 3, c // 2, act=False)
+        b = self.block(b, c // 2)
+        self.plan.append(("cat", (n, b), "", 0))
+        self.vals.append((c, self.vals[src][1]))
+        self.plan.append(("shuffle", (len(self.vals) - 1,), "", 2))
+        self.vals.append(self.vals[-1])
+
+    def unit_v1(self):
+        """ShuffleNet unit: grouped 1x1, shuffle, depthwise 3x3, grouped 1x1, add, ReLU."""
+        src = self.pick(lambda c, h: c % 2 == 0 and c >= 4)
+        if src is None:
+            return self.conv()
+        c, h = self.vals[src]
+        g = self.rng.choice([g for g in (2, 4) if c % g == 0 and c >= 2 * g])
+        mid = g * self.rng.randint(1, max(1, self.max_w // g))
+        b = self.block(src, mid, 1, g)
+        self.plan.append(("shuffle", (b,), "", g))
+        self.vals.append(self.vals[b])
+        b = self.block(len(self.vals) - 1, mid, 3, mid, act=False)
+        b = self.block(b, c, 1, g, act=False)
+        self.plan.append(("add", (b, src), "", 0))
+        self.vals.append((c, h))
+        self.plan.append(("relu", (len(self.vals) - 1,), "", 0))
+        self.vals.append((c, h))
+
     def leaves(self) -> list[int]:
         """Values no step reads (the input excepted), oldest first."""
         used = {i for step in self.plan for i in step[1]}
         return [i for i in range(1, len(self.vals)) if i not in used]
 
 
-def random_model(seed: int) -> tuple[nn.Module, tuple]:
-    """A small random DAG CNN (eval mode, norms randomised) and its example input."""
+def random_model(seed: int, tiny: bool = False) -> tuple[nn.Module, tuple]:
+    """A small random DAG CNN (eval mode, norms randomised) and its example input;
+    ``tiny``: 1-4 steps on 2-4 channel values."""
     rng = random.Random(seed)
     torch.manual_seed(seed)
     size = rng.choice((8, 12, 16))
-    b = _Builder(rng, size)
+    b = _Builder(rng, size, (2, 4) if tiny else (MIN_W, MAX_W))
     b.conv(0)  # stem: dense conv on the input
-    for _ in range(rng.randint(5, 14)):
+    for _ in range(rng.randint(1, 4) if tiny else rng.randint(5, 14)):
         b.step()
     leaves = b.leaves()
-    model = RandomNet(b.plan, b.mods, leaves, sum(b.vals[i][0] for i in leaves))
+    head = rng.choice((1, 1, 2))
+    model = RandomNet(b.plan, b.mods, leaves, sum(b.vals[i][0] for i in leaves), head=head)
     randomize_norms(model, seed)
     model.eval()
     x = torch.randn((BATCH, 3, size, size), generator=torch.Generator().manual_seed(seed))

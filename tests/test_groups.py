@@ -48,8 +48,13 @@ def test_shuffle_unit_gets_grid_constraint_and_legalize_drops_whole_columns():
     _, _, cg = groups_of("shufflenetv2")
     assert any(isinstance(c, Grid) for c in cg.constraints)
     g = next(g for g in cg.groups if "shuffle" in g.kinds and g.prunable)
-    drop = cg.legalize({g.id: [0]})
-    assert sum(map(len, drop.values())) >= 2  # the column's partner goes too
+    engine = cg.index.constraints
+    column = engine.unit_members[engine.unit_of[cg.index.ids(g.id)[0]]]  # channels shuffled together
+    assert len(column) >= 2
+    keep = np.ones(cg.index.size, bool)
+    keep[column[1:]] = False  # all of the column but one: the nearest legal drop takes it whole
+    drop = cg.legalize(cg.index.drop_from_keep(keep))
+    assert not cg.index.keep_from_drop(drop)[column].any()
     with pytest.raises(IllegalDropError, match="shuffled"):
         cg.plan({g.id: [0]})
 
@@ -62,8 +67,8 @@ def test_grouped_conv_balance():
     assert "grouped" in g.kinds
     with pytest.raises(IllegalDropError, match="different channel counts"):
         sp.prune_channels(model, inputs, {g.id: [0]})
-    drop = cg.legalize({g.id: [0]})
-    assert len(drop[g.id]) == 4  # one per conv group (4 groups of 4)
+    drop = cg.legalize({g.id: [0, 4, 8]})
+    assert len(drop[g.id]) == 4  # one per conv group (4 groups of 4): the nearest legal drop
     blocks = np.array(drop[g.id]) // 4
     assert sorted(blocks) == [0, 1, 2, 3]
     pruned = sp.prune_channels(model, inputs, drop)

@@ -1,0 +1,142 @@
+"""End to end: ``prune_one_shot(m, x, ratio=0.4)`` vs Torch-Pruning's whole prune.
+
+Command (bench venv, a few minutes on 2 cores)::
+
+    /work/benchenv/bin/python benchmarks/bench_e2e.py                 # resnet50 mobilenet_v2 densenet121
+    /work/benchenv/bin/python benchmarks/bench_e2e.py --budget-sweep  # ratio 0.999 on section 6's models
+
+Default mode: torchvision models (``weights=None``, BN randomised as in ``bench_torchvision``),
+224 px, batch 1, one torch thread, interleaved repeats (median of 3). softprune-fx:
+``prune_one_shot(model, (x,), ratio=0.4)`` with its defaults (exactness check included),
+with the time spent in ``decide`` measured inside the same call. Torch-Pruning:
+``MagnitudePruner(model, x, importance=MagnitudeImportance(p=1), pruning_ratio=0.25,
+round_to=16, ignored_layers=[classifier])`` built and stepped, on a fresh copy each time.
+
+``--budget-sweep``: ``prune_one_shot(model, (x,), 0.999, round_to=None)`` once per model of
+BENCHMARKS.md section 6: whether it returns or raises ``BudgetError``, and in how long.
+
+Writes ``benchmarks/results/bench_e2e.json`` (or ``bench_e2e_sweep.json``).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import time
+
+import _common as C
+import torch
+from bench_torchvision import MODELS, build
+
+import softprune_fx as sp
+import softprune_fx.pruner as pruner
+from softprune_fx.passes.errors import BudgetError
+
+E2E_MODELS = ("resnet50", "mobilenet_v2", "densenet121")
+
+
+class DecideTimer:
+    """Wraps ``pruner.decide`` to add up the seconds spent in it."""
+
+    def __init__(self):
+        self.seconds = 0.0
+        self._orig = pruner.decide
+
+    def __enter__(self):
+        def timed(*a, **k):
+            t = time.perf_counter()
+            try:
+                return self._orig(*a, **k)
+            finally:
+                self.seconds += time.perf_counter() - t
+        pruner.decide = timed
+        return self
+
+    def __exit__(self, *exc):
+        pruner.decide = self._orig
+
+
+def classifier(model) -> torch.nn.Module:
+    return [m for m in model.modules() if isinstance(m, torch.nn.Linear)][-1]
+
+
+def tp_prune(model, x) -> float:
+    import torch_pruning as tp
+    m = copy.deepcopy(model)
+    t = time.perf_counter()
+    pr = tp.pruner.MagnitudePruner(m, x, importance=tp.importance.MagnitudeImportance(p=1),
+                                   pruning_ratio=0.25, round_to=16, ignored_layers=[classifier(m)])
+    pr.step()
+    return time.perf_counter() - t
+
+
+def sp_prune(model, x) -> tuple[float, float, float]:
+    with DecideTimer() as timer:
+        t = time.perf_counter()
+        _, result = sp.prune_one_shot(model, (x,), ratio=0.4)
+        total = time.perf_counter() - t
+    return total, timer.seconds, result.achieved_ratio
+
+
+def e2e(repeats: int) -> dict:
+    rows = {}
+    for name in E2E_MODELS:
+        model, x = build(name), torch.randn(1, 3, 224, 224)
+        sp_prune(model, x), tp_prune(model, x)          # warm-up
+        sp_t, dec_t, tp_t, cut = [], [], [], 0.0
+        for r in range(repeats):
+            order = (0, 1) if r % 2 == 0 else (1, 0)
+            for which in order:
+                if which == 0:
+                    t, d, cut = sp_prune(model, x)
+                    sp_t.append(t)
+                    dec_t.append(d)
+                else:
+                    tp_t.append(tp_prune(model, x))
+        row = {"prune_one_shot_s": C.med(sp_t), "decide_s": C.med(dec_t), "tp_s": C.med(tp_t),
+               "ratio": C.med([a / b for a, b in zip(sp_t, tp_t)]), "achieved": cut,
+               "decide_share": C.med([d / t for d, t in zip(dec_t, sp_t)]), "runs": {"sp": sp_t, "tp": tp_t}}
+        rows[name] = row
+        C.console.print(f"{name}: prune_one_shot {row['prune_one_shot_s']:.3f} s (decide {row['decide_s']:.3f} s, "
+                        f"{row['decide_share']:.1%}), TP build+step {row['tp_s']:.3f} s, ratio {row['ratio']:.2f}x, "
+                        f"cut {cut:.3f}")
+    return rows
+
+
+def sweep(limit: float) -> dict:
+    rows = {}
+    for name in MODELS:
+        model = build(name)
+        x = torch.randn(1, 3, 299 if name == "inception_v3" else 224, 299 if name == "inception_v3" else 224)
+        with DecideTimer() as timer:
+            t = time.perf_counter()
+            try:
+                _, result = sp.prune_one_shot(model, (x,), 0.999, round_to=None)
+                outcome = f"returned, cut {result.achieved_ratio:.4f}"
+            except BudgetError as exc:
+                outcome = f"BudgetError: {exc}"
+            except Exception as exc:  # noqa: BLE001 - reported, not hidden
+                outcome = f"error {type(exc).__name__}: {exc}"
+            seconds = time.perf_counter() - t
+        rows[name] = {"seconds": seconds, "decide_s": timer.seconds, "outcome": outcome, "within": seconds <= limit}
+        C.console.print(f"{name}: {seconds:.2f} s (decide {timer.seconds:.2f} s) {outcome}")
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--budget-sweep", action="store_true")
+    ap.add_argument("--limit", type=float, default=10.0)
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    out = {"machine": C.machine()}
+    if args.budget_sweep:
+        out["sweep"] = sweep(args.limit)
+        C.write_json("bench_e2e_sweep", out)
+    else:
+        out["e2e"] = e2e(args.repeats)
+        C.write_json("bench_e2e", out)
+
+
+if __name__ == "__main__":
+    main()
