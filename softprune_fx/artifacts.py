@@ -130,9 +130,9 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-ONE_BRANCH = ("pruned.onnx holds one branch of leaf {leaf!r}: its Python control flow (untraced: {reason}) "
-              "was baked in by the exporter, and neither scripting it ({why}) nor torch.export could keep "
-              "it; the file is written for inspection only")
+ONE_BRANCH = ("pruned.onnx {holds} one branch of leaf {leaf!r}: the exporter ran its Python ({reason}) and "
+              "baked in the branches the example took, and neither scripting it ({why}) nor torch.export "
+              "could keep its control flow; the file is written for inspection only")
 
 
 def _runs_in_torch(model: nn.Module, inputs: tuple) -> str | None:
@@ -229,8 +229,9 @@ def onnx_stage(folder: Path, original: nn.Module, pruned: nn.Module, inputs: tup
     if leaf_export.one_branch:
         branch = dict(leaf_export.one_branch)
         branch["reason"] = (leaves or {}).get(branch["leaf"], "")
-        branch["message"] = ONE_BRANCH.format(leaf=branch["leaf"], reason=branch["reason"] or "leaf",
-                                              why=one_line(branch["why"], 200))
+        data_dependent = "tensor contents" in branch["reason"] or "DataDependent" in branch["reason"]
+        branch["message"] = ONE_BRANCH.format(holds="holds" if data_dependent else "may hold", leaf=branch["leaf"],
+                                              reason=branch["reason"] or "leaf", why=one_line(branch["why"], 200))
         fields["onnx_one_branch"] = branch
     fields["onnx_exporter"] = info.exporter
     fields["onnx_export_seconds"] = round(info.seconds, 3)

@@ -17,9 +17,9 @@ from softprune_fx.passes.errors import SoftpruneError
 from .cli_args import PROG, parse_round_to
 from .cli_common import Reporter, analysis_options, flops_text, frozen, prepare, stderr_line
 from .cli_errors import EXIT_FAILURE, EXIT_OK, EXIT_ONNX_EXPORT, Interrupted, UsageError, one_line
+from .spec import absolute_spec, load_data
 
 PACKAGE_DIR = str(Path(__file__).resolve().parent)  # our own warnings (training shortfalls) only
-from .spec import absolute_spec, load_data
 
 
 def bn_looks_untrained(model: nn.Module) -> bool:
