@@ -56,6 +56,17 @@ class PruneResult:
     thresholds: dict = field(default_factory=dict)  # SoftPruner: group -> dead thresholds used ([] = gate)
     training_cut: Optional[float] = None            # SoftPruner: the hard-rule cut when finalize began
     training_shortfall: Optional[float] = None      # target - training_cut, when over 5 points
+    # target="latency" (softprune_fx/latency.py): target/achieved_ratio are then ORT latency fractions
+    target: str = "flops"
+    ort_threads: Optional[int] = None
+    flops_ratio: Optional[float] = None             # the FLOPs cut, beside a latency cut
+    ort_ms_before: Optional[float] = None           # measured (same ORT threads, interleaved)
+    ort_ms_after: Optional[float] = None
+    ort_pred_ms_before: Optional[float] = None      # the latency model's prediction
+    ort_pred_ms_after: Optional[float] = None
+    ort_pred_error: Optional[float] = None          # ort_pred_ms_after / ort_ms_after - 1
+    ort_pred_cut: Optional[float] = None
+    latency_rounds: list = field(default_factory=list)  # the closed loop: predicted/measured cut per round
     analysis: Any = field(default=None, repr=False, compare=False)  # the ChannelGraph the run used
 
     def to_dict(self) -> dict:
@@ -79,9 +90,11 @@ def _fixed_keep(cg, index: ChannelIndex, has_bn: np.ndarray, strict: bool) -> np
     return fixed
 
 
-def _finish(cg, index, cost, scores, keep0, ratio, *, min_width, round_to, how):
+def _finish(cg, index, cost, scores, keep0, ratio, *, min_width, round_to, how, points=None):
     """Decide, legalize, prune and check ``pruned == masked`` on one analysis (no new trace)."""
-    decision = decide(cg, index, cost, scores, keep0, ratio, min_width=min_width, round_to=round_to)
+    decision = decide(cg, index, cost, scores, keep0, ratio, min_width=min_width, round_to=round_to,
+                      **({"points": points} if points is not None else {}))
+    flops0 = getattr(cost, "flops_model", cost).total0  # a LatencyCost's total0 is ms
     drop = cg.legalize(decision.drop, {g.id: scores[index.ids(g.id)] for g in cg.groups})
     pruned = cg.prune(drop)
     reference = cg.masked(drop, share_weights=True)
@@ -96,8 +109,8 @@ def _finish(cg, index, cost, scores, keep0, ratio, *, min_width, round_to, how):
     for g in cg.groups:
         widths[g.id] = (g.width, g.width - len(drop.get(g.id, ())))
         kinds[g.id] = sorted(g.kinds)
-    result = PruneResult(cost.total0, flops_after, count_params(cg.gm), count_params(pruned), ratio,
-                         1.0 - flops_after / cost.total0, drop, widths, kinds, diff,
+    result = PruneResult(flops0, flops_after, count_params(cg.gm), count_params(pruned), ratio,
+                         1.0 - flops_after / flops0, drop, widths, kinds, diff,
                          decision.rounding_dropped, list(cg.flow.inexact), how)
     result.analysis = cg
     return pruned, result
@@ -105,13 +118,19 @@ def _finish(cg, index, cost, scores, keep0, ratio, *, min_width, round_to, how):
 
 def prune_one_shot(model: nn.Module, example_inputs: Any, ratio: float = 0.4, *, strict: bool = False,
                    frozen=(), min_width=1, round_to="auto", allow_inexact: bool = False, leaf_modules=(),
-                   scp: SCPConfig = SCPConfig(), analysis=None) -> tuple[fx.GraphModule, PruneResult]:
+                   scp: SCPConfig = SCPConfig(), analysis=None, target: str = "flops",
+                   ort_threads: Optional[int] = None, latency_cache=None) -> tuple[fx.GraphModule, PruneResult]:
     """Prune a trained model without data: SCP deactivation probabilities of its BN
     statistics rank channels; groups without a BN-rectifier site fall back to the L1 norm
     of their consumer weights, cut by the BN-scored groups' average fraction.
 
     ``analysis`` (``analyze(model, example_inputs, ...)`` made before, in eval mode) is
-    used instead of tracing again; ``result.analysis`` is the one the run used."""
+    used instead of tracing again; ``result.analysis`` is the one the run used.
+
+    ``target="latency"``: ``ratio`` is the fraction of ONNX Runtime latency (``ort_threads``
+    intra-op threads, None: ORT's default) to remove, decided on the latency model
+    (``softprune_fx/latency.py``, tables cached in ``latency_cache`` or the user cache dir)
+    and checked by measuring the pruned model (re-decided at most twice)."""
     inputs = as_input_tuple(example_inputs)
     options = dict(frozen=frozen, leaf_modules=leaf_modules, allow_inexact=allow_inexact)
     was_training = model.training
@@ -121,6 +140,7 @@ def prune_one_shot(model: nn.Module, example_inputs: Any, ratio: float = 0.4, *,
         _prunable_or_raise(cg)
         index = cg.index
         cost = CostModel(cg, index, model, inputs, total=cg.flops)
+        lat = _latency_cost(cg, index, model, inputs, cost, target, ort_threads, latency_cache, round_to)
         sites = find_bn_sites(cg, index)
         params = dict(model.named_parameters())
         with torch.no_grad():
@@ -142,10 +162,28 @@ def prune_one_shot(model: nn.Module, example_inputs: Any, ratio: float = 0.4, *,
                 keep0[gate] = rank >= int(round(frac * len(gate)))
         scores = np.where(fixed, np.inf, scores)
         keep0 = keep0 | fixed
-        return _finish(cg, index, cost, scores, keep0, ratio, min_width=min_width,
-                       round_to=round_to, how="bn-statistics")
+        def finish():
+            return _finish(cg, index, lat if target == "latency" else cost, scores, keep0, ratio,
+                           min_width=min_width, round_to=round_to, how="bn-statistics",
+                           points=lat.points if lat is not None and round_to == "auto" else None)
+        if target == "latency":
+            from .latency import close_loop
+            return close_loop(finish, lat, model, inputs, ratio)
+        return finish()
     finally:
         model.train(was_training)
+
+
+def _latency_cost(cg, index, model, inputs, cost, target, ort_threads, latency_cache, round_to):
+    """The latency model when the target is latency, or when ORT threads or a table cache
+    are named (then ``round_to="auto"`` takes widths from its efficient points); else None."""
+    if target not in ("flops", "latency"):
+        raise SoftpruneError(f"target must be 'flops' or 'latency', got {target!r}")
+    if target == "flops" and ort_threads is None and latency_cache is None:
+        return None
+    from .latency import LatencyCost
+    return LatencyCost(cg, index, model, inputs, ort_threads=ort_threads, latency_cache=latency_cache,
+                       round_to=round_to, cost=cost)
 
 
 def _consumer_l1(cg, index: ChannelIndex, model: nn.Module) -> np.ndarray:
