@@ -89,6 +89,7 @@ class _Group:
     nb: int
     step: int
     lower: int
+    points: np.ndarray | None = None    # measured efficient widths (latency), in units
 
     @property
     def width(self) -> int:
@@ -98,6 +99,9 @@ class _Group:
         lo = max(self.lower, self.n_fixed, self.nb)
         ks = np.arange(lo, self.width + 1)
         ks = ks[(ks % self.step == 0) | (ks == self.width)]
+        if self.points is not None:
+            on = ks[np.isin(ks, self.points) | (ks == self.width)]
+            ks = on if len(on) > 1 else ks
         return ks if len(ks) else np.array([self.width])
 
 
@@ -115,7 +119,7 @@ def _unit_table(index: ChannelIndex, engine, g_ids: list[np.ndarray]):
     return [sorted(s) for s in uf.to_sets()]
 
 
-def _decision_groups(cg, index: ChannelIndex, engine, scores, min_width, round_to) -> list[_Group]:
+def _decision_groups(cg, index: ChannelIndex, engine, scores, min_width, round_to, points=None) -> list[_Group]:
     prunable = [g for g in cg.groups if g.prunable]
     g_ids = [index.ids(g.id) for g in prunable]
     raw = np.asarray(scores, dtype=float)
@@ -153,16 +157,20 @@ def _decision_groups(cg, index: ChannelIndex, engine, scores, min_width, round_t
             s = rounding_step(g.width, round_to) if uniform else 1
             step = math.lcm(step, s // math.gcd(s, r))
             lower = max(lower, math.ceil(min_count(g.width, min_width) / max(r, 1)))
+        pts = points(gs[0].id) if points is not None and len(gs) == 1 and n_units == len(flat) else None
         out.append(_Group(gs[0].id, flat, pos[inverse], u_clip[order], int(fixed_unit.sum()), nb,
-                          math.lcm(step, nb), lower))
+                          math.lcm(step, nb), lower, None if pts is None else np.asarray(pts, np.int64)))
     return sorted(out, key=lambda grp: index.offsets[grp.id])
 
 
 def decide(cg, index: ChannelIndex, cost, scores: np.ndarray, keep0: np.ndarray, ratio: float, *,
-           min_width=1, round_to="auto", tol: float = 0.01) -> Decision:
-    """Kept channels per group meeting ``ratio`` within ``tol`` (see the module doc)."""
+           min_width=1, round_to="auto", tol: float = 0.01, points=None) -> Decision:
+    """Kept channels per group meeting ``ratio`` within ``tol`` (see the module doc).
+    ``points(gid)``: a group's measured efficient widths (the latency model), or None;
+    where given, a group's counts are those widths (and the full width), given up like
+    rounding when no step lands."""
     engine = index.constraints
-    groups = _decision_groups(cg, index, engine, scores, min_width, round_to)
+    groups = _decision_groups(cg, index, engine, scores, min_width, round_to, points)
     search = _Search(groups, cost, np.asarray(scores, float), index.size, engine)
     hard = search.hard_counts(np.asarray(keep0, bool))
     for grp, h in zip(groups, hard):
@@ -301,11 +309,12 @@ class _Search:
         return best is not None
 
     def _drop_rounding(self, moves) -> str | None:
-        rounded = [k for k, _ in moves if self.groups[k].step > max(1, self.groups[k].nb)]
+        rounded = [k for k, _ in moves if self.groups[k].step > max(1, self.groups[k].nb)
+                   or self.groups[k].points is not None]
         if not rounded:
             return None
         g = self.groups[rounded[0]]
-        g.step = max(1, g.nb)
+        g.step, g.points = max(1, g.nb), None
         self._tables()
         return g.id
 
