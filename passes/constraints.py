@@ -117,8 +117,13 @@ class NonEmptyRule:
         ext = _ext(keep)
         return ext[self.a] & ext[self.b]
 
+    @staticmethod
+    def holds(alive):
+        """The rule on kept-position counts (any shape): one or more stays."""
+        return np.asarray(alive) > 0
+
     def check(self, keep: np.ndarray) -> str | None:
-        if not self.kept(keep).any():
+        if not self.holds(self.kept(keep).sum()):
             return f"the drop would remove every channel of the {self.where}"
         return None
 
@@ -152,8 +157,18 @@ class BalanceRule:
         ext = _ext(keep)
         return np.bincount(self.block, weights=ext[self.a] & ext[self.b], minlength=self.nb)
 
+    @staticmethod
+    def holds(counts, lo=None, hi=None):
+        """The rule on per-block kept counts (blocks on the last axis), or on their
+        minimum ``lo`` and maximum ``hi``: every block alike, one or more each."""
+        if lo is None:
+            lo, hi = np.min(counts, -1), np.max(counts, -1)
+        return (lo == hi) & (hi > 0)
+
     def check(self, keep: np.ndarray) -> str | None:
         counts = self.counts(keep)
+        if self.holds(counts):
+            return None
         if counts.max() == 0:
             return f"{self.where}: the drop would empty every conv group"
         if counts.min() != counts.max():
@@ -337,11 +352,11 @@ class Constraints:
             counts = np.bincount(self._bblock, weights=ext[self._ba] & ext[self._bb],
                                  minlength=int(self._bstart[-1] + self.balances[-1].nb))
             lo, hi = np.minimum.reduceat(counts, self._bstart), np.maximum.reduceat(counts, self._bstart)
-            bad_bal = np.flatnonzero((lo != hi) | (hi == 0))
+            bad_bal = np.flatnonzero(~BalanceRule.holds(None, lo, hi))
         bad_ne = np.zeros(0, np.int64)
         if len(self.nonempty):
             alive = np.bincount(self._nseg, weights=ext[self._na] & ext[self._nb], minlength=len(self.nonempty))
-            bad_ne = np.flatnonzero(alive == 0)
+            bad_ne = np.flatnonzero(~NonEmptyRule.holds(alive))
         return bad_units, bad_bal, bad_ne
 
     def legal(self, keep: np.ndarray) -> bool:

@@ -81,10 +81,9 @@ def _enumerate(prob: _Problem, free: np.ndarray, rules: list, state: np.ndarray)
         ua, ub = _rule_units(prob.engine, r)
         pk = kept[:, col(ua)] & kept[:, col(ub)]
         if isinstance(r, BalanceRule):
-            counts = pk.astype(np.int64) @ np.eye(r.nb, dtype=np.int64)[r.block]
-            ok &= (counts.min(1) == counts.max(1)) & (counts.max(1) > 0)
+            ok &= r.holds(pk.astype(np.int64) @ np.eye(r.nb, dtype=np.int64)[r.block])
         else:
-            ok &= pk.any(1)
+            ok &= r.holds(pk.sum(1))
     if not ok.any():
         return None
     keys = bits[ok].astype(float) @ prob.delta[free]
