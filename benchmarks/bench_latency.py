@@ -26,6 +26,17 @@ peer reference (needs ``pip install torch-pruning --no-deps``).
 Reported: latency cut = 1 - t_pruned / t_orig, FLOPs cut = ``achieved_ratio`` and their
 quotient. Issue 4's target: ResNet-50 at 0.4 with the defaults, quotient >= 0.92.
 Writes ``benchmarks/results/bench_latency.json``.
+
+``--target latency`` (issue 12) prunes to a fraction of the measured ORT latency instead::
+
+    python benchmarks/bench_latency.py --target latency --threads-list 1 2 --torch-pruning 8 16
+
+per model, ORT thread count and ratio: ``prune_one_shot(target="latency", ort_threads=N)``
+(latency tables cold unless ``--latency-cache`` holds them; build seconds reported), its
+measured cut (original and pruned interleaved, inside the closed loop), the latency model's
+prediction error, FLOPs cut and params; ``auto-table``: FLOPs mode with ``round_to="auto"``
+widths from the same tables; Torch-Pruning's uniform pruning bisected on *measured*
+latency to the same cut. Writes ``bench_latency_target[_tag].json``.
 """
 from __future__ import annotations
 
@@ -145,6 +156,90 @@ def bench_model(name: str, args, tmp: Path) -> list[dict]:
     return rows
 
 
+def tp_at_latency(model, inputs, target_cut: float, round_to: int, threads, batch, steps: int = 6):
+    """Torch-Pruning's uniform pruning, its FLOPs ratio bisected until the measured latency
+    cut (interleaved with the original, ``threads``) is nearest ``target_cut``."""
+    from softprune_fx.latency import measure_models
+    lo, hi, best = 0.0, 0.9, None
+    for _ in range(steps):
+        mid = (lo + hi) / 2
+        peer, fcut = torch_pruning_cut(model, inputs, mid, round_to)
+        st = measure_models({"orig": model, "peer": peer.eval()}, batch, threads, repeats=15)
+        cut = 1 - st["peer"][0] / st["orig"][0]
+        if best is None or abs(cut - target_cut) < abs(best[2] - target_cut):
+            best = (peer, fcut, cut)
+        lo, hi = (mid, hi) if cut < target_cut else (lo, mid)
+    return best
+
+
+def bench_target(name: str, args, threads: int) -> list[dict]:
+    """One model at one ORT thread count: latency-mode prunes (+ FLOPs mode on the tables,
+    + Torch-Pruning at the same measured cut), then all files timed in one interleaved run."""
+    from softprune_fx.latency import measure_models
+    model, inputs = BIG[name]()
+    randomize_norms(model, seed=0)
+    model.eval()
+    batch = torch.randn(args.batch, *inputs[0].shape[1:], generator=torch.Generator().manual_seed(1))
+    models, rows = {"orig": model}, []
+    cache = args.latency_cache or tempfile.mkdtemp(prefix="latcache_")
+    for ratio in args.ratios:
+        start = time.perf_counter()
+        pruned, res = softprune_fx.prune_one_shot(model, inputs, ratio, target="latency", ort_threads=threads,
+                                                  latency_cache=cache)
+        key = f"{ratio}/latency"
+        models[key] = pruned
+        rows.append(dict(key=key, ratio=ratio, mode="latency", flops_cut=res.flops_ratio,
+                         params_kept=res.params_after / res.params_before, loop_cut=res.achieved_ratio,
+                         pred_error=res.ort_pred_error, pred_cut=res.ort_pred_cut, rounds=res.latency_rounds,
+                         seconds=time.perf_counter() - start))
+        C.console.print(f"  {name} t{threads} {key}: measured {res.achieved_ratio:.3f} (pred {res.ort_pred_cut:.3f}, "
+                        f"err {res.ort_pred_error:+.3f}), FLOPs {res.flops_ratio:.3f}, "
+                        f"{time.perf_counter() - start:.0f} s", style="dim")
+        if "auto-table" in args.roundings:
+            pruned, res = softprune_fx.prune_one_shot(model, inputs, ratio, ort_threads=threads, latency_cache=cache)
+            models[f"{ratio}/auto-table"] = pruned
+            rows.append(dict(key=f"{ratio}/auto-table", ratio=ratio, mode="flops, auto from tables",
+                             flops_cut=res.achieved_ratio, params_kept=res.params_after / res.params_before))
+        if "auto" in args.roundings:
+            pruned, res = softprune_fx.prune_one_shot(model, inputs, ratio)
+            models[f"{ratio}/auto"] = pruned
+            rows.append(dict(key=f"{ratio}/auto", ratio=ratio, mode="flops, auto (16/8)",
+                             flops_cut=res.achieved_ratio, params_kept=res.params_after / res.params_before))
+        for step in args.torch_pruning:
+            cut = next(r["loop_cut"] for r in rows if r["key"] == key)
+            peer, fcut, _ = tp_at_latency(model, inputs, cut, step, threads, batch)
+            models[f"{ratio}/tp{step}"] = peer
+            rows.append(dict(key=f"{ratio}/tp{step}", ratio=ratio, mode=f"torch-pruning {step}", flops_cut=fcut,
+                             params_kept=sum(p.numel() for p in peer.parameters()) /
+                             sum(p.numel() for p in model.parameters())))
+    stats = measure_models(models, batch, threads, warmup=args.warmup, repeats=args.repeats)
+    o = stats["orig"]
+    for r in rows:
+        s = stats[r["key"]]
+        r.update(model=name, threads=threads, orig_ms=o[0], pruned_ms=s[0], spread=[s[1], s[2]],
+                 orig_spread=[o[1], o[2]], latency_cut=1 - s[0] / o[0])
+        r["cut_over_flops"] = r["latency_cut"] / r["flops_cut"]
+        if r["mode"] == "latency":
+            r["within_3pt"] = abs(r["latency_cut"] - r["ratio"]) <= 0.03
+    return rows
+
+
+def main_target(args) -> None:
+    rows = []
+    for name in args.models.split(","):
+        for threads in args.threads_list:
+            rows += bench_target(name, args, threads)
+    C.console.print(C.table(
+        f"--target latency: ORT CPU, batch {args.batch}, median (p10-p90) ms of {args.repeats}, interleaved",
+        ["model", "ORT thr", "ratio", "mode", "latency cut", "loop cut", "pred err", "FLOPs cut", "params kept",
+         "orig ms", "pruned ms", "lat/FLOPs"],
+        [[r["model"], r["threads"], r["ratio"], r["mode"], r["latency_cut"], r.get("loop_cut", "-"),
+          r.get("pred_error", "-"), r["flops_cut"], r["params_kept"], f"{r['orig_ms']:.2f}",
+          f"{r['pruned_ms']:.2f} ({r['spread'][0]:.1f}-{r['spread'][1]:.1f})", r["cut_over_flops"]] for r in rows]))
+    C.write_json("bench_latency_target" + (f"_{args.tag}" if args.tag else ""),
+                 {"batch": args.batch, "repeats": args.repeats, "rows": rows})
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default="resnet50,mobilenetv2_full")
@@ -157,7 +252,13 @@ def main() -> None:
     ap.add_argument("--ort-threads", type=int, default=0, help="ORT intra-op threads (0: ORT's default)")
     ap.add_argument("--torch-pruning", type=int, nargs="*", default=[], metavar="ROUND_TO",
                     help="also time Torch-Pruning's uniform pruning with these round_to steps")
+    ap.add_argument("--target", choices=["flops", "latency"], default="flops")
+    ap.add_argument("--threads-list", type=int, nargs="+", default=[1, 2], help="--target latency: ORT threads")
+    ap.add_argument("--latency-cache", default=None, help="--target latency: table cache (default: a fresh one)")
     args = ap.parse_args()
+    if args.target == "latency":
+        args.roundings = [r for r in args.roundings if r in ("auto", "auto-table")]
+        return main_target(args)
     if args.ort_threads:
         pin_ort_threads(args.ort_threads)
     rows = []

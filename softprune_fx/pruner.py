@@ -165,7 +165,7 @@ def prune_one_shot(model: nn.Module, example_inputs: Any, ratio: float = 0.4, *,
         def finish():
             return _finish(cg, index, lat if target == "latency" else cost, scores, keep0, ratio,
                            min_width=min_width, round_to=round_to, how="bn-statistics",
-                           points=lat.points if lat is not None and round_to == "auto" else None)
+                           points=lat.points if lat is not None and target == "flops" and round_to == "auto" else None)
         if target == "latency":
             from .latency import close_loop
             return close_loop(finish, lat, model, inputs, ratio)
