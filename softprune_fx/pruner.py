@@ -165,13 +165,21 @@ def prune_one_shot(model: nn.Module, example_inputs: Any, ratio: float = 0.4, *,
         def finish():
             return _finish(cg, index, lat if target == "latency" else cost, scores, keep0, ratio,
                            min_width=min_width, round_to=round_to, how="bn-statistics",
-                           points=lat.points if lat is not None and target == "flops" and round_to == "auto" else None)
+                           points=_points(lat, target, round_to))
         if target == "latency":
             from .latency import close_loop
             return close_loop(finish, lat, model, inputs, ratio)
         return finish()
     finally:
         model.train(was_training)
+
+
+def _points(lat, target, round_to):
+    """The latency tables' efficient widths: the candidates in latency mode (unless
+    ``round_to`` is none) and with ``round_to="auto"`` in FLOPs mode."""
+    if lat is None or round_to in (None, "none") or (target == "flops" and round_to != "auto"):
+        return None
+    return lat.points
 
 
 def _latency_cost(cg, index, model, inputs, cost, target, ort_threads, latency_cache, round_to):

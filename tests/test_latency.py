@@ -150,3 +150,39 @@ def test_decision_meets_a_latency_budget_with_the_latency_optimal_keep_set(net, 
     assert abs(lat.ratio(by_lat.keep) - ratio) <= 0.02
     assert by_flops.counts["b"] < 64                      # the FLOPs-optimal set differs ...
     assert lat.ratio(by_flops.keep) < ratio - 0.02       # ... and misses the latency budget
+
+
+def test_decision_on_table_points_keeps_flat_groups_whole(net, tmp_path):
+    """With the table's efficient points as candidates, b (no narrower width is faster)
+    stays whole and a takes only measured widths."""
+    model, x, cg = net
+    lat = _lat(net, tmp_path, FakeTimer(), calibrate=False)
+    index = cg.index
+    scores, keep0 = np.ones(index.size), np.ones(index.size, bool)
+    ratio = lat.ratio(np.where(np.isin(np.arange(index.size), index.ids("a")[32:]), 0.0, 1.0))
+    d = decide(cg, index, lat, scores, keep0, ratio, round_to="auto", tol=0.02, points=lat.points)
+    assert d.counts["b"] == 64 and d.counts["a"] in lat.points("a") and d.counts["a"] < 64
+
+
+class FileSizeTimer(FakeTimer):
+    """Whole files cost their size (weights dominate): a pruned file is faster."""
+
+    def files(self, paths, feed_of, warmup=5, repeats=30):
+        import os
+        self.file_calls += 1
+        return {name: (os.path.getsize(p) / 1e5,) * 3 for name, p in paths.items()}
+
+
+def test_prune_one_shot_latency_target_fills_the_latency_fields(net, tmp_path, monkeypatch):
+    import softprune_fx.latency as latency
+    from softprune_fx import prune_one_shot
+    monkeypatch.setattr(latency, "OrtTimer", lambda threads=None: FileSizeTimer())
+    model, x, _ = net
+    pruned, res = prune_one_shot(model, (x,), 0.3, target="latency", ort_threads=1, latency_cache=tmp_path)
+    d = res.to_dict()
+    assert d["target"] == "latency" and d["ort_threads"] == 1 and 1 <= len(d["latency_rounds"]) <= 3
+    assert d["achieved_ratio"] == pytest.approx(1 - d["ort_ms_after"] / d["ort_ms_before"])
+    assert d["flops_ratio"] == pytest.approx(1 - d["flops_after"] / d["flops_before"])
+    assert d["ort_pred_error"] == pytest.approx(d["ort_pred_ms_after"] / d["ort_ms_after"] - 1)
+    with pytest.raises(Exception, match="target"):
+        prune_one_shot(model, (x,), 0.3, target="speed")
