@@ -217,6 +217,9 @@ class GridRule:
     columns: list[np.ndarray]   # flat ids per column (-1: always kept)
     where: str
 
+    def __post_init__(self):
+        self._cols = np.stack(self.columns) if self.columns else np.zeros((0, 0), np.int64)
+
     def check(self, keep: np.ndarray) -> str | None:
         ext = _ext(keep)
         for col in self.columns:
@@ -228,13 +231,14 @@ class GridRule:
     def repair(self, keep: np.ndarray, score: np.ndarray) -> np.ndarray:
         """Each partly dropped column goes the way most of its channels went (kept when it
         holds an always-kept element or on a tie)."""
+        cols = self._cols
         out = _ext(keep)
-        for col in self.columns:
-            k = out[col]
-            if k.any() and not k.all():
-                whole = (col < 0).any() or 2 * k.sum() >= len(k)
-                out[col] = whole
-        out[-1] = True
+        k = out[cols]
+        partial = k.any(1) & ~k.all(1)
+        if partial.any():
+            whole = (cols < 0).any(1) | (2 * k.sum(1) >= cols.shape[1])
+            out[cols[partial]] = whole[partial, None]
+            out[-1] = True
         return out[:-1]
 
     def steps(self, n: int) -> list[np.ndarray]:
