@@ -156,15 +156,30 @@ def bench_model(name: str, args, tmp: Path) -> list[dict]:
     return rows
 
 
+def tp_prune(model, inputs, layer_ratio: float, round_to: int, f0: float):
+    """Torch-Pruning's uniform L1 pruning of a copy at ``layer_ratio``: (model, FLOPs cut)."""
+    import copy
+
+    import torch_pruning as tp
+    from softprune_fx.passes.flops import count_flops
+    m = copy.deepcopy(model)
+    ignored = [mod for mod in m.modules() if isinstance(mod, torch.nn.Linear)]
+    tp.pruner.MagnitudePruner(m, inputs[0], importance=tp.importance.MagnitudeImportance(p=1),
+                              pruning_ratio=layer_ratio, ignored_layers=ignored, round_to=round_to).step()
+    return m.eval(), 1 - count_flops(m, inputs) / f0
+
+
 def tp_at_latency(model, inputs, target_cut: float, round_to: int, threads, batch, steps: int = 6):
-    """Torch-Pruning's uniform pruning, its FLOPs ratio bisected until the measured latency
-    cut (interleaved with the original, ``threads``) is nearest ``target_cut``."""
+    """Torch-Pruning's uniform pruning, its layer ratio bisected until the measured latency
+    cut (interleaved with the original, ``threads``, 15 repeats) is nearest ``target_cut``."""
     from softprune_fx.latency import measure_models
-    lo, hi, best = 0.0, 0.9, None
+    from softprune_fx.passes.flops import count_flops
+    f0 = count_flops(model, inputs)
+    lo, hi, best = 0.0, 0.8, None
     for _ in range(steps):
         mid = (lo + hi) / 2
-        peer, fcut = torch_pruning_cut(model, inputs, mid, round_to)
-        st = measure_models({"orig": model, "peer": peer.eval()}, batch, threads, repeats=15)
+        peer, fcut = tp_prune(model, inputs, mid, round_to, f0)
+        st = measure_models({"orig": model, "peer": peer}, batch, threads, repeats=15)
         cut = 1 - st["peer"][0] / st["orig"][0]
         if best is None or abs(cut - target_cut) < abs(best[2] - target_cut):
             best = (peer, fcut, cut)
@@ -205,7 +220,7 @@ def bench_target(name: str, args, threads: int) -> list[dict]:
             models[f"{ratio}/auto"] = pruned
             rows.append(dict(key=f"{ratio}/auto", ratio=ratio, mode="flops, auto (16/8)",
                              flops_cut=res.achieved_ratio, params_kept=res.params_after / res.params_before))
-        for step in args.torch_pruning:
+        for step in (args.torch_pruning if name in args.tp_models.split(",") and ratio in args.tp_ratios else []):
             cut = next(r["loop_cut"] for r in rows if r["key"] == key)
             peer, fcut, _ = tp_at_latency(model, inputs, cut, step, threads, batch)
             models[f"{ratio}/tp{step}"] = peer
@@ -254,6 +269,8 @@ def main() -> None:
                     help="also time Torch-Pruning's uniform pruning with these round_to steps")
     ap.add_argument("--target", choices=["flops", "latency"], default="flops")
     ap.add_argument("--threads-list", type=int, nargs="+", default=[1, 2], help="--target latency: ORT threads")
+    ap.add_argument("--tp-models", default="resnet50", help="--target latency: models Torch-Pruning runs on")
+    ap.add_argument("--tp-ratios", type=float, nargs="+", default=[0.4], help="--target latency: its ratios")
     ap.add_argument("--latency-cache", default=None, help="--target latency: table cache (default: a fresh one)")
     args = ap.parse_args()
     if args.target == "latency":

@@ -362,32 +362,30 @@ LOOP_TOL = 0.01
 
 
 def close_loop(finish, cost: LatencyCost, model, inputs, ratio: float, rounds: int = 2, tol: float = LOOP_TOL):
-    """Decide (``finish() -> (pruned, result)``), measure original and pruned interleaved,
-    refit the model on the measurement and decide again while the measured cut misses
-    ``ratio`` by more than ``tol`` (at most ``rounds`` more times); the measured-closest
-    result wins. Fills the result's latency fields (achieved/target: latency fractions)."""
-    full = np.ones(cost.index.size)
-    observed, best, history = [(full, cost.measured0)], None, []
+    """Decide (``finish(goal) -> (pruned, result)``), measure original and pruned
+    interleaved, and while the measured cut misses ``ratio`` by more than ``tol`` (at most
+    ``rounds`` more times) move the predicted goal by the miss and decide again; the
+    measured-closest result wins. Fills the result's latency fields (achieved/target:
+    latency fractions; the prediction is the calibrated model's, not moved by the loop)."""
+    goal, best, history = ratio, None, []
     for r in range(rounds + 1):
-        pred0 = cost.total0
-        pruned, result = finish()
+        pruned, result = finish(goal)
         keep = cost.index.keep_from_drop(result.drop)
-        pred1 = cost.flops(keep)
+        pred0, pred1 = cost.total0, cost.flops(keep)
         stats = measure_models({"orig": model, "pruned": pruned}, inputs, cost.threads, timer=cost.timer)
         m0, m1 = stats["orig"][0], stats["pruned"][0]
         cut = 1.0 - m1 / m0
-        history.append({"predicted_cut": round(1 - pred1 / pred0, 4), "measured_cut": round(cut, 4),
-                        "ms_before": round(m0, 4), "ms_after": round(m1, 4)})
+        history.append({"goal": round(goal, 4), "predicted_cut": round(1 - pred1 / pred0, 4),
+                        "measured_cut": round(cut, 4), "ms_before": round(m0, 4), "ms_after": round(m1, 4)})
         if best is None or abs(cut - ratio) < abs(best[2] - ratio):
             best = (pruned, result, cut, m0, m1, pred0, pred1)
         if abs(cut - ratio) <= tol or r == rounds:
             break
-        observed.append((keep, cost.measured0 * m1 / m0))  # this run's fraction, on the calibrated scale
-        cost.refit(observed)
+        goal = float(np.clip(goal + (ratio - cut), 0.01, 0.95))
     pruned, result, cut, m0, m1, pred0, pred1 = best
     result.flops_ratio = result.achieved_ratio
     result.target, result.ort_threads = "latency", cost.threads
-    result.achieved_ratio = cut
+    result.target_ratio, result.achieved_ratio = ratio, cut
     result.ort_ms_before, result.ort_ms_after = m0, m1
     result.ort_pred_ms_before, result.ort_pred_ms_after = pred0, pred1
     result.ort_pred_error = pred1 / m1 - 1.0

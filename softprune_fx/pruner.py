@@ -162,8 +162,8 @@ def prune_one_shot(model: nn.Module, example_inputs: Any, ratio: float = 0.4, *,
                 keep0[gate] = rank >= int(round(frac * len(gate)))
         scores = np.where(fixed, np.inf, scores)
         keep0 = keep0 | fixed
-        def finish():
-            return _finish(cg, index, lat if target == "latency" else cost, scores, keep0, ratio,
+        def finish(goal=ratio):
+            return _finish(cg, index, lat if target == "latency" else cost, scores, keep0, goal,
                            min_width=min_width, round_to=round_to, how="bn-statistics",
                            points=_points(lat, target, round_to))
         if target == "latency":
