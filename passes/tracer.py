@@ -25,6 +25,7 @@ from typing import Any, Iterable
 import torch
 import torch.fx as fx
 from torch import nn
+from torch.nn.utils import parametrize
 from torch.utils._pytree import tree_leaves, tree_map_only
 
 from .specialise import (META, DataDependentError, Specialisation, batch_bound, flat_reads, meta_call,
@@ -59,6 +60,8 @@ class ChannelTracer(fx.Tracer):
         if self.leaf_names and (cls.__name__ in self.leaf_names
                                 or f"{cls.__module__}.{cls.__qualname__}" in self.leaf_names):
             return True
+        if parametrize.is_parametrized(m):  # weight_norm & co: the computed weight is followed
+            return False
         return super().is_leaf_module(m, qualname) or _inherits_torch_layer(cls)
 
     def call_module(self, m, forward, args, kwargs):

@@ -269,3 +269,14 @@ def test_a_torch_layer_subclass_without_overrides_is_that_layer():
     assert cg.group("0").prunable and "depthwise" in cg.group("0").kinds
     pruned = _drop_and_compare(model, x, {"0": [2, 3]})
     assert pruned.get_submodule("1").weight.shape == (6, 1, 3, 3)
+
+
+def test_weight_norm_parametrization_is_frozen_with_a_reason_not_a_failed_surgery():
+    """Not folded yet (the weight comes from a ParametrizationList call): frozen, never wrong."""
+    from torch.nn.utils.parametrizations import weight_norm
+    torch.manual_seed(0)
+    model = nn.Sequential(weight_norm(nn.Conv2d(3, 8, 3, padding=1)), nn.ReLU(), nn.Conv2d(8, 4, 1)).eval()
+    x = (torch.randn(2, 3, 8, 8),)
+    cg = sp.analyze(model, x)
+    assert not cg.group("0.bias").prunable and "weight is computed" in cg.group("0.bias").frozen_reason
+    assert torch.equal(sp.prune_channels(model, x, {})(*x), model(*x))

@@ -1,5 +1,6 @@
 """Weights computed from parameters only: timm's ``StdConv2d``/``ScaledStdConv2d`` weight
-standardisation (``F.batch_norm`` over the weight), a reshaped or scaled parameter.
+standardisation (``F.batch_norm`` over the weight), ``weight_norm`` parametrizations, a
+reshaped or scaled parameter.
 
 The functional conv/linear that reads such a weight owns its output channels as if the
 weight were the parameter itself (the key is the parameter the weight is computed from).
@@ -34,10 +35,10 @@ def param_source(w) -> fx.Node | None:
         seen.add(n)
         if n.op == "get_attr":
             attrs.append(n)
-        elif n.op in ("call_function", "call_method"):
+        elif n.op in ("call_function", "call_method") or (n.op == "call_module" and _stateless(n)):
             stack.extend(n.all_input_nodes)
         else:
-            return None  # an activation, an input or a module call: not a parameter computation
+            return None  # an activation, an input or a module with state: not a parameter computation
     shape = getattr(w.meta.get("val"), "shape", None)
     same = [a for a in attrs if getattr(a.meta.get("val"), "shape", None) == shape]
     return (same or attrs or [None])[0]
@@ -71,6 +72,15 @@ def adopt_params(ctx, w: fx.Node, src: fx.Node, out_atoms) -> None:
             ctx.unify(atoms, out_atoms)
 
 
+def _stateless(n: fx.Node) -> bool:
+    """A parametrization module (``weight_norm``'s ``_WeightNorm``): no parameters or buffers."""
+    root = n.graph.owning_module
+    if root is None:
+        return False
+    m = root.get_submodule(n.target)
+    return not any(True for _ in m.parameters()) and not any(True for _ in m.buffers())
+
+
 def evaluate(gm: fx.GraphModule, w: fx.Node) -> torch.Tensor:
     """The real value of a parameter-only node (run once, without autograd)."""
     env: dict[fx.Node, object] = {}
@@ -84,8 +94,11 @@ def evaluate(gm: fx.GraphModule, w: fx.Node) -> torch.Tensor:
                 env[n] = obj
             else:
                 args, kwargs = fx.node.map_arg(n.args, run), fx.node.map_arg(n.kwargs, run)
-                env[n] = n.target(*args, **kwargs) if n.op == "call_function" else \
-                    getattr(args[0], n.target)(*args[1:], **kwargs)
+                if n.op == "call_module":
+                    env[n] = gm.get_submodule(n.target)(*args, **kwargs)
+                else:
+                    env[n] = n.target(*args, **kwargs) if n.op == "call_function" else \
+                        getattr(args[0], n.target)(*args[1:], **kwargs)
         return env[n]
     with torch.no_grad():
         return run(w).detach().clone()
@@ -97,7 +110,7 @@ def erase_unused(graph: fx.Graph, start: fx.Node) -> list[str]:
     gone, stack = [], [start]
     while stack:
         n = stack.pop()
-        if n.users or n.op not in ("get_attr", "call_function", "call_method"):
+        if n.users or n.op not in ("get_attr", "call_function", "call_method", "call_module"):
             continue
         inputs = list(n.all_input_nodes)
         if n.op == "get_attr":
