@@ -56,14 +56,17 @@ def fit(net, params, train, epochs: int, reg=None, log=None) -> None:
             log(epoch)
 
 
-def run(name: str, epochs: int, ratio: float, seed: int, options: dict) -> dict:
+def run(name: str, epochs: int, ratio: float, seed: int, options: dict, known_plain: dict) -> dict:
     train, val = digits.loaders()
     torch.manual_seed(seed)
     init = NETS[name]()
     t0 = time.perf_counter()
-    plain = copy.deepcopy(init)
-    fit(plain, digits.param_groups(plain), train, epochs)
-    acc_plain = digits.evaluate(plain, val)
+    if name in known_plain:  # the same seeded, one-thread training: the same figure
+        acc_plain = known_plain[name]
+    else:
+        plain = copy.deepcopy(init)
+        fit(plain, digits.param_groups(plain), train, epochs)
+        acc_plain = digits.evaluate(plain, val)
     t1 = time.perf_counter()
     pruner = sp.SoftPruner(copy.deepcopy(init), digits.example_inputs(), ratio, **options)
     trace = []
@@ -97,12 +100,19 @@ def main() -> None:
     ap.add_argument("--options", default="{}", help="SoftPruner keyword arguments as JSON (experiments)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--tag", default="")
+    ap.add_argument("--plain-from", nargs="*", default=[],
+                    help="result files of earlier runs (same epochs and seed) whose unpruned accuracies to reuse")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     options = json.loads(args.options)
+    known = {}
+    for path in args.plain_from:
+        d = json.load(open(path))
+        if d["epochs"] == args.epochs and d["seed"] == args.seed:
+            known.update({r["net"]: r["acc_plain"] for r in d["rows"]})
     rows = []
     for name in args.nets.split(","):
-        rows.append(run(name, args.epochs, args.ratio, args.seed, options))
+        rows.append(run(name, args.epochs, args.ratio, args.seed, options, known))
         r = rows[-1]
         C.console.print(f"{name}: hard cut per epoch {[t[0] for t in r['trace']]}", style="dim")
         C.console.print(f"{name}: lambda per epoch {[t[1] for t in r['trace']]}", style="dim")
