@@ -390,5 +390,6 @@ def close_loop(finish, cost: LatencyCost, model, inputs, ratio: float, rounds: i
     result.ort_pred_ms_before, result.ort_pred_ms_after = pred0, pred1
     result.ort_pred_error = pred1 / m1 - 1.0
     result.ort_pred_cut = 1.0 - pred1 / pred0
+    result.ort_pred_error_rel = (pred1 / pred0) / (m1 / m0) - 1.0  # load drift since calibration cancels
     result.latency_rounds = history
     return pruned, result

@@ -66,6 +66,7 @@ class PruneResult:
     ort_pred_ms_after: Optional[float] = None
     ort_pred_error: Optional[float] = None          # ort_pred_ms_after / ort_ms_after - 1
     ort_pred_cut: Optional[float] = None
+    ort_pred_error_rel: Optional[float] = None      # of the kept fraction: (1 - pred cut) / (1 - measured) - 1
     latency_rounds: list = field(default_factory=list)  # the closed loop: predicted/measured cut per round
     analysis: Any = field(default=None, repr=False, compare=False)  # the ChannelGraph the run used
 

@@ -184,5 +184,6 @@ def test_prune_one_shot_latency_target_fills_the_latency_fields(net, tmp_path, m
     assert d["achieved_ratio"] == pytest.approx(1 - d["ort_ms_after"] / d["ort_ms_before"])
     assert d["flops_ratio"] == pytest.approx(1 - d["flops_after"] / d["flops_before"])
     assert d["ort_pred_error"] == pytest.approx(d["ort_pred_ms_after"] / d["ort_ms_after"] - 1)
+    assert d["ort_pred_error_rel"] == pytest.approx((1 - d["ort_pred_cut"]) / (1 - d["achieved_ratio"]) - 1)
     with pytest.raises(Exception, match="target"):
         prune_one_shot(model, (x,), 0.3, target="speed")
