@@ -31,7 +31,8 @@ def fork(gm: fx.GraphModule, flow, groups: list, *, copy_modules: bool = True):
     graph = fx.Graph(owning_module=None, tracer_cls=gm.graph._tracer_cls)
     node_map: dict[fx.Node, fx.Node] = {}
     out = graph.graph_copy(gm.graph, node_map)
-    graph.output(out)
+    old_out = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
+    node_map[old_out] = graph.output(out, old_out.type)
     root = _copy_modules(gm) if copy_modules else gm
     new = fx.GraphModule(root, graph, gm.__class__.__name__)
     new.meta.update(copy.copy(gm.meta))

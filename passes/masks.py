@@ -58,6 +58,38 @@ def insert_hard_masks(gm: fx.GraphModule, flow: ChannelFlow, plan: Plan) -> fx.G
     return gm
 
 
+class HardMaskedRun(fx.Interpreter):
+    """Runs ``gm`` as ``insert_hard_masks`` would make it compute, without copying or
+    editing the graph: each mask site's input is selected by ``torch.where`` as it is
+    read. The exactness check of a pipeline run uses it (no fork, no recompile).
+
+    Example::
+
+        ref = HardMaskedRun(cg.gm, cg.flow, plan).run(x)   # == masked(model, x, drop)(x)
+    """
+
+    def __init__(self, gm: fx.GraphModule, flow: ChannelFlow, plan: Plan):
+        super().__init__(gm)
+        self.masks: dict[fx.Node, list] = {}
+        for site in flow.sites:
+            keep = plan.site_keep(site)
+            if not keep.all():
+                mask = torch.as_tensor(keep).reshape(mask_shape(site, len(keep)))
+                self.masks.setdefault(site.node, []).append((site.arg, mask, site.fill))
+
+    def run_node(self, n: fx.Node):
+        masks = self.masks.get(n)
+        if masks is None:
+            return super().run_node(n)
+        with self._set_current_node(n):
+            args, kwargs = self.fetch_args_kwargs_from_env(n)
+            args, kwargs = list(args), dict(kwargs)
+            for arg, mask, fill in masks:  # in site order, as insert_hard_masks chains them
+                where = args if isinstance(arg, int) else kwargs
+                where[arg] = torch.where(mask.to(where[arg].device), where[arg], fill)
+            return getattr(self, n.op)(n.target, tuple(args), kwargs)
+
+
 class SiteMask(torch.nn.Module):
     """Applies a flat mask vector at one mask site, index-mapped to the site's positions.
 

@@ -64,8 +64,17 @@ class ChannelGraph:
         from softprune_fx.passes.masks import insert_hard_masks
 
         from .api import plain
+        self.plan(drop)  # checked here: the engine of this analysis is built once
         f = self.fork(copy_modules=not share_weights)
-        return plain(insert_hard_masks(f.gm, f.flow, f.plan(drop)))
+        return plain(insert_hard_masks(f.gm, f.flow, Plan.from_drop(f.flow, f.groups, drop)))
+
+    def run_masked(self, drop: dict | None, *inputs):
+        """Outputs of ``masked(drop)`` on ``inputs`` (default: the example inputs), computed
+        on this analysis's graph without building the masked model (eval mode)."""
+        from softprune_fx.passes.flops import eval_mode
+        from softprune_fx.passes.masks import HardMaskedRun
+        with eval_mode(self.gm):
+            return HardMaskedRun(self.gm, self.flow, self.plan(drop)).run(*(inputs or self.inputs))
 
     def prune(self, drop: dict | None, *, inplace: bool = False) -> fx.GraphModule:
         """The physically pruned model; equal to ``masked(drop)`` in eval mode. With
@@ -73,8 +82,9 @@ class ChannelGraph:
         from softprune_fx.passes.surgery import apply_surgery
 
         from .api import plain
+        self.plan(drop)  # checked here: the engine of this analysis is built once
         f = self.fork(copy_modules=not inplace)
-        return plain(apply_surgery(f.gm, f.flow, f.plan(drop), self.inputs))
+        return plain(apply_surgery(f.gm, f.flow, Plan.from_drop(f.flow, f.groups, drop), self.inputs))
 
     @property
     def constraints(self) -> list:

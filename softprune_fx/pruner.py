@@ -98,10 +98,9 @@ def _finish(cg, index, cost, scores, keep0, ratio, *, min_width, round_to, how, 
     flops0 = getattr(cost, "flops_model", cost).total0  # a LatencyCost's total0 is ms
     drop = cg.legalize(decision.drop, {g.id: scores[index.ids(g.id)] for g in cg.groups})
     pruned = cg.prune(drop)
-    reference = cg.masked(drop, share_weights=True)
     inputs = cg.inputs
     with torch.no_grad():
-        ref = reference.eval()(*inputs)
+        ref = cg.run_masked(drop)  # what masked(drop) computes, on the analysis's own graph
         with FlopCounterMode(display=False) as counter:  # the check's forward counts the FLOPs too
             out = pruned.eval()(*inputs)
     diff = max_abs_diff(ref, out)

@@ -1,0 +1,75 @@
+"""One analysis per run: forks of a ChannelGraph and the hard-masked run on its own graph."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import softprune_fx as sp
+from drops import random_drop
+from zoo import ZOO
+
+MODELS = ["resnet_cifar_a", "densenet", "shufflenetv2", "convnext", "misc_slicing", "mobilenetv2", "preact_resnet"]
+
+
+def _outs(value):
+    if isinstance(value, dict):
+        return list(value.values())
+    return list(value) if isinstance(value, (tuple, list)) else [value]
+
+
+@pytest.mark.parametrize("name", [m for m in MODELS if m in ZOO])
+def test_run_masked_equals_the_masked_model(name):
+    """HardMaskedRun on the analysis's graph computes what masked(drop) computes, and the
+    pruned model (from a fork) matches both; the analysis is reusable afterwards."""
+    model, inputs = ZOO[name]()
+    model.eval()
+    cg = sp.analyze(model, inputs)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    for seed in range(2):
+        drop = random_drop(cg, seed)
+        assert drop, "random_drop must drop something"
+        with torch.no_grad():
+            ref = _outs(cg.masked(drop).eval()(*inputs))
+            run = _outs(cg.run_masked(drop))
+            pruned = _outs(cg.prune(drop).eval()(*inputs))
+        for a, b, c in zip(ref, run, pruned):
+            assert torch.equal(a, b)
+            assert (a - c).abs().max() <= 1e-5 * max(1.0, float(a.abs().max()))
+    # the user's model was neither sliced nor masked
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert not any("softprune" in n for n, _ in model.named_buffers())
+
+
+def test_run_masked_differs_from_the_unmasked_model():
+    """A masked run that ignored the masks would equal the original: it must not."""
+    model, inputs = ZOO["resnet_cifar_a"]()
+    model.eval()
+    cg = sp.analyze(model, inputs)
+    drop = random_drop(cg, 0)
+    with torch.no_grad():
+        assert not torch.allclose(cg.run_masked(drop), model(*inputs))
+
+
+def test_fork_maps_every_node_onto_the_copy():
+    model, inputs = ZOO["densenet"]()
+    cg = sp.analyze(model, inputs)
+    f = cg.fork()
+    nodes = set(f.gm.graph.nodes)
+    assert all(s.node in nodes for s in f.flow.sites)
+    assert all(n in nodes for n in f.flow.layouts)
+    assert all(n in nodes for g in f.groups for n in g.chain)
+    assert not any(n in nodes for n in cg.gm.graph.nodes)
+    # copied weights: slicing the fork's modules leaves the analysis's alone
+    name, p = next(iter(f.gm.named_parameters()))
+    assert p is not cg.gm.get_parameter(name) and torch.equal(p, cg.gm.get_parameter(name))
+
+
+def test_illegal_drop_refused_before_any_fork():
+    model, inputs = ZOO["resnet_cifar_a"]()
+    cg = sp.analyze(model, inputs)
+    frozen = next(g for g in cg.groups if g.frozen_channels)
+    with pytest.raises(sp.IllegalDropError):
+        cg.prune({frozen.id: [frozen.frozen_channels[0]]})
+    with pytest.raises(sp.IllegalDropError):
+        cg.run_masked({"no such group": [0]})
