@@ -247,6 +247,19 @@ def onnx_stage(folder: Path, original: nn.Module, pruned: nn.Module, inputs: tup
     return fields
 
 
+def _ort_latency(paths: dict, inputs: tuple, warmup: int, repeats: int) -> dict:
+    """``ort_latency``, or with ``$SOFTPRUNE_FX_ORT_THREADS`` (``--ort-threads``) the latency
+    model's timer pinned to that many intra-op threads (same interleaving, spinning off)."""
+    threads = int(os.environ.get("SOFTPRUNE_FX_ORT_THREADS") or 0)
+    if not threads:
+        return ort_latency(paths, inputs, warmup=warmup, repeats=repeats)
+    from .latency import OrtTimer
+    from .onnx_check import LatencyStats, _feed
+    feeds: dict = {}
+    out = OrtTimer(threads).files(paths, lambda s: feeds.setdefault(id(s), _feed(s, inputs)), warmup, repeats)
+    return {name: LatencyStats(med, p10, p90, repeats) for name, (med, p10, p90) in out.items()}
+
+
 def time_models(original_path: Path, original: nn.Module, pruned_path: Path, inputs: tuple,
                 step: Step) -> dict:
     """Export ``original`` to ``original_path`` (removed afterwards) and time both files in ORT."""
@@ -261,7 +274,7 @@ def time_models(original_path: Path, original: nn.Module, pruned_path: Path, inp
         fields["original_onnx_error"] = one_line(exc)
     try:
         with step(f"timing in ONNX Runtime ({repeats} runs each, interleaved)"):
-            stats = ort_latency(paths, inputs, warmup=warmup, repeats=repeats)
+            stats = _ort_latency(paths, inputs, warmup, repeats)
     finally:
         if original_path.exists():
             original_path.unlink()
@@ -302,6 +315,10 @@ def base_report(result: Any, meta: dict) -> dict:
     for key in ("training_cut", "training_shortfall"):  # SCP runs: what training itself reached
         if getattr(result, key, None) is not None:
             report[key] = float(getattr(result, key))
+    for key in ("target", "ort_threads", "flops_ratio", "ort_ms_before", "ort_ms_after", "ort_pred_ms_before",
+                "ort_pred_ms_after", "ort_pred_error", "ort_pred_error_rel", "ort_pred_cut", "latency_rounds"):
+        if getattr(result, key, None) not in (None, []):  # --target latency (softprune_fx/latency.py)
+            report[key] = getattr(result, key)
     thresholds = getattr(result, "thresholds", None) or {}
     for row in report["groups"]:
         if row["id"] in thresholds:

@@ -86,8 +86,10 @@ def cmd_deps(args, out: Console, rep: Reporter) -> int:
 # ------------------------------------------------------------------ verify
 def cmd_verify(args, out: Console, rep: Reporter) -> int:
     """Re-check a DIR from the safe path (builder + plan.json + weights) against pruned.onnx."""
+    from .cli_prune import set_ort_threads
     from .verify_api import verify_artifacts
 
+    set_ort_threads(args.ort_threads)  # --ort-threads: re-measure with that many ORT threads
     result = verify_artifacts(args.dir, spec=args.spec, input_shape=args.input_shape, step=rep.step)
     for note in result.notes:
         stderr_line("note", note)

@@ -98,6 +98,12 @@ def _prune_options(prune: Parser) -> None:
                        "dict holding one under model / state_dict / model_state_dict (DDP 'module.' ok)")
     prune.add_argument("--strict", action="store_true", help="only prune channels with BN statistics")
     prune.add_argument("--round-to", default="auto", help="channel rounding: auto, none or N")
+    prune.add_argument("--target", choices=["flops", "latency"], default="flops",
+                       help="what --ratio cuts: FLOPs, or the ONNX Runtime latency (one-shot only)")
+    prune.add_argument("--ort-threads", type=positive_int, default=None,
+                       help="ORT intra-op threads the latency is measured and predicted for (default: ORT's own)")
+    prune.add_argument("--latency-cache", metavar="DIR", default=None,
+                       help="latency tables (default: $SOFTPRUNE_LATENCY_CACHE or ~/.cache/softprune-fx/latency)")
     prune.add_argument("--min-width", type=min_width, default=1,
                        help="keep at least N channels per group, or a fraction F in (0, 1) of its width")
     prune.add_argument("--threads", type=positive_int, default=None,
@@ -143,6 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     verify = _sub(sub, "verify", [common], "re-check a DIR written by prune")
     verify.add_argument("dir", metavar="DIR")
+    verify.add_argument("--ort-threads", type=positive_int, default=None,
+                        help="ORT intra-op threads to re-measure the latency with (default: ORT's own)")
     verify.add_argument("--spec", help="model spec (default: the one in DIR/report.json)")
     verify.add_argument("--input-shape", help="input shape (default: the one in DIR/plan.json)")
     return parser

@@ -1,6 +1,7 @@
 """``softprune-fx prune``: build, prune (one-shot or SCP training), write DIR, verify, summarise."""
 from __future__ import annotations
 
+import os
 import shlex
 import shutil
 import warnings as warnings_module
@@ -30,6 +31,12 @@ def bn_looks_untrained(model: nn.Module) -> bool:
                              for m in bns for name, value in defaults)
 
 
+def set_ort_threads(threads) -> None:
+    """``--ort-threads``: the report's ORT timings use that many intra-op threads."""
+    if threads:
+        os.environ["SOFTPRUNE_FX_ORT_THREADS"] = str(int(threads))
+
+
 def check_prune_args(args) -> Any:
     """Usage checks that need no model; returns the parsed --round-to."""
     from .artifacts import check_out_dir
@@ -43,6 +50,9 @@ def check_prune_args(args) -> Any:
         raise UsageError("--epochs, --finetune-epochs, --resume, --loss, --metric and --batch-size need --data")
     if args.data and not args.epochs:
         raise UsageError("--data needs --epochs N (N >= 1)")
+    if args.target == "latency" and args.data:
+        raise UsageError("--target latency is one-shot only (no --data) for now")
+    set_ort_threads(args.ort_threads)
     if args.resume:
         from .train import CHECKPOINT
 
@@ -106,8 +116,11 @@ def run_pruning(args, model, inputs, round_to, rep: Reporter, ckpt: Path, cg) ->
     if not args.data:
         from . import prune_one_shot
 
-        with rep.step(f"one-shot pruning to a {args.ratio:.0%} FLOPs cut"):
-            pruned, result = prune_one_shot(model, inputs, args.ratio, analysis=cg, **options)
+        what = "ORT latency (latency tables, measured)" if args.target == "latency" else "FLOPs"
+        with rep.step(f"one-shot pruning to a {args.ratio:.0%} {what} cut"):
+            pruned, result = prune_one_shot(model, inputs, args.ratio, analysis=cg, target=args.target,
+                                            ort_threads=args.ort_threads, latency_cache=args.latency_cache,
+                                            **options)
         return pruned, result, {"mode": "one-shot (BN statistics)"}
     pruned, result, info = _train(args, model, inputs, options, rep, ckpt, cg)
     return pruned, result, {"mode": "SCP training", **dict(info or {})}
