@@ -169,7 +169,7 @@ def tp_prune(model, inputs, layer_ratio: float, round_to: int, f0: float):
     return m.eval(), 1 - count_flops(m, inputs) / f0
 
 
-def tp_at_latency(model, inputs, target_cut: float, round_to: int, threads, batch, steps: int = 6):
+def tp_at_latency(model, inputs, target_cut: float, round_to: int, threads, batch, steps: int = 4):
     """Torch-Pruning's uniform pruning, its layer ratio bisected until the measured latency
     cut (interleaved with the original, ``threads``, 15 repeats) is nearest ``target_cut``."""
     from softprune_fx.latency import measure_models
@@ -244,6 +244,8 @@ def main_target(args) -> None:
     for name in args.models.split(","):
         for threads in args.threads_list:
             rows += bench_target(name, args, threads)
+            C.write_json("bench_latency_target" + (f"_{args.tag}" if args.tag else ""),  # each block, as it lands
+                         {"batch": args.batch, "repeats": args.repeats, "rows": rows, "partial": True})
     C.console.print(C.table(
         f"--target latency: ORT CPU, batch {args.batch}, median (p10-p90) ms of {args.repeats}, interleaved",
         ["model", "ORT thr", "ratio", "mode", "latency cut", "loop cut", "pred err", "FLOPs cut", "params kept",
