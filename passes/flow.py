@@ -26,6 +26,7 @@ from torch.utils._pytree import tree_leaves, tree_map
 from . import ops  # noqa: F401  (fills the registry)
 from .atoms import NONE, UNKNOWN, AtomTable, filled, on_axis
 from .flow_types import Balance, ChannelCount, Grid, NonEmpty, ParamRef, Site  # noqa: F401 (re-exported)
+from .specialise import freeze_specialised
 from .registry import describe, lookup, node_arg
 
 
@@ -215,6 +216,8 @@ def run_flow(gm: fx.GraphModule, allow_inexact: bool = False) -> ChannelFlow:
     for node in gm.graph.nodes:
         ctx.node = node
         flow.layouts[node] = _node_layout(ctx, node)
+    # channel extents that Python turned into constants while tracing (int(x.shape[1]))
+    freeze_specialised(flow)
     return flow
 
 

@@ -159,10 +159,12 @@ def test_a_channel_extent_consumed_by_python_freezes_its_group_with_the_line():
     gm = capture(model, x)
     line = line_of(ReadsChannels.forward, "CHANNEL LINE")
     assert [(r["node"], r["dim"]) for r in gm.meta["frozen_extents"]] == [("a", 1)]
-    flow = run_flow(gm)
-    freeze_specialised(flow)
+    flow = run_flow(gm)  # run_flow applies freeze_specialised itself
     group = next(g for g in build_groups(flow) if g.id == "a")
     assert not group.prunable and line in group.frozen_reason
+    freeze_specialised(flow)  # idempotent
+    cg = sp.analyze(model, x)  # and so does the public API
+    assert not cg.group("a").prunable and line in cg.group("a").frozen_reason
 
 
 class Iterates(nn.Module):
