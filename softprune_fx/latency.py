@@ -351,7 +351,7 @@ class LatencyCost:
         s = np.array([self.ops_ms(k) for k, _ in observed])
         m = np.array([ms for _, ms in observed])
         fit = np.polyfit(s, m, 1) if len(s) >= 2 and np.ptp(s) > 1e-9 else None
-        if fit is not None and 0.25 <= fit[0] <= 4.0:  # a wild slope is a disturbed measurement
+        if fit is not None and 0.1 <= fit[0] <= 10.0:  # a wild slope is a disturbed measurement
             self.scale, self.constant = float(fit[0]), float(fit[1])
         elif len(s):
             self.scale, self.constant = 1.0, float(np.mean(m - s))
@@ -361,15 +361,28 @@ class LatencyCost:
 LOOP_TOL = 0.01
 
 
+def _finish_reachable(finish, goal: float):
+    """``finish(goal)``, lowering the goal by 5 points (at most 4 times) while the predicted
+    latency cannot reach it: the first measurement then recalibrates the model."""
+    from softprune_fx.passes.errors import BudgetError
+    for _ in range(4):
+        try:
+            return finish(goal), goal
+        except BudgetError:
+            goal -= 0.05
+    return finish(goal), goal
+
+
 def close_loop(finish, cost: LatencyCost, model, inputs, ratio: float, rounds: int = 2, tol: float = LOOP_TOL):
     """Decide (``finish(goal) -> (pruned, result)``), measure original and pruned
     interleaved, and while the measured cut misses ``ratio`` by more than ``tol`` (at most
-    ``rounds`` more times) move the predicted goal by the miss and decide again; the
-    measured-closest result wins. Fills the result's latency fields (achieved/target:
-    latency fractions; the prediction is the calibrated model's, not moved by the loop)."""
-    goal, best, history = ratio, None, []
+    ``rounds`` more times) refit the model's scale and constant on the measurements, move
+    the goal by what the refit model still misses, and decide again; the measured-closest
+    result wins. Fills the result's latency fields (achieved/target: latency fractions;
+    the prediction reported is the one the kept result was decided on)."""
+    goal, best, history, observed = ratio, None, [], [(np.ones(cost.index.size), cost.measured0)]
     for r in range(rounds + 1):
-        pruned, result = finish(goal)
+        (pruned, result), goal = _finish_reachable(finish, goal)
         keep = cost.index.keep_from_drop(result.drop)
         pred0, pred1 = cost.total0, cost.flops(keep)
         stats = measure_models({"orig": model, "pruned": pruned}, inputs, cost.threads, timer=cost.timer)
@@ -381,7 +394,9 @@ def close_loop(finish, cost: LatencyCost, model, inputs, ratio: float, rounds: i
             best = (pruned, result, cut, m0, m1, pred0, pred1)
         if abs(cut - ratio) <= tol or r == rounds:
             break
-        goal = float(np.clip(goal + (ratio - cut), 0.01, 0.95))
+        observed.append((keep, cost.measured0 * m1 / m0))  # this run's fraction, on the calibrated scale
+        cost.refit(observed)
+        goal = float(np.clip(ratio + (cost.ratio(keep) - cut), 0.01, 0.95))
     pruned, result, cut, m0, m1, pred0, pred1 = best
     result.flops_ratio = result.achieved_ratio
     result.target, result.ort_threads = "latency", cost.threads
