@@ -206,8 +206,8 @@ def test_controller_state_is_in_the_state_dict():
     keys = set(pruner.state_dict()["model"])
     for k in ("lam", "integral", "steps", "ramp", "hard_ratio"):
         assert f"_softprune_bank.controller.{k}" in keys
-    assert int(pruner.bank.controller.ramp) == 15  # half of total_steps
+    assert int(pruner.bank.controller.ramp) == 12  # two fifths of total_steps
     other = sp.SoftPruner(model, inputs, ratio=0.4)
     assert int(other.bank.controller.ramp) == 100
     other.load_state_dict(pruner.state_dict())
-    assert int(other.bank.controller.ramp) == 15
+    assert int(other.bank.controller.ramp) == 12

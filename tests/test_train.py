@@ -171,7 +171,7 @@ def test_ddp_two_processes_agree(tmp_path):
 
 
 # SiLU channels must travel to beta < -4.5 before the first one dies: 240 steps reach 0.30 only
-# (and train_scp's total_steps schedule, whose ramp is half the run, 0.386 in 480: not listed there)
+# (and train_scp's total_steps schedule, ramp over half the run, 0.386 in 480: not listed there)
 EPOCHS = {"resnet_silu": 60}
 
 
