@@ -99,22 +99,25 @@ def find_bn_sites(cg, index: ChannelIndex, delta: float = 0.05) -> list[BNSite]:
     return out
 
 
-def bn_probabilities(sites: list[BNSite], getter, size: int, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(p per flat channel, has-a-BN-site mask): p is the product over the channel's sites.
+def bn_log_probabilities(sites: list[BNSite], getter, size: int, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log p per flat channel, has-a-BN-site mask): log of the product over the channel's
+    sites, in log space throughout (a live channel behind SiLU has p below float32's range).
 
     ``getter(target)`` returns the parameter tensor for a get_attr target.
     """
-    from .scp import deactivation_prob
-    logp = None
+    from .scp import combine_log_sites, log_deactivation_prob
+    logp = torch.zeros(size)
     has = torch.zeros(size, dtype=torch.bool)
     for s in sites:
         gamma, beta = getter(s.gamma), getter(s.beta)
         ch = torch.as_tensor(s.channel)
-        p = deactivation_prob(gamma[ch], beta[ch], s.threshold, eps)
-        if logp is None:
-            logp = torch.zeros(size, dtype=p.dtype, device=p.device)
-        logp = logp.index_add(0, torch.as_tensor(s.flat, device=p.device), torch.log(p.clamp_min(1e-30)))
+        lp = log_deactivation_prob(gamma[ch], beta[ch], s.threshold, eps)
+        logp = logp.to(lp.dtype) + combine_log_sites(lp, torch.as_tensor(s.flat), size).to(logp.device)
         has[torch.as_tensor(s.flat)] = True
-    if logp is None:
-        logp = torch.zeros(size)
+    return logp, has
+
+
+def bn_probabilities(sites: list[BNSite], getter, size: int, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(p per flat channel, has-a-BN-site mask): ``exp`` of ``bn_log_probabilities``."""
+    logp, has = bn_log_probabilities(sites, getter, size, eps)
     return torch.exp(logp), has

@@ -30,11 +30,11 @@ from softprune_fx.passes.masks import insert_soft_masks
 from softprune_fx.onnx_check import max_abs_diff
 
 from .api import analyze
-from .bnsites import bn_probabilities, find_bn_sites
+from .bnsites import bn_log_probabilities, find_bn_sites
 from .cost import CostModel
 from .decide import decide
 from .index import ChannelIndex
-from .scp import SCPConfig, gate_regularizer, hard_keep, prune_prob, scp_regularizer
+from .scp import SCPConfig, gate_regularizer, hard_keep, keep_score, prune_prob, scp_regularizer
 from .softmask import MaskBank
 
 
@@ -141,14 +141,15 @@ def prune_one_shot(model: nn.Module, example_inputs: Any, ratio: float = 0.4, *,
         index = cg.index
         cost = CostModel(cg, index, model, inputs, total=cg.flops)
         lat = _latency_cost(cg, index, model, inputs, cost, target, ort_threads, latency_cache, round_to)
-        sites = find_bn_sites(cg, index)
+        sites = find_bn_sites(cg, index, delta=scp.delta)
         params = dict(model.named_parameters())
         with torch.no_grad():
-            p, has = bn_probabilities(sites, lambda t: params[t].detach().float(), index.size, scp.eps)
-            pi = prune_prob(p, scp.k, scp.c0).numpy()
+            logp, has = bn_log_probabilities(sites, lambda t: params[t].detach().float(), index.size, scp.eps)
+            pi = prune_prob(torch.exp(logp), scp.k, scp.c0).numpy()
         has = has.numpy()
         fixed = _fixed_keep(cg, index, has, strict)
-        scores = np.where(has, 1.0 - p.numpy(), 0.0)  # 1 - pi saturates for live channels
+        # 1 - p, ordered by log p where it rounds to 1 (live channels behind SiLU); 1 - pi saturates
+        scores = np.where(has, keep_score(logp).numpy(), 0.0)
         keep0 = np.where(has, pi < 0.5, True)
         l1 = _consumer_l1(cg, index, model)
         free_bn = has & ~fixed
