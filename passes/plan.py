@@ -52,6 +52,7 @@ class Plan:
         return plan
 
     def drop(self, g: Group, i: int) -> None:
+        self.__dict__.pop("_dropped_table", None)  # keep_layout's lookup table is rebuilt
         if g.is_site_group:
             self.site_drops.setdefault(g.id, set()).add(i)
         else:
@@ -77,8 +78,13 @@ class Plan:
         layout = np.asarray(layout)
         if not self.dropped_classes:
             return np.ones(layout.shape, dtype=bool)
-        dropped = np.fromiter(self.dropped_classes, dtype=np.int64)
-        return (layout < 0) | ~np.isin(self.flow.table.find(layout), dropped)
+        table = self.__dict__.get("_dropped_table")
+        if table is None:  # one boolean per atom root, built once per plan (surgery asks ~600 times)
+            table = np.zeros(len(self.flow.table.roots) + 1, dtype=bool)
+            table[np.fromiter(self.dropped_classes, dtype=np.int64)] = True
+            self.__dict__["_dropped_table"] = table
+        roots = self.flow.table.find(layout)
+        return (layout < 0) | ~table[np.where(layout < 0, len(table) - 1, roots)]
 
     def keep_node(self, node: fx.Node, layout: np.ndarray) -> np.ndarray:
         """Keep of a node's value, including the position drops of a site-group chain."""
