@@ -82,9 +82,17 @@ class ChannelGraph:
         from softprune_fx.passes.surgery import apply_surgery
 
         from .api import plain
+        from softprune_fx.passes.analysis import fork as fork_graph, own_tensors
         self.plan(drop)  # checked here: the engine of this analysis is built once
-        f = self.fork(copy_modules=not inplace)
-        return plain(apply_surgery(f.gm, f.flow, Plan.from_drop(f.flow, f.groups, drop), self.inputs))
+        if inplace:
+            f = self.fork(copy_modules=False)
+            return plain(apply_surgery(f.gm, f.flow, Plan.from_drop(f.flow, f.groups, drop), self.inputs))
+        # modules copied, tensors shared until surgery has replaced the ones it slices;
+        # the rest are copied afterwards (each weight is copied once, not twice)
+        gm, flow, groups = fork_graph(self.gm, self.flow, self.groups, share_tensors=True)
+        pruned = apply_surgery(gm, flow, Plan.from_drop(flow, groups, drop), self.inputs)
+        own_tensors(pruned, self.gm)
+        return plain(pruned)
 
     @property
     def constraints(self) -> list:

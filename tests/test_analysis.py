@@ -73,3 +73,25 @@ def test_illegal_drop_refused_before_any_fork():
         cg.prune({frozen.id: [frozen.frozen_channels[0]]})
     with pytest.raises(sp.IllegalDropError):
         cg.run_masked({"no such group": [0]})
+
+
+@pytest.mark.parametrize("name", ["resnet_cifar_a", "convnext", "densenet"])
+def test_training_the_pruned_model_leaves_the_users_model_alone(name):
+    """The pruned model owns every tensor: an optimizer step on it (and an in-place edit of
+    its buffers) never writes into the user's model, even for tensors surgery left as they were."""
+    model, inputs = ZOO[name]()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    cg = sp.analyze(model, inputs)
+    pruned = cg.prune(random_drop(cg, 0)).train()
+    opt = torch.optim.SGD(pruned.parameters(), lr=1.0)
+    out = _outs(pruned(*inputs))
+    sum(o.float().sum() for o in out).backward()
+    opt.step()
+    with torch.no_grad():
+        for t in list(pruned.parameters()) + list(pruned.buffers()):
+            if t.is_floating_point():
+                t.add_(1.0)
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    user = {t.untyped_storage().data_ptr() for t in list(model.parameters()) + list(model.buffers())}
+    assert not any(t.untyped_storage().data_ptr() in user for t in list(pruned.parameters()) + list(pruned.buffers()))
