@@ -53,9 +53,11 @@ class ChannelGraph:
         return count_graph_flops(self.gm, self.inputs)
 
     # ------------------------------------------------------------------ passes on forks
-    def fork(self, *, copy_modules: bool = True) -> "ChannelGraph":
-        """A private copy (graph, flow, groups; modules too unless ``copy_modules=False``)."""
-        gm, flow, groups = fork(self.gm, self.flow, self.groups, copy_modules=copy_modules)
+    def fork(self, *, copy_modules: bool = True, share_tensors: bool = False) -> "ChannelGraph":
+        """A private copy (graph, flow, groups; modules too unless ``copy_modules=False``;
+        ``share_tensors``: see ``softprune_fx.passes.analysis.fork``)."""
+        gm, flow, groups = fork(self.gm, self.flow, self.groups, copy_modules=copy_modules,
+                                share_tensors=share_tensors)
         return ChannelGraph(gm, flow, groups, self.inputs, self.options)
 
     def masked(self, drop: dict | None, *, share_weights: bool = False) -> fx.GraphModule:
@@ -82,16 +84,14 @@ class ChannelGraph:
         from softprune_fx.passes.surgery import apply_surgery
 
         from .api import plain
-        from softprune_fx.passes.analysis import fork as fork_graph, own_tensors
+        from softprune_fx.passes.analysis import own_tensors
         self.plan(drop)  # checked here: the engine of this analysis is built once
-        if inplace:
-            f = self.fork(copy_modules=False)
-            return plain(apply_surgery(f.gm, f.flow, Plan.from_drop(f.flow, f.groups, drop), self.inputs))
-        # modules copied, tensors shared until surgery has replaced the ones it slices;
-        # the rest are copied afterwards (each weight is copied once, not twice)
-        gm, flow, groups = fork_graph(self.gm, self.flow, self.groups, share_tensors=True)
-        pruned = apply_surgery(gm, flow, Plan.from_drop(flow, groups, drop), self.inputs)
-        own_tensors(pruned, self.gm)
+        # without inplace: modules copied, tensors shared until surgery has replaced the ones
+        # it slices; the rest are copied afterwards (each weight is copied once, not twice)
+        f = self.fork(copy_modules=not inplace, share_tensors=not inplace)
+        pruned = apply_surgery(f.gm, f.flow, Plan.from_drop(f.flow, f.groups, drop), self.inputs)
+        if not inplace:
+            own_tensors(pruned, self.gm)
         return plain(pruned)
 
     @property
