@@ -95,3 +95,20 @@ def test_training_the_pruned_model_leaves_the_users_model_alone(name):
     assert all(torch.equal(before[k], after[k]) for k in before)
     user = {t.untyped_storage().data_ptr() for t in list(model.parameters()) + list(model.buffers())}
     assert not any(t.untyped_storage().data_ptr() in user for t in list(pruned.parameters()) + list(pruned.buffers()))
+
+
+def test_prune_inplace_slices_the_users_modules():
+    """``prune_channels(..., inplace=True)``: the user's own modules are sliced, and the result
+    still computes what the masked model computes."""
+    model, inputs = ZOO["resnet_cifar_a"]()
+    model.eval()
+    cg = sp.analyze(model, inputs)
+    drop = random_drop(cg, 1)
+    with torch.no_grad():
+        ref = cg.masked(drop)(*inputs)
+    widths = [m.weight.shape[0] for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    pruned = sp.prune_channels(model, inputs, drop, inplace=True)
+    after = [m.weight.shape[0] for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert sum(after) < sum(widths)
+    with torch.no_grad():
+        assert (pruned.eval()(*inputs) - ref).abs().max() <= 1e-5
