@@ -8,7 +8,10 @@ Example::
 """
 from __future__ import annotations
 
+import warnings
 from typing import Any, Iterable
+
+import torch
 
 import torch.fx as fx
 from torch import nn
@@ -30,9 +33,22 @@ def analyze(model: nn.Module, example_inputs: Any, *, frozen: Iterable[str] = ()
     """
     inputs = as_input_tuple(example_inputs)
     gm = capture(model, inputs, leaf_modules)
+    _warn_static_batch(gm, inputs)
     flow = run_flow(gm, allow_inexact=allow_inexact)
     options = dict(frozen=tuple(frozen), leaf_modules=tuple(leaf_modules), allow_inexact=allow_inexact)
     return ChannelGraph(gm, flow, build_groups(flow, tuple(frozen)), inputs, options)
+
+
+def _warn_static_batch(gm: fx.GraphModule, inputs: tuple) -> None:
+    """Say so when Python in the forward branched on the batch size: the traced (and so the
+    pruned) graph holds the branch of this batch size only."""
+    if not gm.meta.get("static_batch"):
+        return
+    where = next((f"{s.get('where')}: {s.get('code') or s.get('expr')}" for s in gm.meta.get("specialisations", ())
+                  if s.get("batch")), "?")
+    batch = next((x.shape[0] for x in inputs if isinstance(x, torch.Tensor) and x.dim()), "?")
+    warnings.warn(f"the trace specialised on the batch size ({where}): the pruned model holds the branch "
+                  f"taken at batch {batch} and is valid for that batch size only", stacklevel=3)
 
 
 def plain(gm: fx.GraphModule) -> fx.GraphModule:

@@ -187,6 +187,14 @@ def test_a_specialisation_on_the_batch_is_flagged():
     check, size = gm.meta["specialisations"]
     assert check["kind"] == "bool" and check["batch"] and gm.meta["static_batch"]
     assert size["kind"] == "int" and not size["batch"] and size["reads"] == [["x", 1]]
+    with pytest.warns(UserWarning, match=r"specialised on the batch size \(.*test_specialise.py:\d+.*valid for that batch size only"):
+        sp.analyze(ChecksBatch(), (torch.randn(3, 4, 5),))
+
+
+def test_no_batch_warning_when_the_trace_does_not_read_the_batch(recwarn):
+    model, x = KwOnly().eval(), (torch.randn(2, 3, 8, 8),)
+    sp.analyze(model, x)
+    assert not [w for w in recwarn if "batch size" in str(w.message)]
 
 
 class KwOnly(nn.Module):
