@@ -62,3 +62,10 @@ def check(key, op, expect=True, module=None, size=8, seeds=2):
         assert err <= 1e-12, (key, err)
     assert dropped > 0, "the random drops dropped nothing"
     return cg
+
+
+def case_ids(cases) -> list[str]:
+    """Readable pytest ids for a table of ``(key, op, module, expect)`` cases: index and key name."""
+    def name(key):
+        return key if isinstance(key, str) else getattr(key, "__qualname__", None) or getattr(key, "__name__", repr(key))
+    return [f"{i}-{name(c[0])}" for i, c in enumerate(cases)]

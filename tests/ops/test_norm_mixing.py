@@ -5,7 +5,7 @@ import operator
 import pytest
 import torch
 import torch.nn.functional as F
-from harness import check
+from harness import case_ids, check
 from torch import nn
 
 
@@ -80,12 +80,8 @@ CASES = [
 ]
 
 
-def _id(case):
-    key = case[0]
-    return key if isinstance(key, str) else getattr(key, "__name__", repr(key))
 
-
-@pytest.mark.parametrize("case", CASES, ids=[f"{i}-{_id(c)}" for i, c in enumerate(CASES)])
+@pytest.mark.parametrize("case", CASES, ids=case_ids(CASES))
 def test_norm_mixing_key(case):
     key, op, module, expect = case
     check(key, op, expect, module)

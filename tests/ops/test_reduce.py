@@ -4,7 +4,7 @@ resampling and spatial pads pass channels; reductions over channels are exact si
 import pytest
 import torch
 import torch.nn.functional as F
-from harness import check
+from harness import case_ids, check
 from torch import nn
 
 
@@ -84,12 +84,8 @@ CASES += [(key, op, None, expect) for key, op, expect in [
 ]]
 
 
-def _id(case):
-    key = case[0]
-    return key if isinstance(key, str) else getattr(key, "__name__", repr(key))
 
-
-@pytest.mark.parametrize("case", CASES, ids=[f"{i}-{_id(c)}" for i, c in enumerate(CASES)])
+@pytest.mark.parametrize("case", CASES, ids=case_ids(CASES))
 def test_reduce_key(case):
     key, op, module, expect = case
     check(key, op, expect, module)
