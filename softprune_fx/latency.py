@@ -15,7 +15,12 @@ conv) cost their FLOPs times the measured ms per FLOP.
 Widths should be chosen from measured points (``points(gid)``: a group's efficient grid
 widths, those faster than every wider one): between points the table interpolates
 bilinearly, which misses the steps at the runtime's block sizes. Tables are cached on
-disk (``latency_cache.py``); a second run measures nothing.
+disk (``latency_cache.py``); a second run times no op.
+
+Files: this one (``LatencyCost``, the prediction), ``latency_timing.py`` (grid widths, tiny
+graphs, ``OrtTimer``, ``measure_models``), ``latency_loop.py`` (``close_loop``: measure and
+re-decide), ``latency_cache.py`` (tables and their cache). Their public names are
+importable from here.
 
 Example::
 
@@ -25,148 +30,16 @@ Example::
 from __future__ import annotations
 
 import math
-import tempfile
-import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
-import onnx
 import torch
-from onnx import TensorProto, helper, numpy_helper
 from torch import nn
-
-from softprune_fx.passes.ops import node_arg
 
 from .cost import CostModel
 from .latency_cache import LatencyCache, Table, efficient
-
-FRACS = (0.25, 0.5, 0.625, 0.75, 0.875, 1.0)
-
-
-def block_size(width: int) -> int:
-    """Channel block of the CPU kernels (MLAS NCHWc: 16 with AVX-512, else 8)."""
-    from .latency_cache import cpu_model
-    big = 16 if "avx512f" in cpu_model() else 8
-    return big if width >= 4 * big else 8 if width >= 16 else 1
-
-
-def grid_widths(width: int, multiple: int = 1, fracs=FRACS) -> list[int]:
-    """Measured widths of a ``width``-wide group: fractions of it, on multiples of
-    ``multiple`` and the block size, and the full width."""
-    m = math.lcm(max(1, multiple), block_size(width))
-    pts = {width} | {max(m, int(round(width * f / m)) * m) for f in fracs}
-    return sorted(p for p in pts if 0 < p <= width)
-
-
-# ---------------------------------------------------------------------- tiny graphs
-def op_spec(node, modules) -> dict | None:
-    """The shapes and attributes that fix an op's latency, JSON-able; None: not built."""
-    x = node_arg(node, 0, "input").meta.get("val")
-    if node.op != "call_module" or not isinstance(x, torch.Tensor):
-        return None
-    m = modules[node.target]
-    if isinstance(m, nn.Linear):
-        return {"op": "gemm", "x": list(x.shape), "in": m.in_features, "out": m.out_features}
-    if isinstance(m, nn.modules.conv._ConvNd) and not m.transposed and isinstance(m.padding, tuple):
-        return {"op": "conv", "x": list(x.shape), "in": m.in_channels, "out": m.out_channels,
-                "k": list(m.kernel_size), "stride": list(m.stride), "pads": list(m.padding) * 2,
-                "dil": list(m.dilation), "groups": m.groups, "dw": m.groups == m.in_channels and m.groups > 1}
-    return None
-
-
-def _tensor(name, shape):
-    return helper.make_tensor_value_info(name, TensorProto.FLOAT, list(shape))
-
-
-def build(spec: dict, i: int, o: int) -> tuple[onnx.ModelProto, dict]:
-    """A tiny ONNX graph of ``spec`` with ``i`` input and ``o`` output channels, and a feed."""
-    rng = np.random.default_rng(0)
-    if spec["op"] == "gemm":
-        lead = spec["x"][:-1]
-        w = numpy_helper.from_array(rng.standard_normal((o, i)).astype(np.float32), "W")
-        b = numpy_helper.from_array(np.zeros(o, np.float32), "B")
-        if len(lead) == 1:
-            nodes = [helper.make_node("Gemm", ["X", "W", "B"], ["Y"], transB=1)]
-        else:
-            w = numpy_helper.from_array(rng.standard_normal((i, o)).astype(np.float32), "W")
-            nodes = [helper.make_node("MatMul", ["X", "W"], ["Z"]), helper.make_node("Add", ["Z", "B"], ["Y"])]
-        xshape = [*lead, i]
-    else:
-        groups = o * spec["in"] // spec["out"] if spec["dw"] else spec["groups"]
-        if spec["dw"]:
-            i = groups
-        xshape = [spec["x"][0], i, *spec["x"][2:]]
-        w = numpy_helper.from_array(rng.standard_normal((o, i // groups, *spec["k"])).astype(np.float32), "W")
-        b = numpy_helper.from_array(np.zeros(o, np.float32), "B")
-        nodes = [helper.make_node("Conv", ["X", "W", "B"], ["Z"], strides=spec["stride"], pads=spec["pads"],
-                                  dilations=spec["dil"], group=groups, kernel_shape=spec["k"]),
-                 helper.make_node("Relu", ["Z"], ["Y"])]
-    graph = helper.make_graph(nodes, "op", [_tensor("X", xshape)], [_tensor("Y", [])], [w, b])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    return model, {"X": rng.standard_normal(xshape).astype(np.float32)}
-
-
-# ---------------------------------------------------------------------- timing
-class OrtTimer:
-    """Times tiny graphs and whole ONNX files in ORT CPU with ``threads`` intra-op threads
-    (None/0: ORT's default), spinning off, interleaved round-robin, medians."""
-
-    def __init__(self, threads: int | None = None, warmup: int = 1, repeats: int = 5):
-        self.threads, self.warmup, self.repeats = threads, warmup, repeats
-
-    def session(self, model):
-        import onnxruntime as ort
-        opts = ort.SessionOptions()
-        opts.log_severity_level = 3
-        opts.intra_op_num_threads = int(self.threads or 0)
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        src = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
-        return ort.InferenceSession(src, opts, providers=["CPUExecutionProvider"])
-
-    def _interleaved(self, runs, warmup: int, repeats: int) -> list[np.ndarray]:
-        for run in runs:
-            for _ in range(warmup):
-                run()
-        times = np.zeros((repeats, len(runs)))
-        for r in range(repeats):
-            shift = r % len(runs)
-            for k in list(range(shift, len(runs))) + list(range(shift)):
-                start = time.perf_counter()
-                runs[k]()
-                times[r, k] = (time.perf_counter() - start) * 1e3
-        return [times[:, k] for k in range(len(runs))]
-
-    def ops(self, jobs: list[tuple[onnx.ModelProto, dict]]) -> list[float]:
-        """Fastest ms of each (model, feed) over interleaved round-robin repeats."""
-        runs = []
-        for model, feed in jobs:
-            s = self.session(model)
-            runs.append(lambda s=s, feed=feed: s.run(None, feed))
-        # the fastest repeat: on a shared CPU interference only adds time, and one preempted
-        # run in five moves a median of five on sub-millisecond ops
-        return [float(np.min(t)) for t in self._interleaved(runs, self.warmup, self.repeats)]
-
-    def files(self, paths: dict, feed_of, warmup: int = 5, repeats: int = 30) -> dict:
-        """{name: (median, p10, p90) ms} of whole ONNX files, interleaved; ``feed_of(session)``."""
-        sessions = {n: self.session(p) for n, p in paths.items()}
-        runs = [lambda s=s: s.run(None, feed_of(s)) for s in sessions.values()]
-        out = self._interleaved(runs, warmup, repeats)
-        return {n: tuple(float(np.percentile(t, q)) for q in (50, 10, 90)) for n, t in zip(sessions, out)}
-
-
-def measure_models(models: dict, inputs, threads=None, warmup: int = 5, repeats: int = 30, timer=None) -> dict:
-    """Export each ``{name: module}`` and time the files interleaved: {name: (median, p10, p90)}."""
-    from .onnx_check import _feed, export_onnx
-    timer = timer or OrtTimer(threads)
-    with tempfile.TemporaryDirectory() as tmp:
-        paths = {}
-        for name, m in models.items():
-            paths[name] = str(Path(tmp) / f"{name}.onnx")
-            export_onnx(m, inputs, paths[name])
-        feeds = {}
-        return timer.files(paths, lambda s: feeds.setdefault(id(s), _feed(s, inputs)), warmup, repeats)
+from .latency_loop import LOOP_TOL, close_loop  # noqa: F401 (the public names stay here)
+from .latency_timing import FRACS, OrtTimer, block_size, build, grid_widths, measure_models, op_spec  # noqa: F401
 
 
 # ---------------------------------------------------------------------- the cost model
@@ -357,54 +230,3 @@ class LatencyCost:
             self.scale, self.constant = 1.0, float(np.mean(m - s))
         self.total0 = self.flops(np.ones(self.index.size))
 
-
-LOOP_TOL = 0.01
-
-
-def _finish_reachable(finish, goal: float):
-    """``finish(goal)``, lowering the goal by 5 points (at most 4 times) while the predicted
-    latency cannot reach it: the first measurement then recalibrates the model."""
-    from softprune_fx.passes.errors import BudgetError
-    for _ in range(4):
-        try:
-            return finish(goal), goal
-        except BudgetError:
-            goal -= 0.05
-    return finish(goal), goal
-
-
-def close_loop(finish, cost: LatencyCost, model, inputs, ratio: float, rounds: int = 2, tol: float = LOOP_TOL):
-    """Decide (``finish(goal) -> (pruned, result)``), measure original and pruned
-    interleaved, and while the measured cut misses ``ratio`` by more than ``tol`` (at most
-    ``rounds`` more times) refit the model's scale and constant on the measurements, move
-    the goal by what the refit model still misses, and decide again; the measured-closest
-    result wins. Fills the result's latency fields (achieved/target: latency fractions;
-    the prediction reported is the one the kept result was decided on)."""
-    goal, best, history, observed = ratio, None, [], [(np.ones(cost.index.size), cost.measured0)]
-    for r in range(rounds + 1):
-        (pruned, result), goal = _finish_reachable(finish, goal)
-        keep = cost.index.keep_from_drop(result.drop)
-        pred0, pred1 = cost.total0, cost.flops(keep)
-        stats = measure_models({"orig": model, "pruned": pruned}, inputs, cost.threads, timer=cost.timer)
-        m0, m1 = stats["orig"][0], stats["pruned"][0]
-        cut = 1.0 - m1 / m0
-        history.append({"goal": round(goal, 4), "predicted_cut": round(1 - pred1 / pred0, 4),
-                        "measured_cut": round(cut, 4), "ms_before": round(m0, 4), "ms_after": round(m1, 4)})
-        if best is None or abs(cut - ratio) < abs(best[2] - ratio):
-            best = (pruned, result, cut, m0, m1, pred0, pred1)
-        if abs(cut - ratio) <= tol or r == rounds:
-            break
-        observed.append((keep, cost.measured0 * m1 / m0))  # this run's fraction, on the calibrated scale
-        cost.refit(observed)
-        goal = float(np.clip(ratio + (cost.ratio(keep) - cut), 0.01, 0.95))
-    pruned, result, cut, m0, m1, pred0, pred1 = best
-    result.flops_ratio = result.achieved_ratio
-    result.target, result.ort_threads = "latency", cost.threads
-    result.target_ratio, result.achieved_ratio = ratio, cut
-    result.ort_ms_before, result.ort_ms_after = m0, m1
-    result.ort_pred_ms_before, result.ort_pred_ms_after = pred0, pred1
-    result.ort_pred_error = pred1 / m1 - 1.0
-    result.ort_pred_cut = 1.0 - pred1 / pred0
-    result.ort_pred_error_rel = (pred1 / pred0) / (m1 / m0) - 1.0  # load drift since calibration cancels
-    result.latency_rounds = history
-    return pruned, result
