@@ -7,7 +7,8 @@ kept input and output counts: per group a few widths (fractions of it, multiples
 runtime's block size and of any conv groups), so ops of the same shape share one table.
 Timing as DESIGN.md section 6: ``allow_spinning = 0``, the deployment's intra-op thread
 count, warm-up, medians of interleaved round-robin repeats. The whole network is the sum
-of its ops plus a constant, calibrated by one whole-model run of the original (the tiny
+of its ops plus a constant, calibrated by one whole-model run of the original on every
+run (only the op tables are cached: the calibration follows the machine's state; the tiny
 graphs pay layout reorders the whole graph does not; the constant absorbs the rest: BN
 folded, element-wise work, pooling). Ops the builder does not know (matmul, functional
 conv) cost their FLOPs times the measured ms per FLOP.
@@ -33,7 +34,6 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 from torch import nn
 
 from .cost import CostModel
@@ -48,11 +48,6 @@ class _Axis:
     ids: np.ndarray | None      # flat ids (-1 = kept), None: the count is fixed at ``pts[0]``
     sg: np.ndarray | None       # site-group ids of an input axis
     pts: list[int]
-
-
-def _key(x) -> str:
-    import json
-    return json.dumps(x, sort_keys=True)
 
 
 class LatencyCost:
@@ -79,7 +74,7 @@ class LatencyCost:
         self.scale, self.constant = 1.0, 0.0
         full = np.ones(index.size)
         self.ops0 = self.ops_ms(full)
-        self.measured0 = self._whole(model, inputs, specs) if calibrate else self.ops0
+        self.measured0 = self._whole(model, inputs) if calibrate else self.ops0
         self.constant = self.measured0 - self.ops0
         self.total0 = self.flops(full)
 
@@ -154,16 +149,11 @@ class LatencyCost:
                 ms += tab.ms[-1, -1]
         self.ms_per_flop = ms / flops if flops else 0.0
 
-    def _whole(self, model, inputs, specs) -> float:
-        """p10 ms of the original model in ORT (the tables hold fastest repeats; cached by
-        its ops and input shapes)."""
-        shapes = [list(x.shape) for x in inputs if isinstance(x, torch.Tensor)]
-        entry = {"whole": _key([specs, [(t.node, t.coef) for t in self.flops_model.terms], shapes]), "v": 1}
-        value = self.cache.get(entry)
-        if value is None:
-            value = {"ms": measure_models({"orig": model}, inputs, self.threads, timer=self.timer)["orig"][1]}
-            self.cache.put(entry, value)
-        return float(value["ms"])
+    def _whole(self, model, inputs) -> float:
+        """p10 ms of the original model in ORT, measured on every run, never cached: of
+        everything the prediction holds, this is the most sensitive to the machine's state
+        (load, frequency), and one whole-model run is cheap beside the op tables."""
+        return float(measure_models({"orig": model}, inputs, self.threads, timer=self.timer)["orig"][1])
 
     # -- evaluation
     def _count(self, ax: _Axis, k: np.ndarray) -> float:

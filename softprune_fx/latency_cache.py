@@ -4,7 +4,8 @@ The key holds everything a timing depends on: the op's signature and shapes, the
 widths, the ONNX Runtime version, the intra-op thread count and the CPU (model name and
 the vector extensions the kernels dispatch on). Directory, first match wins: the
 ``latency_cache=`` argument, ``$SOFTPRUNE_LATENCY_CACHE``, ``$XDG_CACHE_HOME/softprune-fx/latency``,
-``~/.cache/softprune-fx/latency``.
+``~/.cache/softprune-fx/latency``. Only per-op tables are stored: the whole-model
+calibration (``LatencyCost._whole``) is measured on every run, since it follows the load.
 
 Example::
 

@@ -111,12 +111,33 @@ def test_prediction_marginal_and_calibration(net, tmp_path):
     assert lat.points("a") == grid_widths(64)
 
 
-def test_second_run_measures_nothing_and_keys_follow_the_runtime(net, tmp_path):
-    first, second = FakeTimer(), FakeTimer()
-    _lat(net, tmp_path, first)
+class LoadedTimer(FakeTimer):
+    """The machine under load: every op and whole file takes ``slow`` times as long."""
+
+    def __init__(self, slow: float):
+        super().__init__()
+        self.slow = slow
+
+    def ops(self, jobs):
+        return [self.slow * v for v in super().ops(jobs)]
+
+    def files(self, paths, feed_of, warmup=5, repeats=30):
+        self.file_calls += 1
+        return {name: (5.0 * self.slow,) * 3 for name in paths}
+
+
+def test_second_run_times_no_op_but_recalibrates_the_whole_model(net, tmp_path):
+    """Op tables come from the cache; the whole-model constant is measured again, so a
+    second run under other load predicts that run's original latency (a cached constant
+    would keep predicting the first run's 5 ms)."""
+    first, second = FakeTimer(), LoadedTimer(2.0)
+    lat1 = _lat(net, tmp_path, first)
     assert first.op_calls > 0 and first.file_calls == 1
     lat = _lat(net, tmp_path, second)
-    assert (second.op_calls, second.file_calls, lat.measured_ops) == (0, 0, 0)
+    assert (second.op_calls, lat.measured_ops) == (0, 0)
+    assert second.file_calls == 1 and lat.measured0 == pytest.approx(10.0)
+    assert lat.total0 == pytest.approx(10.0) and lat1.total0 == pytest.approx(5.0)
+    assert lat.ops0 == pytest.approx(lat1.ops0)           # the same (cached) tables
     entry = {"spec": {"op": "conv"}, "i": [8], "o": [8]}
     keys = {LatencyCache(t, tmp_path, ort=v, cpu="x").key(entry) for t in (None, 1, 2) for v in ("1.0", "1.1")}
     assert len(keys) == 6
