@@ -93,7 +93,7 @@ def _model_options() -> Parser:
 
 
 def _prune_options(prune: Parser) -> None:
-    prune.add_argument("--ratio", type=float, required=True, help="target FLOPs cut, in (0, 1)")
+    prune.add_argument("--ratio", type=float, required=True, help="target cut, in (0, 1): of FLOPs, or of ORT latency with --target latency")
     prune.add_argument("--weights", metavar="FILE", help="weights to load first: a state dict or a checkpoint "
                        "dict holding one under model / state_dict / model_state_dict (DDP 'module.' ok)")
     prune.add_argument("--strict", action="store_true", help="only prune channels with BN statistics")

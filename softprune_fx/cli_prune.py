@@ -211,8 +211,10 @@ def _change(before, after) -> str:
 
 
 def summary_table(report: dict) -> Table:
-    """Before/after: FLOPs, params, ORT latency, accuracy when trained."""
-    table = Table(title=f"pruned {report['spec_given']} (target {report['target_ratio']:.0%} FLOPs cut)")
+    """Before/after: FLOPs, params, ORT latency (and its prediction with --target latency),
+    accuracy when trained."""
+    what = "latency" if report.get("target") == "latency" else "FLOPs"  # target_ratio's unit
+    table = Table(title=f"pruned {report['spec_given']} (target {report['target_ratio']:.0%} {what} cut)")
     for col in ("", "before", "after", "change"):
         table.add_column(col, justify="right" if col else "left")
     fb, fa, pb, pa = (report[k] for k in ("flops_before", "flops_after", "params_before", "params_after"))
@@ -222,6 +224,10 @@ def summary_table(report: dict) -> Table:
     if la is not None:
         table.add_row("ORT latency (median)", f"{lb:.3f} ms" if lb is not None else "-", f"{la:.3f} ms",
                       _change(lb, la))
+    pb_ms, pa_ms = report.get("ort_pred_ms_before"), report.get("ort_pred_ms_after")
+    if pa_ms is not None:  # --target latency: the latency model's prediction beside the measurement
+        table.add_row(f"ORT latency predicted ({report.get('ort_threads') or 'default'} threads)",
+                      f"{pb_ms:.3f} ms", f"{pa_ms:.3f} ms", _change(pb_ms, pa_ms))
     metric = report.get("metric")
     if metric:
         fmt = (lambda v: "-" if v is None else f"{v:.2%}") if metric["name"] == "accuracy" else (
