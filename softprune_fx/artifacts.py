@@ -6,7 +6,7 @@ the end, so DIR is either the complete new result or untouched:
     pruned.pt        the whole pruned GraphModule (torch.load(..., weights_only=False))
     state_dict.pt    its weights (torch.load(..., weights_only=True))
     plan.json        kept channels per group, input specs, graph fingerprint (apply_plan)
-    pruned.onnx      self-contained, dynamic batch axis, explicit output names
+    pruned.onnx      self-contained, dynamic batch axis (static where the trace read the batch size)
     report.json      figures, checks, and what failed
     widths.png       channels per group before/after (skipped without matplotlib)
 
@@ -30,7 +30,7 @@ from torch import nn
 
 from softprune_fx.passes.errors import OnnxExportError
 from softprune_fx.passes.flops import eval_mode
-from softprune_fx.onnx_check import check_onnx, export_onnx, export_with_leaves, ort_latency
+from softprune_fx.onnx_check import check_onnx, export_onnx, export_with_leaves, onnx_batch_size, ort_latency
 
 from .cli_errors import UsageError, one_line
 from .plan_io import inputs_from_specs, save_plan, seal_plan
@@ -169,12 +169,19 @@ def check_batches(model: nn.Module, onnx_path: Path, specs: list[dict], example_
     Returns ``{"ok", "max_abs_diff", "per_batch", "rel_tolerance"}`` (``per_batch`` keyed by
     kind: batch sizes, "normal x5", "constant +5", "constant -5", "example"). A batch size
     other than the recorded one at which torch itself cannot run the model (a batch fixed
-    in its code) is skipped with a note; ORT raising or differing is a failure.
+    in its code) is skipped with a note; ORT raising or differing is a failure. A file with a
+    static batch axis (the trace specialised on the batch size) is checked at that batch only;
+    the other batch sizes are skipped with a note saying so.
     """
     recorded = specs[0]["shape"][0] if specs and specs[0].get("shape") else None
+    fixed = onnx_batch_size(onnx_path)
     per_batch, worst, ok = {}, 0.0, True
     for name, inputs in input_kinds(specs, example_inputs, seed):
         if inputs is None:  # non-tensor inputs: only the example itself can be fed
+            continue
+        if fixed and name.isdigit() and int(name) != fixed:
+            per_batch[name] = {"ok": True, "skipped": f"pruned.onnx has a static batch axis of {fixed} (the trace "
+                                                      f"specialised on the batch size): checked at batch {fixed} only"}
             continue
         torch_error = _runs_in_torch(model, inputs)
         if torch_error and name.isdigit() and int(name) != recorded:
@@ -189,7 +196,7 @@ def check_batches(model: nn.Module, onnx_path: Path, specs: list[dict], example_
         per_batch[name] = {"ok": check.ok, "max_abs_diff": check.max_abs_diff, "limits": check.limits}
         worst = max([worst, *check.max_abs_diff.values()])
         ok = ok and check.ok
-    return {"ok": ok, "max_abs_diff": worst, "per_batch": per_batch, "rel_tolerance": ONNX_REL}
+    return {"ok": ok, "max_abs_diff": worst, "per_batch": per_batch, "rel_tolerance": ONNX_REL, "static_batch": fixed}
 
 
 def checked_batches(per_batch: dict) -> list[str]:
@@ -210,7 +217,7 @@ def check_failures(check: dict) -> list[str]:
 
 
 def onnx_stage(folder: Path, original: nn.Module, pruned: nn.Module, inputs: tuple, specs: list[dict],
-               step: Step, leaves: dict | None = None) -> dict:
+               step: Step, leaves: dict | None = None, static_batch: bool = False) -> dict:
     """Export both models, check the pruned one in ORT, time both; report fields.
 
     ``original.onnx`` is only used for timing and is removed; a failed pruned export
@@ -220,7 +227,8 @@ def onnx_stage(folder: Path, original: nn.Module, pruned: nn.Module, inputs: tup
                               "latency_ms_before": None, "latency_ms_after": None}
     try:
         with step("exporting the pruned model to ONNX"):
-            leaf_export = export_with_leaves(pruned, inputs, folder / "pruned.onnx", list(leaves or {}))
+            leaf_export = export_with_leaves(pruned, inputs, folder / "pruned.onnx", list(leaves or {}),
+                                             static_batch=static_batch)
     except OnnxExportError as exc:
         fields["onnx_error"] = one_line(exc)
         return fields
@@ -340,6 +348,9 @@ def write_artifacts(out: str | os.PathLike, *, original: nn.Module, pruned: nn.M
     step = step or (lambda _text: contextlib.nullcontext())
     pruned.eval()
     report = base_report(result, meta)
+    analysis = getattr(result, "analysis", None)  # its trace's specialisations, with source lines
+    report["specialisations"] = list(getattr(analysis, "specialisations", None) or [])
+    report["static_batch"] = any(s.get("batch") for s in report["specialisations"])
     seconds: dict[str, float] = {}
     with staged_dir(out, force) as tmp:
         start = time.perf_counter()
@@ -349,7 +360,8 @@ def write_artifacts(out: str | os.PathLike, *, original: nn.Module, pruned: nn.M
         seconds["save"] = time.perf_counter() - start
         start = time.perf_counter()
         report["untraced_leaves"] = dict(leaves or {})
-        report.update(onnx_stage(tmp, original, pruned, inputs, plan.get("inputs", []), step, leaves))
+        report.update(onnx_stage(tmp, original, pruned, inputs, plan.get("inputs", []), step, leaves,
+                                 report["static_batch"]))
         seconds["onnx"] = time.perf_counter() - start
         report["widths_png"] = plot_widths(tmp / "widths.png", report["groups"])
         report["failed"] = []

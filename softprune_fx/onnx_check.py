@@ -137,6 +137,16 @@ class ExportInfo:
     input_names: list[str]
     seconds: float
     path: str
+    static_batch: bool = False  # the batch axis is fixed at the example's size
+
+
+def onnx_batch_size(path: str | os.PathLike) -> int | None:
+    """The fixed batch size of the first input of an ONNX file, None when the axis is dynamic."""
+    import onnx
+
+    inputs = onnx.load(str(path), load_external_data=False).graph.input
+    dims = inputs[0].type.tensor_type.shape.dim if inputs else ()
+    return dims[0].dim_value if dims and dims[0].HasField("dim_value") else None
 
 
 def _input_names(n: int) -> list[str]:
@@ -188,9 +198,32 @@ def _batch_of_two(inputs: tuple) -> tuple:
                  for t in inputs)
 
 
+def batch_specialised(model: nn.Module) -> bool:
+    """True when ``model`` is a GraphModule whose trace specialised on the batch size."""
+    meta = getattr(model, "meta", None)
+    return isinstance(meta, dict) and bool(meta.get("static_batch", False))
+
+
+def _attempts(n_inputs: int, names: list[str], static_batch: bool) -> list[tuple[str, dict]]:
+    """Both exporters' arguments: a dynamic batch axis on every input and output, or none."""
+    ts = dict(dynamo=False, opset_version=TORCHSCRIPT_OPSET)
+    dyn = dict(dynamo=True, external_data=False, verbose=False)
+    if not static_batch:
+        batch = torch.export.Dim("batch")
+        ts["dynamic_axes"] = {n: {0: "batch"} for n in names}
+        dyn["dynamic_shapes"] = tuple({0: batch} for _ in range(n_inputs))
+    return [("torchscript", ts), ("dynamo", dyn)]
+
+
 def export_onnx(model: nn.Module, example_inputs: Inputs, path: str | os.PathLike,
-                exporters: tuple[str, ...] = ("torchscript", "dynamo")) -> ExportInfo:
+                exporters: tuple[str, ...] = ("torchscript", "dynamo"), *,
+                static_batch: bool | None = None) -> ExportInfo:
     """Export ``model`` (eval mode) to a self-contained ONNX file with a dynamic batch axis.
+
+    ``static_batch=True`` fixes the batch axis at the example's size instead: a trace that
+    specialised on the batch size (``gm.meta["static_batch"]``) holds that batch's branch only,
+    so a dynamic axis would promise batches the graph is wrong for. ``None`` reads it from
+    ``model.meta`` (an analysis's GraphModule; a pruned one is told by its caller).
 
     Tries the TorchScript exporter (fast, opset 17), then ``dynamo=True`` with
     ``external_data=False``. Writes a temporary file beside ``path`` and renames it, so a
@@ -206,13 +239,9 @@ def export_onnx(model: nn.Module, example_inputs: Inputs, path: str | os.PathLik
     with eval_mode(model):
         output_names = [name for name, _ in flatten_outputs(model(*inputs))]
     input_names = _input_names(len(inputs))
-    batch = torch.export.Dim("batch")
-    attempts = [
-        ("torchscript", dict(dynamo=False, opset_version=TORCHSCRIPT_OPSET,
-                             dynamic_axes={n: {0: "batch"} for n in input_names + output_names})),
-        ("dynamo", dict(dynamo=True, external_data=False, verbose=False,
-                        dynamic_shapes=tuple({0: batch} for _ in inputs))),
-    ]
+    if static_batch is None:
+        static_batch = batch_specialised(model)
+    attempts = _attempts(len(inputs), input_names + output_names, static_batch)
     attempts = [a for a in attempts if a[0] in exporters]
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
@@ -220,7 +249,7 @@ def export_onnx(model: nn.Module, example_inputs: Inputs, path: str | os.PathLik
     try:
         for exporter, kwargs in attempts:
             start = time.perf_counter()
-            args = inputs if exporter == "torchscript" else _batch_of_two(inputs)
+            args = inputs if exporter == "torchscript" or static_batch else _batch_of_two(inputs)
             try:
                 with eval_mode(model), _quiet():
                     torch.onnx.export(model, args, tmp, input_names=input_names,
@@ -230,7 +259,7 @@ def export_onnx(model: nn.Module, example_inputs: Inputs, path: str | os.PathLik
                 continue
             seconds = time.perf_counter() - start
             os.replace(tmp, path)
-            return ExportInfo(exporter, output_names, input_names, seconds, str(path))
+            return ExportInfo(exporter, output_names, input_names, seconds, str(path), static_batch)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)

@@ -48,7 +48,7 @@ def script_leaves(model: nn.Module, names) -> tuple[nn.Module, dict[str, str]]:
 
 
 def export_with_leaves(model: nn.Module, example_inputs: Inputs, path: str | os.PathLike,
-                       leaves=()) -> LeafExport:
+                       leaves=(), *, static_batch: bool | None = None) -> LeafExport:
     """Export a model whose submodules ``leaves`` were not traced (their Python, possibly
     data-dependent control flow, runs as is in torch).
 
@@ -56,27 +56,29 @@ def export_with_leaves(model: nn.Module, example_inputs: Inputs, path: str | os.
     takes, so leaves are scripted first (``If`` survives). When a leaf does not script,
     the dynamo exporter is tried (torch.export refuses data-dependent branches, so a file
     it writes holds none); failing that, the plain TorchScript export is written and
-    ``one_branch`` names the leaf: the file may compute one branch only.
+    ``one_branch`` names the leaf: the file may compute one branch only. ``static_batch``
+    as in :func:`~softprune_fx.onnx_check.export_onnx`, on every route.
     """
     leaves = list(leaves)
+    static = oc.batch_specialised(model) if static_batch is None else static_batch
     if not leaves:
-        return LeafExport(oc.export_onnx(model, example_inputs, path))
+        return LeafExport(oc.export_onnx(model, example_inputs, path, static_batch=static))
     scripted, failed = script_leaves(model, leaves)
     errors = dict(failed)
     if not failed:
         try:  # the exporter's own tracer refuses script submodules; a jit.trace of the whole keeps them
             with eval_mode(scripted), oc._quiet():
                 traced = torch.jit.trace(scripted, as_inputs(example_inputs), strict=False, check_trace=False)
-            info = oc.export_onnx(traced, example_inputs, path, ("torchscript",))
+            info = oc.export_onnx(traced, example_inputs, path, ("torchscript",), static_batch=static)
             info.exporter = "torchscript, scripted leaves"
             return LeafExport(info, scripted=leaves)
         except Exception as exc:  # noqa: BLE001 - then the other routes
             errors["(scripted export)"] = oc._one_line(exc)
     try:
-        return LeafExport(oc.export_onnx(model, example_inputs, path, ("dynamo",)))
+        return LeafExport(oc.export_onnx(model, example_inputs, path, ("dynamo",), static_batch=static))
     except OnnxExportError as exc:
         errors["(dynamo export)"] = str(exc)
-    info = oc.export_onnx(model, example_inputs, path, ("torchscript",))
+    info = oc.export_onnx(model, example_inputs, path, ("torchscript",), static_batch=static)
     leaf = next(iter(failed), leaves[0])
     return LeafExport(info, one_branch={"leaf": leaf, "why": errors.get(leaf) or "; ".join(errors.values()),
                                         "leaves": leaves})
