@@ -221,7 +221,8 @@ def _pull_weights(marginal: np.ndarray, free: np.ndarray, power: float) -> np.nd
 
 
 class SoftPruner:
-    """SCP soft masks on a copy of ``model``, trained jointly to a FLOPs target.
+    """SCP soft masks on a copy of ``model``, trained jointly to a FLOPs target (``target="latency"``:
+    to a cut of the predicted ONNX Runtime latency with ``ort_threads``, measured at finalize).
 
     ``pruner.model`` is the masked model to train; the controller advances on each of its
     training-mode forwards. ``finalize()`` decides, removes the channels and verifies.
@@ -230,7 +231,8 @@ class SoftPruner:
     def __init__(self, model: nn.Module, example_inputs: Any, ratio: float = 0.4, *, strict: bool = False,
                  frozen=(), min_width=1, round_to="auto", allow_inexact: bool = False, leaf_modules=(),
                  scp: SCPConfig = SCPConfig(), kp: float = 0.15, ki: float = 5e-3, lambda_max: float = 0.2,
-                 total_steps: Optional[int] = None, ramp: int = 100, weighting: float = 0.5, analysis=None):
+                 total_steps: Optional[int] = None, ramp: int = 100, weighting: float = 0.5, analysis=None,
+                 target: str = "flops", ort_threads: Optional[int] = None, latency_cache=None):
         if not 0.0 < ratio < 1.0:
             raise SoftpruneError(f"ratio must be in (0, 1), got {ratio}")
         self.inputs = as_input_tuple(example_inputs)
@@ -244,6 +246,10 @@ class SoftPruner:
         _prunable_or_raise(self.cg)
         self.index = self.cg.index
         self.cost = CostModel(self.cg, self.index, self.base, self.inputs, total=cg.flops)
+        # target="latency": the controller steers the hard-rule keep set's predicted ORT latency
+        self.target, self.lat = target, _latency_cost(self.cg, self.index, self.base, self.inputs, self.cost,
+                                                      target, ort_threads, latency_cache, round_to)
+        self.steer = self.lat if target == "latency" else self.cost
         sites = find_bn_sites(self.cg, self.index, scp.delta)
         # a smooth activation's threshold moves with delta, an exact zero region's edge does not
         exact = np.array([a.threshold == b.threshold
@@ -252,7 +258,7 @@ class SoftPruner:
         for s in sites:
             has[s.flat] = True
         fixed = _fixed_keep(self.cg, self.index, has, strict)
-        self.bank = MaskBank(self.index.size, sites, fixed, self.cost, ratio, scp, kp, ki, lambda_max, ramp,
+        self.bank = MaskBank(self.index.size, sites, fixed, self.steer, ratio, scp, kp, ki, lambda_max, ramp,
                              total_steps, exact)
         self.weights = torch.as_tensor(_pull_weights(self.cost.marginal(np.ones(self.index.size)), ~fixed,
                                                      weighting)).float()
@@ -305,7 +311,8 @@ class SoftPruner:
     def progress(self) -> dict:
         keep = self.hard_keep()
         alive = {g.id: int(keep[self.index.ids(g.id)].sum()) for g in self.cg.groups if g.prunable}
-        return {"step": int(self.bank.steps), "hard_flops_ratio": float(self.cost.ratio(keep)),
+        latency = {"hard_latency_ratio": float(self.lat.ratio(keep))} if self.target == "latency" else {}
+        return {"step": int(self.bank.steps), "hard_flops_ratio": float(self.cost.ratio(keep)), **latency,
                 "target": self.ratio, "lambda": float(self.bank.lam), "alive": alive}
 
     def thresholds(self) -> dict:
@@ -338,12 +345,19 @@ class SoftPruner:
             scores = self.bank.scores(params)  # keep_score: 1 - p, ordered by log p (1 - pi saturates)
         fixed = self.bank.fixed.cpu().numpy()
         keep0 = keep0 | fixed
-        cut = float(self.cost.ratio(keep0))
+        cut = float(self.steer.ratio(keep0))
         was = self.base.training
         self.base.eval()
+        points = _points(self.lat, self.target, self.round_to)
         try:
-            pruned, result = _finish(self.cg, self.index, self.cost, scores, keep0, self.ratio,
-                                     min_width=self.min_width, round_to=self.round_to, how="scp")
+            def finish(goal=self.ratio):
+                return _finish(self.cg, self.index, self.steer, scores, keep0, goal, min_width=self.min_width,
+                               round_to=self.round_to, how="scp", points=points)
+            if self.target == "latency":  # measured in ORT, re-decided at most twice (latency_loop.py)
+                from .latency import close_loop
+                pruned, result = close_loop(finish, self.lat, self.base, self.inputs, self.ratio)
+            else:
+                pruned, result = finish()
         finally:
             self.base.train(was)
         result.thresholds, result.training_cut = self.thresholds(), cut
