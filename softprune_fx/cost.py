@@ -37,7 +37,10 @@ class Term:
 
 
 class CostModel:
-    def __init__(self, cg, index: ChannelIndex, model: nn.Module, example_inputs, total: int | None = None):
+    def __init__(self, cg, index: ChannelIndex, model: nn.Module, example_inputs, total: int | str | None = None):
+        """``total``: FlopCounterMode's count of the model (None: counted here). ``"terms"``:
+        the sum of the registry's terms, with no forward; ``from_terms`` is then True and a
+        caller must confirm it with ``agrees`` on a counted forward before reporting it."""
         self.index = index
         self.terms: list[Term] = []
         modules = dict(cg.gm.named_modules())
@@ -48,9 +51,19 @@ class CostModel:
             term = self._term(cg, node, lookup(node, modules), modules, sites.get(node))
             if term is not None:
                 self.terms.append(term)
-        self.total0 = int(total if total is not None else count_flops(model, example_inputs))
         full = np.ones(index.size)
+        self.from_terms = total == "terms"
+        if self.from_terms:
+            total = round(self._variable(full))
+        self.total0 = int(total if total is not None else count_flops(model, example_inputs))
         self.constant = self.total0 - self._variable(full)
+
+    def agrees(self, keep: np.ndarray, counted: int) -> bool:
+        """Whether the model predicts ``counted`` (FlopCounterMode's count of the model
+        pruned to ``keep``) exactly. When the terms alone give the original's count they
+        give every pruned one too: a FLOP they miss (an op without a term, a leaf) shows up
+        here as a difference, so the terms' total is reported only after this holds."""
+        return abs(self.flops(keep) - counted) <= 1e-9 * max(counted, 1)
 
     def _term(self, cg, node, entry, modules, site) -> Term | None:
         """The node's FLOPs term from its registry entry (``OpEntry.flops``), mapped to flat ids."""

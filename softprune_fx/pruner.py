@@ -92,10 +92,12 @@ def _fixed_keep(cg, index: ChannelIndex, has_bn: np.ndarray, strict: bool) -> np
 
 
 def _finish(cg, index, cost, scores, keep0, ratio, *, min_width, round_to, how, points=None):
-    """Decide, legalize, prune and check ``pruned == masked`` on one analysis (no new trace)."""
+    """Decide, legalize, prune and check ``pruned == masked`` on one analysis (no new trace).
+    None when ``cost`` took its total from the registry's terms and the check's FLOPs count
+    disagrees with them (the caller then counts the original and decides again)."""
     decision = decide(cg, index, cost, scores, keep0, ratio, min_width=min_width, round_to=round_to,
                       **({"points": points} if points is not None else {}))
-    flops0 = getattr(cost, "flops_model", cost).total0  # a LatencyCost's total0 is ms
+    flops_model = getattr(cost, "flops_model", cost)  # a LatencyCost's total0 is ms
     drop = cg.legalize(decision.drop, {g.id: scores[index.ids(g.id)] for g in cg.groups})
     pruned = cg.prune(drop)
     inputs = cg.inputs
@@ -105,6 +107,11 @@ def _finish(cg, index, cost, scores, keep0, ratio, *, min_width, round_to, how, 
             out = pruned.eval()(*inputs)
     diff = max_abs_diff(ref, out)
     flops_after = int(counter.get_total_flops())
+    if getattr(flops_model, "from_terms", False):
+        if not flops_model.agrees(index.keep_from_drop(drop), flops_after):
+            return None  # the registry's terms miss some of this graph's FLOPs: count them
+        cg.__dict__.setdefault("flops", flops_model.total0)  # confirmed: ``cg.flops`` needs no forward
+    flops0 = flops_model.total0
     widths, kinds = {}, {}
     for g in cg.groups:
         widths[g.id] = (g.width, g.width - len(drop.get(g.id, ())))
@@ -139,7 +146,10 @@ def prune_one_shot(model: nn.Module, example_inputs: Any, ratio: float = 0.4, *,
         cg = analysis if analysis is not None else analyze(model, inputs, **options)
         _prunable_or_raise(cg)
         index = cg.index
-        cost = CostModel(cg, index, model, inputs, total=cg.flops)
+        # FLOPs mode: the original's count from the registry's terms, confirmed on the
+        # check's counted forward (one forward fewer); counted for real if they disagree
+        counted = target == "latency" or "flops" in cg.__dict__
+        cost = CostModel(cg, index, model, inputs, total=cg.flops if counted else "terms")
         lat = _latency_cost(cg, index, model, inputs, cost, target, ort_threads, latency_cache, round_to)
         sites = find_bn_sites(cg, index, delta=scp.delta)
         params = dict(model.named_parameters())
@@ -170,7 +180,11 @@ def prune_one_shot(model: nn.Module, example_inputs: Any, ratio: float = 0.4, *,
         if target == "latency":
             from .latency import close_loop
             return close_loop(finish, lat, model, inputs, ratio)
-        return finish()
+        out = finish()
+        if out is None:
+            cost = CostModel(cg, index, model, inputs, total=cg.flops)
+            out = finish()
+        return out
     finally:
         model.train(was_training)
 

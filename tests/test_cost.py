@@ -210,3 +210,55 @@ def test_functional_linear_with_keyword_weight_is_costed():
     drop = {next(g.id for g in cg.groups if "w" in g.producers): [0, 5, 7]}
     pruned = sp.prune_channels(model, inputs, drop)
     assert cost.flops(index.keep_from_drop(drop)) == pytest.approx(flops(pruned, inputs), rel=1e-9)
+
+
+@pytest.mark.parametrize("name", sorted(ZOO))
+def test_one_shot_reports_the_counted_original_flops(name):
+    """prune_one_shot takes the original's FLOPs from the registry's terms (no forward) only
+    when the check's count of the pruned model confirms them: its ``flops_before`` is
+    FlopCounterMode's count of the original on every zoo model, whichever path it took."""
+    model, inputs = ZOO[name]()
+    cg = sp.analyze(model, inputs)
+    terms = CostModel(cg, cg.index, model, inputs, total="terms").total0
+    pruned, result = sp.prune_one_shot(model, inputs, 0.3, analysis=cg)
+    assert result.flops_before == flops(model, inputs)
+    # every zoo model is covered by the registry's terms (no forward spent on the count)
+    assert terms == result.flops_before
+    assert result.flops_after == flops(pruned, inputs)
+    assert result.analysis.flops == result.flops_before
+
+
+class _HiddenMatmul(torch.nn.Module):
+    """A leaf (not traced) doing FLOPs the registry has no term for."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.randn(16, 16))
+
+    def forward(self, x):
+        return (x.flatten(2) @ self.w).reshape(x.shape)  # mixes positions, not channels
+
+
+class _WithLeaf(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.bn = torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.BatchNorm2d(8)
+        self.hidden = _HiddenMatmul()
+        self.b = torch.nn.Conv2d(8, 4, 3, padding=1)
+
+    def forward(self, x):
+        return self.b(torch.relu(self.bn(self.a(self.hidden(x)))))
+
+
+def test_terms_that_miss_flops_are_not_reported():
+    """A leaf's matmul has no FLOPs term: the terms' total is short, the check's count
+    disagrees, and prune_one_shot counts the original instead of reporting the terms."""
+    model, inputs = _WithLeaf().eval(), (torch.randn(1, 3, 4, 4),)
+    with torch.no_grad():
+        model.bn.running_mean.uniform_(-1, 1)
+    cg = sp.analyze(model, inputs, leaf_modules=(_HiddenMatmul,))
+    terms = CostModel(cg, cg.index, model, inputs, total="terms")
+    assert terms.from_terms and terms.total0 < flops(model, inputs)  # the premise: terms miss the matmul
+    _, result = sp.prune_one_shot(model, inputs, 0.2, leaf_modules=(_HiddenMatmul,), round_to=None)
+    assert result.flops_before == flops(model, inputs)
+    assert abs(result.achieved_ratio - 0.2) <= 0.05
