@@ -41,11 +41,13 @@ latency to the same cut. Writes ``bench_latency_target[_tag].json``.
 from __future__ import annotations
 
 import argparse
+import os
 import tempfile
 import time
 from pathlib import Path
 
 import _common as C
+import numpy as np
 import torch
 from zoo_big import BIG
 from zoo_common import randomize_norms
@@ -190,7 +192,7 @@ def tp_at_latency(model, inputs, target_cut: float, round_to: int, threads, batc
 def bench_target(name: str, args, threads: int) -> list[dict]:
     """One model at one ORT thread count: latency-mode prunes (+ FLOPs mode on the tables,
     + Torch-Pruning at the same measured cut), then all files timed in one interleaved run."""
-    from softprune_fx.latency import measure_models
+    from softprune_fx.latency import measure_samples, paired_cut
     model, inputs = BIG[name]()
     randomize_norms(model, seed=0)
     model.eval()
@@ -227,15 +229,21 @@ def bench_target(name: str, args, threads: int) -> list[dict]:
             rows.append(dict(key=f"{ratio}/tp{step}", ratio=ratio, mode=f"torch-pruning {step}", flops_cut=fcut,
                              params_kept=sum(p.numel() for p in peer.parameters()) /
                              sum(p.numel() for p in model.parameters())))
-    stats = measure_models(models, batch, threads, warmup=args.warmup, repeats=args.repeats)
+    load = os.getloadavg()
+    raw = measure_samples(models, batch, threads, warmup=args.warmup, repeats=args.repeats)
+    stats = {n: [float(np.percentile(t, q)) for q in (50, 10, 90)] for n, t in raw.items()}
     o = stats["orig"]
     for r in rows:
         s = stats[r["key"]]
         r.update(model=name, threads=threads, orig_ms=o[0], pruned_ms=s[0], spread=[s[1], s[2]],
-                 orig_spread=[o[1], o[2]], latency_cut=1 - s[0] / o[0])
+                 orig_spread=[o[1], o[2]], latency_cut=1 - s[0] / o[0],
+                 paired_cut=paired_cut(raw[r["key"]], raw["orig"]), load_before=load[0],
+                 load_after=os.getloadavg()[0])
         r["cut_over_flops"] = r["latency_cut"] / r["flops_cut"]
         if r["mode"] == "latency":
             r["within_3pt"] = abs(r["latency_cut"] - r["ratio"]) <= 0.03
+            r["paired_within_3pt"] = abs(r["paired_cut"] - r["ratio"]) <= 0.03
+            r["pred_error_rel"] = (1 - r["pred_cut"]) / (1 - r["paired_cut"]) - 1
     return rows
 
 
@@ -247,12 +255,14 @@ def main_target(args) -> None:
             C.write_json("bench_latency_target" + (f"_{args.tag}" if args.tag else ""),  # each block, as it lands
                          {"batch": args.batch, "repeats": args.repeats, "rows": rows, "partial": True})
     C.console.print(C.table(
-        f"--target latency: ORT CPU, batch {args.batch}, median (p10-p90) ms of {args.repeats}, interleaved",
-        ["model", "ORT thr", "ratio", "mode", "latency cut", "loop cut", "pred err", "FLOPs cut", "params kept",
-         "orig ms", "pruned ms", "lat/FLOPs"],
-        [[r["model"], r["threads"], r["ratio"], r["mode"], r["latency_cut"], r.get("loop_cut", "-"),
-          r.get("pred_error", "-"), r["flops_cut"], r["params_kept"], f"{r['orig_ms']:.2f}",
-          f"{r['pruned_ms']:.2f} ({r['spread'][0]:.1f}-{r['spread'][1]:.1f})", r["cut_over_flops"]] for r in rows]))
+        f"--target latency: ORT CPU, batch {args.batch}, median (p10-p90) ms of {args.repeats}, interleaved; "
+        f"paired cut = 1 - median of per-repeat ratios",
+        ["model", "ORT thr", "ratio", "mode", "latency cut", "paired cut", "loop cut", "pred err (kept)",
+         "FLOPs cut", "params kept", "orig ms", "pruned ms", "lat/FLOPs", "load"],
+        [[r["model"], r["threads"], r["ratio"], r["mode"], r["latency_cut"], r["paired_cut"], r.get("loop_cut", "-"),
+          r.get("pred_error_rel", "-"), r["flops_cut"], r["params_kept"], f"{r['orig_ms']:.2f}",
+          f"{r['pruned_ms']:.2f} ({r['spread'][0]:.1f}-{r['spread'][1]:.1f})", r["paired_cut"] / r["flops_cut"],
+          f"{r['load_before']:.1f}-{r['load_after']:.1f}"] for r in rows]))
     C.write_json("bench_latency_target" + (f"_{args.tag}" if args.tag else ""),
                  {"batch": args.batch, "repeats": args.repeats, "rows": rows})
 

@@ -38,8 +38,9 @@ from torch import nn
 
 from .cost import CostModel
 from .latency_cache import LatencyCache, Table, efficient
-from .latency_loop import LOOP_TOL, close_loop  # noqa: F401 (the public names stay here)
-from .latency_timing import FRACS, OrtTimer, block_size, build, grid_widths, measure_models, op_spec  # noqa: F401
+from .latency_loop import LOOP_TOL, close_loop, next_goal  # noqa: F401 (the public names stay here)
+from .latency_timing import (FRACS, OrtTimer, block_size, build, grid_widths, measure_cuts,  # noqa: F401
+                             measure_models, measure_samples, op_spec, paired_cut)
 
 
 # ---------------------------------------------------------------------- the cost model

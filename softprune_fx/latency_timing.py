@@ -135,23 +135,59 @@ class OrtTimer:
         # run in five moves a median of five on sub-millisecond ops
         return [float(np.min(t)) for t in self._interleaved(runs, self.warmup, self.repeats)]
 
-    def files(self, paths: dict, feed_of, warmup: int = 5, repeats: int = 30) -> dict:
-        """{name: (median, p10, p90) ms} of whole ONNX files, interleaved; ``feed_of(session)``."""
+    def samples(self, paths: dict, feed_of, warmup: int = 5, repeats: int = 30) -> dict:
+        """{name: ms per repeat} of whole ONNX files, interleaved (repeat r of every file
+        ran back to back); ``feed_of(session)``."""
         sessions = {n: self.session(p) for n, p in paths.items()}
         runs = [lambda s=s: s.run(None, feed_of(s)) for s in sessions.values()]
-        out = self._interleaved(runs, warmup, repeats)
-        return {n: tuple(float(np.percentile(t, q)) for q in (50, 10, 90)) for n, t in zip(sessions, out)}
+        return dict(zip(sessions, self._interleaved(runs, warmup, repeats)))
+
+    def files(self, paths: dict, feed_of, warmup: int = 5, repeats: int = 30) -> dict:
+        """{name: (median, p10, p90) ms} of whole ONNX files, interleaved; ``feed_of(session)``."""
+        return {n: _stats(t) for n, t in self.samples(paths, feed_of, warmup, repeats).items()}
 
 
-def measure_models(models: dict, inputs, threads=None, warmup: int = 5, repeats: int = 30, timer=None) -> dict:
-    """Export each ``{name: module}`` and time the files interleaved: {name: (median, p10, p90)}."""
+def _stats(t) -> tuple[float, float, float]:
+    return tuple(float(np.percentile(t, q)) for q in (50, 10, 90))
+
+
+def _timed(models: dict, inputs, timer, warmup: int, repeats: int, raw: bool) -> dict:
+    """Export each module and time the files interleaved (raw samples when the timer has them)."""
     from .onnx_check import _feed, export_onnx
-    timer = timer or OrtTimer(threads)
     with tempfile.TemporaryDirectory() as tmp:
         paths = {}
         for name, m in models.items():
             paths[name] = str(Path(tmp) / f"{name}.onnx")
             export_onnx(m, inputs, paths[name])
         feeds = {}
-        return timer.files(paths, lambda s: feeds.setdefault(id(s), _feed(s, inputs)), warmup, repeats)
+        feed_of = lambda s: feeds.setdefault(id(s), _feed(s, inputs))  # noqa: E731
+        if raw and hasattr(timer, "samples"):
+            return timer.samples(paths, feed_of, warmup, repeats)
+        return timer.files(paths, feed_of, warmup, repeats)
 
+
+def measure_models(models: dict, inputs, threads=None, warmup: int = 5, repeats: int = 30, timer=None) -> dict:
+    """Export each ``{name: module}`` and time the files interleaved: {name: (median, p10, p90)}."""
+    return _timed(models, inputs, timer or OrtTimer(threads), warmup, repeats, raw=False)
+
+
+def measure_samples(models: dict, inputs, threads=None, warmup: int = 5, repeats: int = 30, timer=None) -> dict:
+    """{name: ms per repeat} of each module, exported and timed interleaved."""
+    return _timed(models, inputs, timer or OrtTimer(threads), warmup, repeats, raw=True)
+
+
+def paired_cut(t, t0) -> float:
+    """1 - the median over repeats of ``t[r] / t0[r]`` (see ``measure_cuts``)."""
+    return 1.0 - float(np.median(np.asarray(t) / np.asarray(t0)))
+
+
+def measure_cuts(models: dict, inputs, threads=None, base: str = "orig", warmup: int = 5, repeats: int = 40,
+                 timer=None) -> dict:
+    """{name: (cut, median ms)}: each file's latency cut against ``base``, timed interleaved.
+    The cut is 1 - the median over repeats of ``t_name[r] / t_base[r]``: runs of one repeat
+    are adjacent in time, so load that drifts over the run cancels in each ratio (a ratio
+    of medians lets it through: several points on this shared 2-core machine)."""
+    out = _timed(models, inputs, timer or OrtTimer(threads), warmup, repeats, raw=True)
+    if all(isinstance(v, tuple) for v in out.values()):  # a timer without samples: ratio of medians
+        return {n: (1.0 - v[0] / out[base][0], v[0]) for n, v in out.items()}
+    return {n: (paired_cut(t, out[base]), float(np.median(t))) for n, t in out.items()}

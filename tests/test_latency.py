@@ -201,7 +201,7 @@ def test_prune_one_shot_latency_target_fills_the_latency_fields(net, tmp_path, m
     model, x, _ = net
     pruned, res = prune_one_shot(model, (x,), 0.3, target="latency", ort_threads=1, latency_cache=tmp_path)
     d = res.to_dict()
-    assert d["target"] == "latency" and d["ort_threads"] == 1 and 1 <= len(d["latency_rounds"]) <= 3
+    assert d["target"] == "latency" and d["ort_threads"] == 1 and 1 <= len(d["latency_rounds"]) <= 4
     assert d["achieved_ratio"] == pytest.approx(1 - d["ort_ms_after"] / d["ort_ms_before"])
     assert d["flops_ratio"] == pytest.approx(1 - d["flops_after"] / d["flops_before"])
     assert d["ort_pred_error"] == pytest.approx(d["ort_pred_ms_after"] / d["ort_ms_after"] - 1)

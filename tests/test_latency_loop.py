@@ -1,0 +1,85 @@
+"""The closed loop (latency_loop.py) on a fake model of the world: decisions land on the
+goal's predicted cut, measurements miss it systematically and with scripted noise."""
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+import softprune_fx.latency_loop as loop
+from softprune_fx.latency_loop import MAX_STEP, close_loop, next_goal
+
+
+class World:
+    """``finish(goal)`` keeps a set whose predicted cut is ``goal``; its true measured cut
+    is ``true(goal)``, plus the next of ``noise`` on each measurement (then 0)."""
+
+    def __init__(self, true, noise=()):
+        self.true, self.noise, self.measured = true, list(noise), []
+        self.index = SimpleNamespace(keep_from_drop=lambda drop: np.array([drop["g"]]))
+        self.total0, self.threads, self.timer = 10.0, 1, None
+
+    def ratio(self, keep):
+        return float(keep[0])
+
+    def flops(self, keep):
+        return self.total0 * (1.0 - float(keep[0]))
+
+    def finish(self, goal):
+        return SimpleNamespace(goal=goal), SimpleNamespace(drop={"g": round(goal, 6)}, achieved_ratio=0.5 * goal)
+
+    def measure_cuts(self, models, inputs, threads, repeats=40, timer=None):
+        out = {"orig": (0.0, 10.0)}
+        for name, m in models.items():
+            if name != "orig":
+                cut = self.true(m.goal) + (self.noise.pop(0) if self.noise else 0.0)
+                self.measured.append(name)
+                out[name] = (cut, 10.0 * (1 - cut))
+        return out
+
+
+def _run(monkeypatch, world, ratio=0.4):
+    monkeypatch.setattr(loop, "measure_cuts", world.measure_cuts)
+    return close_loop(world.finish, world, None, None, ratio)
+
+
+def test_next_goal_moves_by_the_miss_bounded():
+    assert next_goal(0.4, 0.3, 0.4, 0.4) == pytest.approx(0.5)
+    # one disturbed measurement (predicted 0.2, measured -0.06) moves the goal by MAX_STEP only
+    assert next_goal(0.2, -0.06, 0.2, 0.2) == pytest.approx(0.2 + MAX_STEP)
+    assert next_goal(0.02, 0.1, 0.02, 0.0) == pytest.approx(0.01)      # never below 1%
+
+
+def test_loop_corrects_a_systematic_prediction_error(monkeypatch):
+    """The model over-predicts by 8 points: the second decision lands on target."""
+    world = World(lambda p: p - 0.08)
+    _, res = _run(monkeypatch, world)
+    assert [r["goal"] for r in res.latency_rounds] == pytest.approx([0.4, 0.48])
+    assert res.achieved_ratio == pytest.approx(0.4) and res.target == "latency"
+    assert res.flops_ratio == pytest.approx(0.24)        # the FLOPs cut stays beside it
+    assert res.ort_pred_cut == pytest.approx(0.48)
+    assert res.ort_pred_error_rel == pytest.approx(0.52 / 0.6 - 1)
+
+
+def test_a_disturbed_measurement_does_not_derail_the_loop(monkeypatch):
+    """The first measurement is 30 points low (a preempted run): the goal moves by at most
+    MAX_STEP, later rounds bring it back, and the winner is chosen on the mean of two
+    measurements (its own and the joint re-measurement), not on one lucky one."""
+    world = World(lambda p: p, noise=[-0.3, 0.0, 0.0, 0.0])
+    _, res = _run(monkeypatch, world)
+    goals = [r["goal"] for r in res.latency_rounds]
+    assert goals[1] == pytest.approx(0.4 + MAX_STEP) and len(goals) >= 3
+    assert res.achieved_ratio == pytest.approx(0.4)
+    first = res.latency_rounds[0]
+    assert first["all_cuts"] == pytest.approx([0.1, 0.4, 0.4]) and first["chosen"]  # the disturbed run is outvoted
+
+
+def test_noise_on_the_winner_is_averaged_with_its_remeasurement(monkeypatch):
+    """A candidate measured 10 points high by luck is measured again (the loop returns to
+    it, and the joint run at the end): its median, not the lucky run, is reported."""
+    world = World(lambda p: p - 0.1, noise=[0.0, 0.1])   # round 1: 0.3 ; round 2 (goal 0.5): 0.4+0.1
+    _, res = _run(monkeypatch, world)
+    rounds = res.latency_rounds
+    assert rounds[1]["measured_cut"] == pytest.approx(0.5) and rounds[1]["chosen"]
+    assert rounds[1]["all_cuts"] == pytest.approx([0.5, 0.4, 0.4]) and res.achieved_ratio == pytest.approx(0.4)
