@@ -56,6 +56,16 @@ def dependency_totals(model: nn.Module, inputs: tuple, cg) -> dict:
     }
 
 
+def print_specialisations(specs: list[dict], out: Console, limit: int = 8) -> None:
+    """One line per Python decision the trace answered from the example (the first ``limit``)."""
+    for s in specs[:limit]:
+        batch = "; reads the batch size: the pruned model is for this batch only" if s.get("batch") else ""
+        out.print(f"specialised at {s.get('where')}: {s.get('code') or s.get('expr')} "
+                  f"({s.get('expr')} -> {s.get('value')!r}{batch})", highlight=False, soft_wrap=True)
+    if len(specs) > limit:
+        out.print(f"... and {len(specs) - limit} more specialisations (deps --json lists them all)", highlight=False)
+
+
 def cmd_deps(args, out: Console, rep: Reporter) -> int:
     """Print the channel dependency report; optionally write it as JSON and DOT."""
     from . import analyze
@@ -73,6 +83,7 @@ def cmd_deps(args, out: Console, rep: Reporter) -> int:
     for leaf in totals["untraced"]:
         why = totals["untraced_why"].get(leaf)
         out.print(f"untraced submodule (channels frozen): {leaf}" + (f": {why}" if why else ""), highlight=False)
+    print_specialisations(cg.specialisations, out)
     if args.json:
         Path(args.json).write_text(json.dumps(cg.to_dict() | {"totals": totals}, indent=1, default=str) + "\n")
     if args.dot:

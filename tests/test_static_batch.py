@@ -148,3 +148,14 @@ def test_cli_without_specialisation_checks_every_batch(model_file, tmp_path, mon
     assert not report["static_batch"] and report["onnx_check"]["static_batch"] is None
     assert not [b for b in ("1", "2", "3") if "skipped" in per_batch[b]]
     assert not [s for s in report["specialisations"] if s.get("batch")]
+
+
+def test_deps_lists_the_specialisation_with_its_line(model_file, tmp_path, capsys):
+    where = f"batchnet.py:{branch_line(model_file)}"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert main(["deps", f"{model_file}:build", "--json", str(tmp_path / "deps.json")]) == 0
+    line = next(l for l in capsys.readouterr().out.splitlines() if l.startswith("specialised at"))
+    assert where in line and "x.shape[0] == 2" in line and "reads the batch size" in line
+    deps = json.loads((tmp_path / "deps.json").read_text())
+    assert deps["static_batch"] and [s for s in deps["specialisations"] if s["where"].endswith(where)]
