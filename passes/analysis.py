@@ -35,6 +35,8 @@ def fork(gm: fx.GraphModule, flow, groups: list, *, copy_modules: bool = True, s
     out = graph.graph_copy(gm.graph, node_map)
     old_out = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
     node_map[old_out] = graph.output(out, old_out.type)
+    for node in graph.nodes:  # annotations only: dropped before the one compile, not after
+        node.type = None
     root = _copy_modules(gm, share_tensors) if copy_modules else gm
     new = fx.GraphModule(root, graph, gm.__class__.__name__)
     new.meta.update(copy.copy(gm.meta))

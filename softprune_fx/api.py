@@ -56,10 +56,13 @@ def plain(gm: fx.GraphModule) -> fx.GraphModule:
     gm._tracer_cls = None
     gm._tracer_extras = {}
     gm.meta.clear()
+    typed = False
     for node in gm.graph.nodes:
         node.meta.pop("val", None)
+        typed |= node.type is not None
         node.type = None  # string annotations (``from __future__ import annotations``) do not pickle
-    gm.recompile()
+    if typed:  # the annotations are in the generated code; nothing else here is
+        gm.recompile()
     return gm
 
 

@@ -21,11 +21,10 @@ import torch
 import torch.distributed as dist
 import torch.fx as fx
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 
 from softprune_fx.passes.capture import as_input_tuple
 from softprune_fx.passes.errors import SoftpruneError
-from softprune_fx.passes.flops import count_params
+from softprune_fx.passes.flops import FlopTotal, count_params
 from softprune_fx.passes.masks import insert_soft_masks
 from softprune_fx.onnx_check import max_abs_diff
 
@@ -103,7 +102,7 @@ def _finish(cg, index, cost, scores, keep0, ratio, *, min_width, round_to, how, 
     inputs = cg.inputs
     with torch.no_grad():
         ref = cg.run_masked(drop)  # what masked(drop) computes, on the analysis's own graph
-        with FlopCounterMode(display=False) as counter:  # the check's forward counts the FLOPs too
+        with FlopTotal() as counter:  # the check's forward counts the FLOPs too
             out = pruned.eval()(*inputs)
     diff = max_abs_diff(ref, out)
     flops_after = int(counter.get_total_flops())
@@ -268,6 +267,9 @@ class SoftPruner:
         # a smooth activation's threshold moves with delta, an exact zero region's edge does not
         exact = np.array([a.threshold == b.threshold
                           for a, b in zip(sites, find_bn_sites(self.cg, self.index, 0.5 * scp.delta))], bool)
+        import os
+        if os.environ.get("SCP_GATE_SMOOTH"):
+            sites = [s for s, ex in zip(sites, exact) if ex]; exact = exact[exact]
         has = np.zeros(self.index.size, dtype=bool)
         for s in sites:
             has[s.flat] = True

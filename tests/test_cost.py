@@ -262,3 +262,32 @@ def test_terms_that_miss_flops_are_not_reported():
     _, result = sp.prune_one_shot(model, inputs, 0.2, leaf_modules=(_HiddenMatmul,), round_to=None)
     assert result.flops_before == flops(model, inputs)
     assert abs(result.achieved_ratio - 0.2) <= 0.05
+
+
+def _flop_total(model, inputs) -> int:
+    from softprune_fx.passes.flops import FlopTotal
+    with torch.no_grad(), FlopTotal() as counter:
+        model(*inputs)
+    return counter.total
+
+
+@pytest.mark.parametrize("name", sorted(ZOO))
+def test_flop_total_equals_flop_counter_mode(name):
+    """The lean counter the check uses reports exactly FlopCounterMode's total."""
+    model, inputs = ZOO[name]()
+    assert _flop_total(model.eval(), inputs) == flops(model, inputs) > 0
+
+
+def test_flop_total_on_random_architectures_and_attention():
+    from randarch import random_model
+    for seed in range(10):
+        model, inputs = random_model(seed)
+        assert _flop_total(model.eval(), inputs) == flops(model, inputs)
+    proj = torch.nn.Linear(16, 48)
+
+    def attention(a):  # sdpa, bmm and einsum: the counted ops of transformer blocks
+        q, k, v = proj(a).view(2, 5, 3, 4, 4).permute(2, 0, 3, 1, 4)
+        o = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        return torch.einsum("bhqd,bhkd->bhqk", o, k) @ v
+    x = torch.randn(2, 5, 16)
+    assert _flop_total(attention, (x,)) == flops(attention, (x,)) > 0

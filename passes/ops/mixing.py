@@ -17,18 +17,17 @@ from ..atoms import NONE, UNKNOWN, along, filled, fixed, on_axis
 from ..flow_types import Balance, NonEmpty
 from ..registry import FlopsTerm, annotate, node_arg, register
 from .params import adopt_params, erase_unused, evaluate, param_source, still_read
-from .tensors import empty, idx, one_tensor, set_tensor
+from .tensors import empty, idx, one_tensor, set_tensor, take
 
 # ----------------------------------------------------------------------------- surgery
 
 
 def slice_weight(w: torch.Tensor, groups: int, in_keep: np.ndarray, out_keep: np.ndarray):
     """A dense, depthwise or grouped conv weight cut to the kept channels: ``(weight, groups)``."""
-    ik, ok = idx(in_keep), idx(out_keep)
     if groups == 1:
-        return w[ok][:, ik], 1
+        return take(take(w, 0, out_keep), 1, in_keep), 1
     if groups == len(in_keep):  # depthwise, any channel multiplier
-        return w[ok], len(ik)
+        return take(w, 0, out_keep), int(in_keep.sum())
     ip, op = len(in_keep) // groups, len(out_keep) // groups  # grouped: same count per group (Balance)
     rows = [w[idx(out_keep[b * op:(b + 1) * op]) + b * op][:, idx(in_keep[b * ip:(b + 1) * ip])]
             for b in range(groups)]
@@ -37,15 +36,14 @@ def slice_weight(w: torch.Tensor, groups: int, in_keep: np.ndarray, out_keep: np
 
 def slice_conv(m: nn.Module, in_keep: np.ndarray, out_keep: np.ndarray) -> None:
     """Slice a (transposed, grouped, depthwise) conv's weight and bias in place."""
-    ik, ok = idx(in_keep), idx(out_keep)
     if isinstance(m, nn.modules.conv._ConvTransposeNd):
-        w, g = m.weight.data[ik][:, ok], m.groups
+        w, g = take(take(m.weight.data, 0, in_keep), 1, out_keep), m.groups
     else:
         w, g = slice_weight(m.weight.data, m.groups, in_keep, out_keep)
     set_tensor(m, "weight", w)
     if m.bias is not None:
-        set_tensor(m, "bias", m.bias.data[ok])
-    m.in_channels, m.out_channels, m.groups = len(ik), len(ok), g
+        set_tensor(m, "bias", take(m.bias.data, 0, out_keep))
+    m.in_channels, m.out_channels, m.groups = int(in_keep.sum()), int(out_keep.sum()), g
 
 
 def conv_surgery(sctx, node):
@@ -62,11 +60,11 @@ def linear_surgery(sctx, node):
     m = sctx.module(node)
     if not sctx.first_call(node):
         return
-    ok, ik = idx(sctx.keep_along(node, -1)), idx(sctx.site_keep(sctx.site_of(node)))
-    set_tensor(m, "weight", m.weight.data[ok][:, ik])
+    ok, ik = sctx.keep_along(node, -1), sctx.site_keep(sctx.site_of(node))
+    set_tensor(m, "weight", take(take(m.weight.data, 0, ok), 1, ik))
     if m.bias is not None:
-        set_tensor(m, "bias", m.bias.data[ok])
-    m.in_features, m.out_features = len(ik), len(ok)
+        set_tensor(m, "bias", take(m.bias.data, 0, ok))
+    m.in_features, m.out_features = int(ik.sum()), int(ok.sum())
 
 
 def functional_weight_surgery(sctx, node):

@@ -13,7 +13,7 @@ from torch import nn
 from ..atoms import UNKNOWN, along, carrying_axes, filled, fixed, on_axis
 from ..flow_types import Balance
 from ..registry import annotate, register
-from .tensors import idx, same_shape_module, set_tensor
+from .tensors import idx, same_shape_module, set_tensor, take
 
 # ----------------------------------------------------------------------------- surgery
 
@@ -23,11 +23,11 @@ def norm_surgery(sctx, node):
     if not sctx.first_call(node):
         return
     c = node.meta["val"].shape[1]
-    keep = idx(sctx.keep_along(node, 1))
+    keep = sctx.keep_along(node, 1)
     for name, t in list(m.named_parameters(recurse=False)) + list(m.named_buffers(recurse=False)):
         if t is not None and t.dim() == 1 and t.shape[0] == c:
-            set_tensor(m, name, t.data[keep])
-    k = len(keep)
+            set_tensor(m, name, take(t.data, 0, keep))
+    k = int(keep.sum())
     if isinstance(m, nn.GroupNorm):
         if m.num_groups == m.num_channels:
             m.num_groups = k

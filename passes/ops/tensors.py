@@ -7,11 +7,29 @@ import torch
 from torch import nn
 
 
+def _own(old: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+    """``new`` detached, contiguous and in storage of its own: copied only when it is a view
+    of ``old`` (a slice that kept everything) or not contiguous; a gather is fresh already."""
+    new = new.detach()
+    if not new.is_contiguous() or (old is not None and new.untyped_storage().data_ptr()
+                                   == old.untyped_storage().data_ptr()):
+        new = new.clone(memory_format=torch.contiguous_format)
+    return new
+
+
 def _param(old: torch.Tensor | None, new: torch.Tensor | None):
     if old is None:
         return None
-    new = new.detach().clone().contiguous()
+    new = _own(old, new)
     return nn.Parameter(new, requires_grad=old.requires_grad) if isinstance(old, nn.Parameter) else new
+
+
+def take(t: torch.Tensor, dim: int, keep: np.ndarray) -> torch.Tensor:
+    """The kept entries of ``t`` along ``dim`` (``index_select``: a contiguous gather, 3-10x
+    faster than advanced indexing on a weight's input axis); ``t`` itself if all are kept."""
+    if keep.all():
+        return t
+    return t.index_select(dim, idx(keep))
 
 
 def idx(mask: np.ndarray) -> torch.Tensor:
@@ -25,7 +43,7 @@ def set_tensor(module: nn.Module, name: str, value: torch.Tensor) -> None:
     if name in module._parameters:
         module._parameters[name] = _param(old, value)
     else:
-        module._buffers[name] = value.detach().clone().contiguous()
+        module._buffers[name] = _own(old, value)
 
 
 def empty(shape, like: torch.Tensor) -> torch.Tensor:
