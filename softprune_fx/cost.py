@@ -51,6 +51,7 @@ class CostModel:
             term = self._term(cg, node, lookup(node, modules), modules, sites.get(node))
             if term is not None:
                 self.terms.append(term)
+        self._pack()
         full = np.ones(index.size)
         self.from_terms = total == "terms"
         if self.from_terms:
@@ -93,13 +94,35 @@ class CostModel:
         o = float(k[t.out].sum()) if t.out is not None else 1.0
         return i, o
 
+    def _pack(self) -> None:
+        """The terms as flat arrays, so evaluating them is a few bincounts, not a loop over
+        terms (the decision and the training controller evaluate the model many times).
+        Position ids of -1 ("always kept") point at the extra last entry of ``_ext``."""
+        n, T = self.index.size + 1, len(self.terms)
+        self._coef = np.array([t.coef for t in self.terms], dtype=float)
+        ins = [(j, t) for j, t in enumerate(self.terms) if t.in_cls is not None]
+        outs = [(j, t) for j, t in enumerate(self.terms) if t.out is not None]
+        cat = (lambda parts: np.concatenate(parts).astype(np.int64) % n if parts else np.zeros(0, np.int64))
+        self._in_cls, self._in_sg = cat([t.in_cls for _, t in ins]), cat([t.in_sg for _, t in ins])
+        self._in_term = np.repeat([j for j, _ in ins], [len(t.in_cls) for _, t in ins]).astype(np.int64)
+        self._out = cat([t.out for _, t in outs])
+        self._out_term = np.repeat([j for j, _ in outs], [len(t.out) for _, t in outs]).astype(np.int64)
+        self._no_in = np.ones(T, bool)
+        self._no_in[[j for j, _ in ins]] = False
+        self._no_out = np.ones(T, bool)
+        self._no_out[[j for j, _ in outs]] = False
+
+    def _all_counts(self, k: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``_counts`` of every term at once: kept inputs and outputs per term."""
+        T = len(self.terms)
+        i = np.bincount(self._in_term, weights=k[self._in_cls] * k[self._in_sg], minlength=T)
+        o = np.bincount(self._out_term, weights=k[self._out], minlength=T)
+        i[self._no_in], o[self._no_out] = 1.0, 1.0
+        return i, o
+
     def _variable(self, keep: np.ndarray) -> float:
-        k = self._ext(keep)
-        total = 0.0
-        for t in self.terms:
-            i, o = self._counts(t, k)
-            total += t.coef * i * o
-        return total
+        i, o = self._all_counts(self._ext(keep))
+        return float((self._coef * i * o).sum())
 
     def flops(self, keep: np.ndarray) -> float:
         """FLOPs of the model whose kept channels are ``keep`` (bool or soft weights)."""
@@ -112,12 +135,10 @@ class CostModel:
     def marginal(self, keep: np.ndarray) -> np.ndarray:
         """dF/dkeep per flat channel: the FLOPs one channel costs, given the others."""
         k = self._ext(keep)
-        grad = np.zeros(len(k))
-        for t in self.terms:
-            i, o = self._counts(t, k)
-            if t.in_cls is not None:
-                np.add.at(grad, t.in_cls, t.coef * o * k[t.in_sg])
-                np.add.at(grad, t.in_sg, t.coef * o * k[t.in_cls])
-            if t.out is not None:
-                np.add.at(grad, t.out, t.coef * i)
+        n = len(k)
+        i, o = self._all_counts(k)
+        per_in = (self._coef * o)[self._in_term]
+        grad = (np.bincount(self._in_cls, weights=per_in * k[self._in_sg], minlength=n)
+                + np.bincount(self._in_sg, weights=per_in * k[self._in_cls], minlength=n)
+                + np.bincount(self._out, weights=(self._coef * i)[self._out_term], minlength=n))
         return grad[:-1]
