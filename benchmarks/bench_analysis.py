@@ -11,11 +11,12 @@ left on, one torch thread unless --threads), medians of the repeats, and the rat
 
 1. The full-size zoo models (``tests/zoo_big.py``: ResNet-50, MobileNetV2 1.0,
    DenseNet-121 at 224 px, batch 1). softprune-fx's time is split into the stages
-   ``analyze`` runs: torch.fx trace (``passes.capture.trace``), shapes on meta tensors
-   (``MetaShapeProp``), analysis (``run_flow`` + ``build_groups`` + ``ChannelGraph``).
+   ``analyze`` runs: capture (``passes.capture.capture``: the specialising trace, which
+   records each node's meta value as it records the node), analysis (``run_flow`` +
+   ``build_groups`` + ``ChannelGraph``).
    Torch-Pruning's ``build_dependency`` (a real forward with autograd at full resolution)
    is timed alone, and its group scan ``list(DG.get_all_groups())`` beside it.
-   Targets (issue 5): total <= Torch-Pruning's build; total minus the trace <= half of it.
+   Targets (issue 5): total <= Torch-Pruning's build; total minus the capture <= half of it.
 2. Input resolution: ResNet-50 at 224 and 1024 px.
 3. Growth: synthetic residual nets (generator below) from ~100 to ~10,000 fx nodes; time
    against node count and the log-log least-squares exponent of each tool.
@@ -32,7 +33,7 @@ import torch.nn as nn
 import torch_pruning as tp
 from zoo_big import BIG, resnet50
 
-from softprune_fx.passes.capture import MetaShapeProp, trace
+from softprune_fx.passes.capture import capture
 from softprune_fx.passes.flow import run_flow
 from softprune_fx.passes.groups import build_groups
 from softprune_fx.graph import ChannelGraph
@@ -40,16 +41,17 @@ from softprune_fx.graph import ChannelGraph
 
 # ----------------------------------------------------------------------------- tools
 def softprune_staged(model, inputs) -> dict:
-    """``softprune_fx.analyze(model, inputs)``, stage by stage (same calls, same order)."""
-    t_trace, gm = C.timed(trace, model)
-    t_shapes, _ = C.timed(MetaShapeProp(gm).propagate, *inputs)
+    """``softprune_fx.analyze(model, inputs)``, stage by stage (same calls, same order):
+    capture (the specialising trace, meta values recorded as each node is), then the
+    channel flow and the groups. Capture is the single source of shapes: no shape pass."""
+    t_trace, gm = C.timed(capture, model, inputs)
 
     def analysis():
         flow = run_flow(gm)
-        return ChannelGraph(gm, flow, build_groups(flow))
+        return ChannelGraph(gm, flow, build_groups(flow), inputs)
     t_an, cg = C.timed(analysis)
-    return {"trace": t_trace, "shapes": t_shapes, "analysis": t_an,
-            "total": t_trace + t_shapes + t_an, "nodes": len(gm.graph.nodes), "groups": len(cg.groups)}
+    return {"trace": t_trace, "analysis": t_an,
+            "total": t_trace + t_an, "nodes": len(gm.graph.nodes), "groups": len(cg.groups)}
 
 
 def tp_build(model, inputs, scan: bool = False) -> dict:
@@ -76,7 +78,7 @@ def interleaved(model, inputs, repeats: int, scan: bool = True) -> tuple[list, l
 
 
 def summary(sp: list, tpr: list) -> dict:
-    s = {k: C.med([r[k] for r in sp]) for k in ("trace", "shapes", "analysis", "total")}
+    s = {k: C.med([r[k] for r in sp]) for k in ("trace", "analysis", "total")}
     s.update({f"tp_{k}": C.med([r[k] for r in tpr]) for k in tpr[0]})
     s["ratio_total"] = C.med([a["total"] / b["build"] for a, b in zip(sp, tpr)])
     s["ratio_no_trace"] = C.med([(a["total"] - a["trace"]) / b["build"] for a, b in zip(sp, tpr)])
@@ -124,13 +126,13 @@ def models(args, out: dict) -> None:
         model, inputs = build()
         s = summary(*interleaved(model, inputs, args.repeats))
         out["models"][name] = s
-        rows.append([name, s["nodes"], s["trace"], s["shapes"], s["analysis"], s["total"], s["tp_build"],
+        rows.append([name, s["nodes"], s["trace"], s["analysis"], s["total"], s["tp_build"],
                      s["tp_scan"], s["ratio_total"], s["ratio_no_trace"],
                      f"{s['spread_sp']:.2f}/{s['spread_tp']:.2f}"])
     C.console.print(C.table(
         f"Analysis time (s, median of {args.repeats}, torch threads {torch.get_num_threads()})",
-        ["model", "nodes", "trace", "shapes", "analysis", "softprune total", "TP build", "TP scan",
-         "total/TP", "(total-trace)/TP", "spread sp/TP"], rows))
+        ["model", "nodes", "capture", "analysis", "softprune total", "TP build", "TP scan",
+         "total/TP", "(total-capture)/TP", "spread sp/TP"], rows))
 
 
 def resolution(args, out: dict) -> None:
@@ -141,9 +143,9 @@ def resolution(args, out: dict) -> None:
         x = (torch.randn(1, 3, px, px),)
         s = summary(*interleaved(model, x, max(3, args.repeats // 3), scan=False))
         out["resolution"][px] = s
-        rows.append([f"resnet50 @ {px} px", s["trace"], s["shapes"], s["analysis"], s["total"], s["tp_build"],
+        rows.append([f"resnet50 @ {px} px", s["trace"], s["analysis"], s["total"], s["tp_build"],
                      s["ratio_total"]])
-    C.console.print(C.table("Input resolution (s, median)", ["model", "trace", "shapes", "analysis",
+    C.console.print(C.table("Input resolution (s, median)", ["model", "capture", "analysis",
                                                              "softprune total", "TP build", "total/TP"], rows))
 
 
