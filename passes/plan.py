@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch.fx as fx
 
-from .atoms import along
+from .atoms import NONE, UNKNOWN, along
 from .errors import IllegalDropError
 from .flow import ChannelFlow, Site
 from .groups import Group
@@ -79,12 +79,14 @@ class Plan:
         if not self.dropped_classes:
             return np.ones(layout.shape, dtype=bool)
         table = self.__dict__.get("_dropped_table")
-        if table is None:  # one boolean per atom root, built once per plan (surgery asks ~600 times)
-            table = np.zeros(len(self.flow.table.roots) + 1, dtype=bool)
-            table[np.fromiter(self.dropped_classes, dtype=np.int64)] = True
+        if table is None:  # one keep flag per atom, built once per plan (surgery asks ~600 times)
+            roots = self.flow.table.roots
+            dropped = np.zeros(len(roots), dtype=bool)
+            dropped[np.fromiter(self.dropped_classes, dtype=np.int64)] = True
+            # the negative sentinels (NONE, UNKNOWN) index the trailing entries: always kept
+            table = np.concatenate([~dropped[roots], np.ones(-min(NONE, UNKNOWN), dtype=bool)])
             self.__dict__["_dropped_table"] = table
-        roots = self.flow.table.find(layout)
-        return (layout < 0) | ~table[np.where(layout < 0, len(table) - 1, roots)]
+        return table[layout]
 
     def keep_node(self, node: fx.Node, layout: np.ndarray) -> np.ndarray:
         """Keep of a node's value, including the position drops of a site-group chain."""
