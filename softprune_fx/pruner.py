@@ -12,6 +12,7 @@ Example::
 from __future__ import annotations
 
 import copy
+import dataclasses
 import warnings
 from dataclasses import dataclass, field, fields
 from typing import Any, Optional
@@ -31,7 +32,7 @@ from softprune_fx.onnx_check import max_abs_diff
 from .api import analyze
 from .bnsites import bn_log_probabilities, find_bn_sites
 from .cost import CostModel
-from .decide import decide
+from .decide import decide, min_count
 from .index import ChannelIndex
 from .scp import SCPConfig, gate_regularizer, hard_keep, keep_score, prune_prob, scp_regularizer
 from .softmask import MaskBank
@@ -198,11 +199,14 @@ def _points(lat, target, round_to):
 
 def _latency_cost(cg, index, model, inputs, cost, target, ort_threads, latency_cache, round_to):
     """The latency model when the target is latency, or when ORT threads or a table cache
-    are named (then ``round_to="auto"`` takes widths from its efficient points); else None."""
+    are named (then ``round_to="auto"`` takes widths from its efficient points); with
+    neither, ``round_to="auto"`` takes the tables only if they are already cached for ORT's
+    default threads (nothing is timed); else None."""
     if target not in ("flops", "latency"):
         raise SoftpruneError(f"target must be 'flops' or 'latency', got {target!r}")
     if target == "flops" and ort_threads is None and latency_cache is None:
-        return None
+        from .latency import cached_latency_cost
+        return cached_latency_cost(cg, index, model, inputs, cost, round_to) if round_to == "auto" else None
     from .latency import LatencyCost
     return LatencyCost(cg, index, model, inputs, ort_threads=ort_threads, latency_cache=latency_cache,
                        round_to=round_to, cost=cost)
@@ -267,15 +271,15 @@ class SoftPruner:
         # a smooth activation's threshold moves with delta, an exact zero region's edge does not
         exact = np.array([a.threshold == b.threshold
                           for a, b in zip(sites, find_bn_sites(self.cg, self.index, 0.5 * scp.delta))], bool)
-        import os
-        if os.environ.get("SCP_GATE_SMOOTH"):
-            sites = [s for s, ex in zip(sites, exact) if ex]; exact = exact[exact]
+        if strict:  # no learned gates: smooth sites keep the pull on beta
+            scp = dataclasses.replace(scp, smooth_lever="bn")
         has = np.zeros(self.index.size, dtype=bool)
         for s in sites:
             has[s.flat] = True
         fixed = _fixed_keep(self.cg, self.index, has, strict)
+        floors = [(self.index.ids(g.id), min_count(g.width, min_width)) for g in self.cg.groups if g.prunable]
         self.bank = MaskBank(self.index.size, sites, fixed, self.steer, ratio, scp, kp, ki, lambda_max, ramp,
-                             total_steps, exact)
+                             total_steps, exact, floors)
         self.weights = torch.as_tensor(_pull_weights(self.cost.marginal(np.ones(self.index.size)), ~fixed,
                                                      weighting)).float()
         self.model = self._masked_model(sites)
@@ -306,7 +310,8 @@ class SoftPruner:
         channel weighted by its FLOPs share (scp.py)."""
         gamma, beta = self.bank.gather(self._site_params())
         w = self.weights.to(beta.device)
-        reg = scp_regularizer(gamma, beta, self.bank.ent_s.to(beta.device), weight=w[self.bank.ent_flat])
+        lever = self.bank.ent_lever.to(beta.device)  # smooth sites with gates: no pull on beta
+        reg = scp_regularizer(gamma, beta, self.bank.ent_s.to(beta.device), weight=w[self.bank.ent_flat] * lever)
         gates = self.bank.gates()
         if gates.any():
             reg = reg + gate_regularizer(self.bank.gate_logits[gates], w.to(gates.device)[gates]).to(reg.device)

@@ -50,6 +50,7 @@ __all__ = [
     "gate_prob",
     "gate_regularizer",
     "gate_init_logit",
+    "log_either_prunes",
 ]
 
 @dataclass(frozen=True)
@@ -67,6 +68,17 @@ class SCPConfig:
         and SiLU/GELU are near-linear at 0, so the next layer undoes the shrink for free:
         with s = 2 every channel became a constant, beta then fell unopposed and all 15
         sites of the digits SiLU ResNet died within 2 epochs (hard cut 1.0, 10% accuracy).
+    smooth_lever: where the budget pushes a channel scored by a smooth activation's BN site.
+        ``"gate"`` (default): a learned gate per channel, pulled by ``gate_regularizer``; the
+        channel is pruned when its gate or its BN site says so (``log_either_prunes``), and
+        beta/gamma are not regularised. ``"bn"``: the paper's pull on beta (``s_smooth``).
+        Why gates: a smooth tail is free to slide along. SiLU(beta + gamma x) for beta << 0
+        is about ``e^beta`` times a shape set by gamma, and the next BN rescales it away, so
+        the loss cannot resist a pull on beta: on digits' SiLU ResNet the pull slid every
+        channel together (median beta of the kept ones 0 -> -3.7) before the first crossed
+        t = -4.49, and the pruned net lost 9.4 points; with gates 0.3 (BENCHMARKS.md 10). A
+        gate's mask is dropout the loss does see, so the channels it needs resist. An exact
+        zero region (ReLU, Hardswish) has no such slide: moving beta sparsifies the channel.
     """
 
     eps: float = 0.05
@@ -76,6 +88,7 @@ class SCPConfig:
     s: float = 2.0
     delta: float = 0.05
     s_smooth: float = 0.0
+    smooth_lever: str = "gate"
 
     def __post_init__(self) -> None:
         if not 0.0 < self.c0 < 1.0:
@@ -86,6 +99,8 @@ class SCPConfig:
             raise ValueError(f"SCPConfig.eps and s must be >= 0, got eps={self.eps}, s={self.s}")
         if not 0.0 < self.delta < 1.0:
             raise ValueError(f"SCPConfig.delta must be in (0, 1), got {self.delta}")
+        if self.smooth_lever not in ("gate", "bn"):
+            raise ValueError(f"SCPConfig.smooth_lever must be 'gate' or 'bn', got {self.smooth_lever!r}")
 
 
 # --------------------------------------------------------------------------- rectifiers
@@ -217,6 +232,17 @@ def gate_prob(logit: Tensor) -> Tensor:
     tensor([0.0500, 0.5000])
     """
     return torch.sigmoid(logit)
+
+
+def log_either_prunes(log_keep_a: Tensor, log_keep_b: Tensor) -> Tensor:
+    """``log pi`` of a channel pruned when either of two independent causes prunes it, from
+    their log keep probabilities: ``log(1 - (1 - pi_a) (1 - pi_b))``. A smooth-activation
+    channel's gate and its BN site combine so (the BN can still kill it by itself).
+
+    >>> round(float(log_either_prunes(torch.log(torch.tensor(0.5)), torch.log(torch.tensor(0.8))).exp()), 4)
+    0.6
+    """
+    return torch.log(-torch.expm1(log_keep_a + log_keep_b))
 
 
 def gate_regularizer(logit: Tensor, weight: Optional[Tensor] = None) -> Tensor:

@@ -26,7 +26,7 @@ from torch import nn
 from .bnsites import BNSite
 from .cost import CostModel
 from .scp import (SCPConfig, combine_log_sites, gate_init_logit, hard_keep, keep_score, log_deactivation_prob,
-                  prune_prob, soft_keep)
+                  log_either_prunes, prune_prob, soft_keep)
 
 
 class Controller(nn.Module):
@@ -110,7 +110,8 @@ class Controller(nn.Module):
 class MaskBank(nn.Module):
     def __init__(self, size: int, sites: list[BNSite], fixed_keep: np.ndarray, cost: CostModel, target: float,
                  scp: SCPConfig = SCPConfig(), kp: float = 0.15, ki: float = 5e-3, lambda_max: float = 0.2,
-                 ramp: int = 100, total_steps: int | None = None, exact: np.ndarray | None = None):
+                 ramp: int = 100, total_steps: int | None = None, exact: np.ndarray | None = None,
+                 floors: list | None = None):
         super().__init__()
         self.size, self.scp, self.cost = size, scp, cost
         self.sites = sites
@@ -128,7 +129,17 @@ class MaskBank(nn.Module):
         has = torch.zeros(size, dtype=torch.bool)
         has[self.ent_flat] = True
         self.register_buffer("has_bn", has, persistent=False)
+        # the BN lever: entries whose beta/gamma the regulariser pulls (exact zero regions, and
+        # smooth ones with smooth_lever="bn"); a channel with such an entry is ``scored``, every
+        # other free channel has a gate (a smooth site's p then adds to the gate's pi)
+        lever = [np.full(len(s.flat), bool(ex) or scp.smooth_lever == "bn") for s, ex in zip(sites, exact)]
+        self.register_buffer("ent_lever", torch.as_tensor(np.concatenate(lever) if lever else np.zeros(0, bool)),
+                             persistent=False)
+        scored = torch.zeros(size, dtype=torch.bool)
+        scored[self.ent_flat[self.ent_lever]] = True
+        self.register_buffer("scored", scored, persistent=False)
         self.register_buffer("fixed", torch.as_tensor(fixed_keep, dtype=torch.bool), persistent=False)
+        self._init_floors(size, floors or [])
         self.gate_logits = nn.Parameter(torch.full((size,), gate_init_logit()))
         self.register_buffer("logp0", torch.zeros(size))  # z = Phi^-1(p) at the first training step (progress)
         self.controller = Controller(target, kp, ki, lambda_max, ramp, total_steps)
@@ -147,6 +158,36 @@ class MaskBank(nn.Module):
     def steps(self) -> torch.Tensor:
         return self.controller.steps
 
+    def _init_floors(self, size: int, floors: list) -> None:
+        """``floors``: (flat ids, count) per group: the hard rule keeps at least ``count`` of them."""
+        width = max((len(ids) for ids, _ in floors), default=0)
+        table = np.full((len(floors), width), size, dtype=np.int64)  # padding points past the end
+        for i, (ids, _) in enumerate(floors):
+            table[i, :len(ids)] = ids
+        self.register_buffer("floor_ids", torch.as_tensor(table), persistent=False)
+        self.register_buffer("floor_n", torch.as_tensor([int(n) for _, n in floors], dtype=torch.long),
+                             persistent=False)
+
+    def floor(self, pi: torch.Tensor) -> torch.Tensor:
+        """``pi`` with a group's lowest-pi channels forced kept (pi = 0) where the hard rule would
+        keep fewer than its floor (the decision's ``min_width``). Why: gates of a group start equal
+        and take equal pulls, so they cross 0.5 together; on digits' SiLU ResNet the whole stem
+        stream (16 of 16) died in one epoch and accuracy fell to 10%, past recovery (a closed gate
+        passes no gradient at the annealed temperature). The decision never empties a group, so
+        neither may the hard rule the network trains towards."""
+        if not len(self.floor_n):
+            return pi
+        padded = torch.cat([pi.detach(), pi.new_full((1,), float("inf"))])[self.floor_ids]
+        short = (padded < 0.5).sum(1) < self.floor_n
+        if not bool(short.any()):
+            return pi
+        order = padded.argsort(1)
+        take = (torch.arange(padded.shape[1], device=pi.device)[None, :] < self.floor_n[:, None]) & short[:, None]
+        ids = self.floor_ids.gather(1, order)[take]
+        protect = torch.zeros(self.size + 1, dtype=torch.bool, device=pi.device)
+        protect[ids] = True
+        return torch.where(protect[:-1], torch.zeros_like(pi), pi)
+
     # ------------------------------------------------------------------ probabilities
     def gather(self, params) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-entry (gamma, beta) from the site parameters (gamma_0, beta_0, gamma_1, ...)."""
@@ -158,28 +199,41 @@ class MaskBank(nn.Module):
         return torch.cat(gam), torch.cat(bet)
 
     def gates(self) -> torch.Tensor:
-        """Channels with a learned gate: no BN-activation site, not frozen."""
-        return ~self.has_bn & ~self.fixed
+        """Channels with a learned gate: no BN lever (no BN-activation site, or only smooth
+        ones with ``smooth_lever="gate"``), not frozen."""
+        return ~self.scored & ~self.fixed
 
     def log_deactivation(self, params) -> torch.Tensor:
-        """log p per channel: the sum of its BN sites' log deactivation probabilities (for a
-        gated channel, ``log pi`` of its gate; for a frozen one, -inf)."""
+        """log p per scored channel: the sum of its BN sites' log deactivation probabilities;
+        for a gated channel ``log pi``: its gate's, or with smooth BN sites, gate or sites
+        prune it (``log_either_prunes``); for a frozen one, -inf."""
         gamma, beta = self.gather(params)
         logp = log_deactivation_prob(gamma, beta, self.ent_t.to(gamma.dtype), self.scp.eps)
         logp = combine_log_sites(logp, self.ent_flat, self.size)
-        gate = nn.functional.logsigmoid(self.gate_logits / self.controller.temperature()).to(logp.dtype)
-        logp = torch.where(self.has_bn, logp, gate)
+        t = self.controller.temperature()
+        gate = nn.functional.logsigmoid(self.gate_logits / t).to(logp.dtype)
+        site_keep = torch.log1p(-prune_prob(torch.exp(logp), self.scp.k, self.scp.c0))
+        gate_keep = nn.functional.logsigmoid(-self.gate_logits / t).to(logp.dtype)
+        gate = torch.where(self.has_bn, log_either_prunes(gate_keep, site_keep), gate)
+        logp = torch.where(self.scored, logp, gate)
         return torch.where(self.fixed, torch.full_like(logp, -torch.inf), logp)
 
     def prune_probs(self, params) -> torch.Tensor:
         """pi per channel: SCP's ``sigmoid(k (p - c0))`` of the BN sites, else the learned gate."""
         logp = self.log_deactivation(params)
         p = torch.exp(logp)
-        return torch.where(self.has_bn, prune_prob(p, self.scp.k, self.scp.c0), p)
+        return self.floor(torch.where(self.scored, prune_prob(p, self.scp.k, self.scp.c0), p))
 
     def scores(self, params) -> np.ndarray:
-        """The decision's ranking scores (higher = keep), float64, ``inf`` for frozen channels."""
-        score = keep_score(self.log_deactivation(params).detach().cpu()).numpy()
+        """The decision's ranking scores (higher = keep), float64, ``inf`` for frozen channels.
+        A gated channel with smooth BN sites adds ``1e-10 q / (1 + q)``, ``q = -log p`` of
+        its sites: equal gates (untrained) are then ordered by the BN, as scored ones are."""
+        with torch.no_grad():
+            score = keep_score(self.log_deactivation(params).cpu())
+            gamma, beta = self.gather(params)
+            logp = log_deactivation_prob(gamma, beta, self.ent_t.to(gamma.dtype), self.scp.eps)
+            q = (-combine_log_sites(logp, self.ent_flat, self.size).double().cpu()).clamp(0.0, 1e300)
+        score = torch.where((self.has_bn & ~self.scored).cpu(), score + 1e-10 * q / (1.0 + q), score).numpy()
         return np.where(self.fixed.cpu().numpy(), np.inf, score)
 
     @torch.no_grad()
@@ -191,10 +245,10 @@ class MaskBank(nn.Module):
         hard cut for the controller."""
         logp = self.log_deactivation(params).detach().double()
         z = torch.special.ndtri(torch.exp(logp).clamp(1e-300, 1.0 - 1e-16)).float()
-        z = torch.where(self.has_bn, z, self.gate_logits.detach().float())
+        z = torch.where(self.scored, z, self.gate_logits.detach().float())
         if int(self.controller.steps) == 0:
             self.logp0.copy_(z)
-        end = torch.where(self.has_bn, torch.tensor(float(torch.special.ndtri(torch.tensor(self.scp.c0)))),
+        end = torch.where(self.scored, torch.tensor(float(torch.special.ndtri(torch.tensor(self.scp.c0)))),
                           torch.tensor(0.0))
         u = ((z - self.logp0) / (end - self.logp0).clamp(min=1e-6)).clamp(0.0, 1.0)
         return float(self.cost.ratio((1.0 - u).cpu().numpy()))

@@ -133,7 +133,8 @@ def _single_site(pruner):
 
 def test_silu_sites_use_the_tail_threshold_and_a_dead_channel_is_pruned():
     model, inputs, pruner = _silu_pruner()
-    assert pruner.bank.sites and not pruner.bank.gates().any()  # BN-SiLU: scored, not gated
+    # BN-SiLU: gated (SCPConfig.smooth_lever), and the tail threshold still kills a channel by itself
+    assert pruner.bank.sites and pruner.bank.gates().any() and not pruner.bank.scored.any()
     ts = {t for v in pruner.thresholds().values() for t in v}
     assert len(ts) == 1 and -4.6 < ts.pop() < -4.4
     site = _single_site(pruner)
@@ -155,7 +156,9 @@ def test_live_silu_channels_do_not_tie_in_the_ranking():
         pruner.model.get_parameter(site.beta)[site.channel] = torch.linspace(1.0, 2.0, n)
         params = pruner._site_params()
         scores = pruner.bank.scores(params)[site.flat]
-        p = torch.exp(pruner.bank.log_deactivation(params))[site.flat].double()
+        gamma, beta = pruner.bank.gather(params)
+        p = torch.exp(sp.scp.log_deactivation_prob(gamma, beta, pruner.bank.ent_t, 0.05))
+        p = p[np.isin(pruner.bank.ent_flat.numpy(), site.flat)].double()
     assert (1.0 - p == 1.0).all()
     assert len(np.unique(scores)) == n
     assert (np.argsort(scores) == np.arange(n)).all()  # beta increasing: score increasing
