@@ -18,6 +18,8 @@ Example::
 """
 from __future__ import annotations
 
+import re
+
 import numpy as np
 
 from .latency_timing import measure_cuts
@@ -29,14 +31,16 @@ REPEATS = 40
 
 
 def _finish_reachable(finish, goal: float):
-    """``finish(goal)``, lowering the goal by 5 points (at most 4 times) while the predicted
-    latency cannot reach it."""
+    """``finish(goal)``; while the predicted latency cannot reach the goal, lower it to the
+    largest reachable cut the decision names (else by 5 points), at most 5 times."""
     from softprune_fx.passes.errors import BudgetError
-    for _ in range(4):
+    for _ in range(5):
         try:
             return finish(goal), goal
-        except BudgetError:
-            goal -= 0.05
+        except BudgetError as e:
+            named = re.search(r"largest reachable cut is (-?[\d.]+)%", str(e))
+            reach = float(named.group(1)) / 100.0 if named else goal - 0.05
+            goal = min(goal - 0.01, reach - 0.005)
     return finish(goal), goal
 
 

@@ -83,3 +83,19 @@ def test_noise_on_the_winner_is_averaged_with_its_remeasurement(monkeypatch):
     rounds = res.latency_rounds
     assert rounds[1]["measured_cut"] == pytest.approx(0.5) and rounds[1]["chosen"]
     assert rounds[1]["all_cuts"] == pytest.approx([0.5, 0.4, 0.4]) and res.achieved_ratio == pytest.approx(0.4)
+
+
+def test_an_unreachable_goal_drops_to_the_largest_reachable_cut(monkeypatch):
+    """The decision cannot predict more than a 0.3 cut: the goal (0.5, then pushed higher by
+    the miss) drops to what is reachable instead of failing the run."""
+    from softprune_fx.passes.errors import BudgetError
+    world = World(lambda p: p - 0.2)
+    plain = world.finish
+
+    def finish(goal):
+        if goal > 0.3 + 1e-9:
+            raise BudgetError(f"no legal keep set reaches a {goal:.1%} FLOPs cut; the largest reachable cut is 30.0%")
+        return plain(goal)
+    monkeypatch.setattr(loop, "measure_cuts", world.measure_cuts)
+    _, res = close_loop(finish, world, None, None, 0.5)
+    assert all(r["goal"] <= 0.3 for r in res.latency_rounds) and res.achieved_ratio == pytest.approx(0.095)
