@@ -291,3 +291,24 @@ def test_flop_total_on_random_architectures_and_attention():
         return torch.einsum("bhqd,bhkd->bhqk", o, k) @ v
     x = torch.randn(2, 5, 16)
     assert _flop_total(attention, (x,)) == flops(attention, (x,)) > 0
+
+
+@pytest.mark.parametrize("name", sorted(ZOO))
+def test_cut_is_a_cubic_in_a_uniform_keep_fraction(name):
+    """decide's weighing fits the cut at a uniform kept fraction f with a cubic through
+    four points: that must be exact (up to rounding) at any other f, on every zoo model
+    (site groups, whose positions square f, included)."""
+    model, inputs = ZOO[name]()
+    cg = sp.analyze(model, inputs)
+    index = cg.index
+    cost = CostModel(cg, index, model, inputs, total=cg.flops)
+    free = np.flatnonzero(~index.frozen)
+
+    def cut(f):
+        keep = np.ones(index.size)
+        keep[free] = f
+        return cost.ratio(keep)
+    fs = np.linspace(0, 1, 4)
+    poly = np.polyfit(fs, [cut(f) for f in fs], 3)
+    for f in (0.13, 0.5, 0.77, 0.91):
+        assert np.polyval(poly, f) == pytest.approx(cut(f), abs=1e-9)
