@@ -221,3 +221,33 @@ class LatencyCost:
             self.scale, self.constant = 1.0, float(np.mean(m - s))
         self.total0 = self.flops(np.ones(self.index.size))
 
+
+
+# ---------------------------------------------------------------------- cached tables only
+class _Uncached(Exception):
+    """An op's table is not in the cache."""
+
+
+class _CacheOnly:
+    """The timer of ``cached_latency_cost``: a table missing from the cache aborts (nothing is timed)."""
+
+    threads = None
+
+    def ops(self, jobs):
+        raise _Uncached
+
+    def files(self, paths, feed_of, warmup=5, repeats=30):
+        raise _Uncached
+
+
+def cached_latency_cost(cg, index, model, inputs, cost=None, round_to="auto", latency_cache=None,
+                        ort_threads=None) -> LatencyCost | None:
+    """The latency model from cached tables alone (uncalibrated: enough for ``points``), or
+    None when any op's table for this runtime (ORT version, ``ort_threads``, CPU) is missing:
+    ``round_to="auto"`` in FLOPs mode takes widths from the tables' efficient points only
+    when an earlier latency run left them, and a default prune never times ORT."""
+    try:
+        return LatencyCost(cg, index, model, inputs, ort_threads=ort_threads, latency_cache=latency_cache,
+                           round_to=round_to, cost=cost, timer=_CacheOnly(), calibrate=False)
+    except _Uncached:
+        return None
