@@ -129,7 +129,11 @@ def _decision_groups(cg, index: ChannelIndex, engine, scores, min_width, round_t
     for members in _unit_table(index, engine, g_ids):
         gs = [prunable[k] for k in members]
         flat = np.concatenate([g_ids[k] for k in members])
-        units, inverse = np.unique(engine.unit_of[flat], return_inverse=True)
+        units = engine.unit_of[flat]
+        if len(units) > 1 and (units[1:] > units[:-1]).all():  # one unit per channel, in order:
+            inverse = np.arange(len(units))                     # np.unique's answer, without the sort
+        else:
+            units, inverse = np.unique(units, return_inverse=True)
         fixed_unit = np.bincount(inverse, weights=index.frozen[flat], minlength=len(units)) > 0
         fixed_unit |= engine.forced[units]
         u_raw = np.bincount(inverse, weights=raw[flat], minlength=len(units))
