@@ -37,6 +37,13 @@ measured cut (original and pruned interleaved, inside the closed loop), the late
 prediction error, FLOPs cut and params; ``auto-table``: FLOPs mode with ``round_to="auto"``
 widths from the same tables; Torch-Pruning's uniform pruning bisected on *measured*
 latency to the same cut. Writes ``bench_latency_target[_tag].json``.
+
+``--target flops-default`` (issue 12's FLOPs-mode check): the defaults from a cold and a
+warm table cache, latency cut / FLOPs cut per ORT thread count, interleaved and repeated::
+
+    python benchmarks/bench_latency.py --target flops-default --models resnet50 --ratios 0.4 --threads-list 2 1
+
+Writes ``bench_latency_flops_default[_tag].json``.
 """
 from __future__ import annotations
 
@@ -267,6 +274,57 @@ def main_target(args) -> None:
                  {"batch": args.batch, "repeats": args.repeats, "rows": rows})
 
 
+def bench_flops_default(args) -> None:
+    """``--target flops-default``: ResNet-50 (``--models``) pruned with the defaults
+    (``prune_one_shot(model, inputs, ratio)``, what ``softprune-fx prune model.py:build --ratio
+    0.4`` runs) from a cold table cache (an empty ``$SOFTPRUNE_LATENCY_CACHE``: the fixed 16/8
+    step), and from a warm one (tables for ORT's default threads built first: widths from
+    their efficient points); then original, cold and warm timed interleaved ``--measurements``
+    times for each of ``--threads-list``, alternating: paired latency cut / FLOPs cut."""
+    from softprune_fx.api import analyze
+    from softprune_fx.latency import LatencyCost, measure_samples, paired_cut
+    out = []
+    for name in args.models.split(","):
+        model, inputs = BIG[name]()
+        randomize_norms(model, seed=0)
+        model.eval()
+        batch = torch.randn(args.batch, *inputs[0].shape[1:], generator=torch.Generator().manual_seed(1))
+        models, flops = {"orig": model}, {}
+        warm_dir = args.latency_cache or tempfile.mkdtemp(prefix="latwarm_")
+        for kind, cache in (("cold", tempfile.mkdtemp(prefix="latcold_")), ("warm", warm_dir)):
+            os.environ["SOFTPRUNE_LATENCY_CACHE"] = cache
+            if kind == "warm":
+                start = time.perf_counter()
+                cg = analyze(model, inputs)
+                LatencyCost(cg, cg.index, model, inputs, ort_threads=None, calibrate=False)  # ORT default threads
+                C.console.print(f"  {name}: tables for ORT's default threads in {time.perf_counter() - start:.0f} s")
+            pruned, res = softprune_fx.prune_one_shot(model, inputs, args.ratios[0])
+            models[kind], flops[kind] = pruned, res.achieved_ratio
+            C.console.print(f"  {name} {kind}: FLOPs cut {res.achieved_ratio:.3f}", style="dim")
+        os.environ.pop("SOFTPRUNE_LATENCY_CACHE")
+        for m in range(args.measurements):
+            for threads in args.threads_list:
+                load = os.getloadavg()[0]
+                raw = measure_samples(models, batch, threads, warmup=args.warmup, repeats=args.repeats)
+                for kind in ("cold", "warm"):
+                    cut = paired_cut(raw[kind], raw["orig"])
+                    out.append(dict(model=name, threads=threads, measurement=m, cache=kind, flops_cut=flops[kind],
+                                    paired_cut=cut, ratio_of_medians=1 - np.median(raw[kind]) / np.median(raw["orig"]),
+                                    orig_ms=float(np.median(raw["orig"])), load=load, quotient=cut / flops[kind]))
+                    C.console.print(f"  {name} t{threads} #{m} {kind}: latency cut {cut:.3f} / FLOPs "
+                                    f"{flops[kind]:.3f} = {cut / flops[kind]:.3f} (load {load:.1f})")
+    summary = []
+    for key in sorted({(r["model"], r["threads"], r["cache"]) for r in out}):
+        qs = [r["quotient"] for r in out if (r["model"], r["threads"], r["cache"]) == key]
+        summary.append(dict(model=key[0], threads=key[1], cache=key[2], median_quotient=float(np.median(qs)),
+                            quotients=qs, met=bool(np.median(qs) >= 0.97)))
+        C.console.print(f"{key[0]} ORT threads {key[1]} {key[2]} cache: latency cut / FLOPs cut median "
+                        f"{np.median(qs):.3f} of {len(qs)} ({', '.join(f'{q:.2f}' for q in qs)}): "
+                        f"{'met' if np.median(qs) >= 0.97 else 'MISSED'} (>= 0.97)")
+    C.write_json("bench_latency_flops_default" + (f"_{args.tag}" if args.tag else ""),
+                 {"ratio": args.ratios[0], "repeats": args.repeats, "rows": out, "summary": summary})
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default="resnet50,mobilenetv2_full")
@@ -279,12 +337,16 @@ def main() -> None:
     ap.add_argument("--ort-threads", type=int, default=0, help="ORT intra-op threads (0: ORT's default)")
     ap.add_argument("--torch-pruning", type=int, nargs="*", default=[], metavar="ROUND_TO",
                     help="also time Torch-Pruning's uniform pruning with these round_to steps")
-    ap.add_argument("--target", choices=["flops", "latency"], default="flops")
+    ap.add_argument("--target", choices=["flops", "latency", "flops-default"], default="flops",
+                    help="flops-default: the FLOPs-mode defaults, cold and warm table cache (--ratios 0.4)")
+    ap.add_argument("--measurements", type=int, default=3, help="--target flops-default: interleaved runs")
     ap.add_argument("--threads-list", type=int, nargs="+", default=[1, 2], help="--target latency: ORT threads")
     ap.add_argument("--tp-models", default="resnet50", help="--target latency: models Torch-Pruning runs on")
     ap.add_argument("--tp-ratios", type=float, nargs="+", default=[0.4], help="--target latency: its ratios")
     ap.add_argument("--latency-cache", default=None, help="--target latency: table cache (default: a fresh one)")
     args = ap.parse_args()
+    if args.target == "flops-default":
+        return bench_flops_default(args)
     if args.target == "latency":
         args.roundings = [r for r in args.roundings if r in ("auto", "auto-table")]
         return main_target(args)

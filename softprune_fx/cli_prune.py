@@ -226,7 +226,8 @@ def summary_table(report: dict) -> Table:
                       _change(lb, la))
     pb_ms, pa_ms = report.get("ort_pred_ms_before"), report.get("ort_pred_ms_after")
     if pa_ms is not None:  # --target latency: the latency model's prediction beside the measurement
-        table.add_row(f"ORT latency predicted ({report.get('ort_threads') or 'default'} threads)",
+        n = report.get("ort_threads")
+        table.add_row(f"ORT latency predicted ({n or 'default'} thread{'' if n == 1 else 's'})",
                       f"{pb_ms:.3f} ms", f"{pa_ms:.3f} ms", _change(pb_ms, pa_ms))
     metric = report.get("metric")
     if metric:

@@ -30,3 +30,5 @@ def test_latency_mode_title_says_latency_cut_and_shows_the_prediction():
     assert "target 40% latency cut" in text and "FLOPs cut" not in text
     row = next(line for line in text.splitlines() if "predicted" in line)
     assert "2 threads" in row and "9.500 ms" in row and "5.700 ms" in row and "-40.0%" in row
+    one = _text(_report(target="latency", ort_threads=1, ort_pred_ms_before=9.5, ort_pred_ms_after=5.7))
+    assert "(1 thread)" in one
