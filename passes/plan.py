@@ -42,14 +42,25 @@ class Plan:
             g = plan.by_id.get(gid)
             if g is None:
                 raise IllegalDropError(f"unknown group {gid!r}; `softprune-fx deps` lists the group ids")
-            for i in indices:
-                i = int(i)
-                if not 0 <= i < g.width:
-                    raise IllegalDropError(f"channel {i} is out of range for group {gid!r} (width {g.width})")
-                if i in g.frozen_channels:
-                    raise IllegalDropError(f"channel {i} of group {gid!r} is frozen: {g.frozen_reason}")
-                plan.drop(g, i)
+            idx = np.fromiter((int(i) for i in indices), dtype=np.int64)
+            bad = idx[(idx < 0) | (idx >= g.width)]
+            if len(bad):
+                raise IllegalDropError(f"channel {bad[0]} is out of range for group {gid!r} (width {g.width})")
+            frozen = [i for i in idx.tolist() if i in g.frozen_channels] if g.frozen_channels else []
+            if frozen:
+                raise IllegalDropError(f"channel {frozen[0]} of group {gid!r} is frozen: {g.frozen_reason}")
+            plan.drop_many(g, idx)
         return plan
+
+    def drop_many(self, g: Group, idx: np.ndarray) -> None:
+        """``drop(g, i)`` for every ``i`` of ``idx`` (checked by the caller), in one go."""
+        if not len(idx):
+            return
+        self.__dict__.pop("_dropped_table", None)
+        if g.is_site_group:
+            self.site_drops.setdefault(g.id, set()).update(idx.tolist())
+        else:
+            self.dropped_classes.update(np.asarray(g.classes)[idx].tolist())
 
     def drop(self, g: Group, i: int) -> None:
         self.__dict__.pop("_dropped_table", None)  # keep_layout's lookup table is rebuilt
