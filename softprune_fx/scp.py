@@ -148,7 +148,14 @@ def log_deactivation_prob(gamma: Tensor, beta: Tensor, t: Any = 0.0, eps: float 
     >>> round(float(log_deactivation_prob(torch.tensor([0.1]), torch.tensor([1.0]), t=-4.5)))  # log Phi(-54.5)
     -1490
     """
-    return torch.special.log_ndtr((t + eps - beta) / (1e-8 + gamma.abs()))
+    z = (t + eps - beta) / (1e-8 + gamma.abs())
+    # clamped: log_ndtr's backward is NaN far out (z = -7.5e5, a Hardswish channel whose gamma
+    # the s = 2 pull took to -3.5e-6 with beta above t: mobilenetv3's NaN collapse to a 100% cut);
+    # beyond |z| = 1000 keep_score ties channels anyway (q / (1 + q) no longer resolves)
+    return torch.special.log_ndtr(z.clamp(-Z_CLAMP, Z_CLAMP))
+
+
+Z_CLAMP = 1000.0
 
 
 def combine_log_sites(log_p: Tensor, flat: Tensor, size: int) -> Tensor:
@@ -242,7 +249,9 @@ def log_either_prunes(log_keep_a: Tensor, log_keep_b: Tensor) -> Tensor:
     >>> round(float(log_either_prunes(torch.log(torch.tensor(0.5)), torch.log(torch.tensor(0.8))).exp()), 4)
     0.6
     """
-    return torch.log(-torch.expm1(log_keep_a + log_keep_b))
+    # clamped below 0: at a sum of exactly 0 (both keep surely) the log's gradient is infinite,
+    # and torch.where upstream multiplies it by 0 into NaN (mobilenetv3's gates at logit/T < -104)
+    return torch.log(-torch.expm1((log_keep_a + log_keep_b).clamp(max=-1e-30)))
 
 
 def gate_regularizer(logit: Tensor, weight: Optional[Tensor] = None) -> Tensor:

@@ -130,3 +130,32 @@ def test_floor_keeps_the_masked_model_connected():
         if g.prunable and free[ids].any():
             assert keep[ids].sum() >= 1, g.id
     assert np.isfinite(pruner.bank.scores(pruner._site_params())).sum() > 0
+
+
+def test_floor_rounds_a_group_up_to_its_rounding_step():
+    """A 32-wide group (step 8 with round_to="auto") with 5 channels pruned by the rule keeps 32;
+    with 9 pruned, 24: the network trains with the widths finalize will cut to."""
+    pruner = _pruner("resnet_gelu")
+    g = next(g for g in pruner.cg.groups if g.prunable and g.width == 32 and not pruner.bank.scored[
+        pruner.index.ids(g.id)].any())
+    ids = _group_ids(pruner, g.id)
+    for dead, kept in ((5, 32), (9, 24), (16, 16)):
+        with torch.no_grad():
+            pruner.bank.gate_logits[ids] = -3.0
+            pruner.bank.gate_logits[ids[:dead]] = torch.linspace(1.0, 2.0, dead)
+        keep = pruner.hard_keep()
+        assert keep[ids].sum() == kept, (dead, keep[ids].sum())
+        revived = kept - (32 - dead)  # the least-pruned of the dead ones (lowest logits first)
+        assert keep[ids[:revived]].all() and not keep[ids[revived:dead]].any()
+
+
+def test_deactivation_gradient_is_finite_as_gamma_vanishes():
+    """A Hardswish channel (t = -3) with beta above t and gamma pulled to ~0 (z = -7.5e5): log_ndtr's
+    backward was NaN there, which turned mobilenetv3's parameters to NaN and its cut to 100%."""
+    from softprune_fx.scp import log_deactivation_prob, prune_prob, soft_keep
+    gamma = torch.tensor([-3.5e-6, 1e-9, 0.5], requires_grad=True)
+    beta = torch.tensor([-0.31, -5.0, -0.3], requires_grad=True)
+    logp = log_deactivation_prob(gamma, beta, t=-3.0)
+    soft_keep(prune_prob(torch.exp(logp)), generator=torch.Generator().manual_seed(0)).sum().backward()
+    assert torch.isfinite(gamma.grad).all() and torch.isfinite(beta.grad).all()
+    assert logp[0] < -1e5 and logp[1] == 0.0  # still alive / surely dead
