@@ -76,14 +76,21 @@ def run(name: str, epochs: int, ratio: float, seed: int, options: dict, known_pl
         trace.append((round(p["hard_flops_ratio"], 4), round(p["lambda"], 5)))
     fit(pruner.model, pruner.param_groups(1e-4), train, epochs, pruner.regularization, log)
     acc_masked = digits.evaluate(pruner.model, val)
+    alive = pruner.progress()["alive"]  # the hard rule's widths when training ends
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         pruned, result = pruner.finalize()
+    final = {gid: w[1] for gid, w in result.widths.items() if gid in alive}
     row = {"net": name, "hard_cut_end": trace[-1][0], "final_cut": result.achieved_ratio,
            "acc_pruned": digits.evaluate(pruned, val), "acc_masked": acc_masked, "acc_plain": acc_plain,
            "gates": int(pruner.bank.gates().sum()), "sites": len(pruner.bank.sites),
            "thresholds": sorted({t for ts in result.thresholds.values() for t in ts}),
            "trace": trace, "max_abs_diff": result.max_abs_diff,
+           # finalize vs the hard rule: channels it removed that training kept, and the reverse
+           "extra_cut": sum(max(0, alive[g] - final[g]) for g in final),
+           "extra_kept": sum(max(0, final[g] - alive[g]) for g in final),
+           "widths": {g: [result.widths[g][0], alive[g], final[g]] for g in final if result.widths[g][0] != final[g]
+                      or alive[g] != final[g]},
            "plain_s": t1 - t0, "scp_s": time.perf_counter() - t1}
     row["acc_gap_pts"] = 100 * (row["acc_pruned"] - row["acc_plain"])
     row["ok"] = (0.39 <= row["hard_cut_end"] <= 0.43 and abs(row["final_cut"] - ratio) <= 0.01
@@ -118,10 +125,13 @@ def main() -> None:
         C.console.print(f"{name}: lambda per epoch {[t[1] for t in r['trace']]}", style="dim")
     C.console.print(C.table(
         f"SCP at a {args.ratio:.0%} FLOPs cut, {args.epochs} epochs, plain SGD loop, defaults {options or ''}",
-        ["net", "BN sites / gates", "thresholds", "hard cut at end", "final cut", "acc pruned", "acc unpruned",
-         "gap (pts)", "ok", "SCP s"],
+        ["net", "BN sites / gates", "thresholds", "hard cut at end", "final cut", "acc masked", "acc pruned",
+         "acc unpruned", "gap (pts)", "finalize -/+ ch", "ok", "SCP s"],
         [[r["net"], f"{r['sites']} / {r['gates']}", str(r["thresholds"]), r["hard_cut_end"], r["final_cut"],
-          r["acc_pruned"], r["acc_plain"], f"{r['acc_gap_pts']:+.2f}", r["ok"], r["scp_s"]] for r in rows]))
+          r["acc_masked"], r["acc_pruned"], r["acc_plain"], f"{r['acc_gap_pts']:+.2f}",
+          f"{r['extra_cut']} / {r['extra_kept']}", r["ok"], r["scp_s"]] for r in rows]))
+    for r in rows:
+        C.console.print(f"{r['net']}: widths changed (width, hard rule at end, final) {r['widths']}", style="dim")
     C.write_json("bench_activations" + args.tag, {"epochs": args.epochs, "ratio": args.ratio, "seed": args.seed,
                                                   "options": options, "rows": rows})
 

@@ -32,7 +32,7 @@ from softprune_fx.onnx_check import max_abs_diff
 from .api import analyze
 from .bnsites import bn_log_probabilities, find_bn_sites
 from .cost import CostModel
-from .decide import decide, min_count, rounding_step
+from .decide import decide, min_count
 from .index import ChannelIndex
 from .scp import SCPConfig, gate_regularizer, hard_keep, keep_score, prune_prob, scp_regularizer
 from .softmask import MaskBank
@@ -277,8 +277,7 @@ class SoftPruner:
         for s in sites:
             has[s.flat] = True
         fixed = _fixed_keep(self.cg, self.index, has, strict)
-        floors = [(self.index.ids(g.id), min_count(g.width, min_width), rounding_step(g.width, round_to))
-                  for g in self.cg.groups if g.prunable]
+        floors = [(self.index.ids(g.id), min_count(g.width, min_width)) for g in self.cg.groups if g.prunable]
         self.bank = MaskBank(self.index.size, sites, fixed, self.steer, ratio, scp, kp, ki, lambda_max, ramp,
                              total_steps, exact, floors)
         self.weights = torch.as_tensor(_pull_weights(self.cost.marginal(np.ones(self.index.size)), ~fixed,

@@ -159,39 +159,32 @@ class MaskBank(nn.Module):
         return self.controller.steps
 
     def _init_floors(self, size: int, floors: list) -> None:
-        """``floors``: (flat ids, least count, step) per group: the hard rule keeps at least the
-        least count of them, and a multiple of ``step`` or all (the decision's rounding)."""
+        """``floors``: (flat ids, least count) per group: the hard rule keeps at least that many."""
         width = max((len(f[0]) for f in floors), default=0)
         table = np.full((len(floors), width), size, dtype=np.int64)  # padding points past the end
         for i, f in enumerate(floors):
             table[i, :len(f[0])] = f[0]
         self.register_buffer("floor_ids", torch.as_tensor(table), persistent=False)
-        for name, col in (("floor_n", 1), ("floor_step", 2), ("floor_width", None)):
-            vals = [len(f[0]) if col is None else int(f[col]) if len(f) > col else 1 for f in floors]
-            self.register_buffer(name, torch.as_tensor(vals, dtype=torch.long), persistent=False)
+        self.register_buffer("floor_n", torch.as_tensor([min(int(n), len(ids)) for ids, n in floors],
+                                                        dtype=torch.long), persistent=False)
 
     def floor(self, pi: torch.Tensor) -> torch.Tensor:
-        """``pi`` with each group's lowest-pi channels forced kept (pi = 0) up to a count the
-        decision can implement: at least its ``min_width``, rounded up to its rounding step.
-
-        Why the least count: gates of a group start equal and take equal pulls, so they cross
-        0.5 together; on digits' SiLU ResNet the whole stem stream (16 of 16) died in one epoch
-        and accuracy fell to 10%, past recovery. Why the step: finalize otherwise rounds the
-        trained keep set and removes live channels elsewhere to make up the cut (digits GELU:
-        layer2.0.conv1 32 -> 24, trained with all 32, -1.7 points); rounded here, the network
-        trains as it will be pruned and the controller steers on the cut the decision makes."""
+        """``pi`` with a group's lowest-pi channels forced kept (pi = 0) where the hard rule would
+        keep fewer than its floor (the decision's ``min_width``). Why: gates of a group start equal
+        and take equal pulls, so they cross 0.5 together; on digits' SiLU ResNet the whole stem
+        stream (16 of 16) died in one epoch and accuracy fell to 10%, past recovery (a closed gate
+        passes no gradient at the annealed temperature). The decision never empties a group, so
+        neither may the hard rule the network trains towards. (Rounding each group up to the
+        decision's rounding step here as well made the digits cut cycle between 0.38 and 0.46:
+        one step of a 32-wide group is 8 points of FLOPs; BENCHMARKS.md section 10.)"""
         if not len(self.floor_n):
             return pi
         padded = torch.cat([pi.detach(), pi.new_full((1,), float("inf"))])[self.floor_ids]
-        kept = (padded < 0.5).sum(1)
-        step = self.floor_step
-        need = torch.minimum(torch.div(kept + step - 1, step, rounding_mode="floor") * step, self.floor_width)
-        need = torch.maximum(need, torch.minimum(self.floor_n, self.floor_width))
-        short = kept < need
+        short = (padded < 0.5).sum(1) < self.floor_n
         if not bool(short.any()):
             return pi
         order = padded.argsort(1)
-        take = (torch.arange(padded.shape[1], device=pi.device)[None, :] < need[:, None]) & short[:, None]
+        take = (torch.arange(padded.shape[1], device=pi.device)[None, :] < self.floor_n[:, None]) & short[:, None]
         ids = self.floor_ids.gather(1, order)[take]
         protect = torch.zeros(self.size + 1, dtype=torch.bool, device=pi.device)
         protect[ids] = True
