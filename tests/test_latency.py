@@ -208,3 +208,22 @@ def test_prune_one_shot_latency_target_fills_the_latency_fields(net, tmp_path, m
     assert d["ort_pred_error_rel"] == pytest.approx((1 - d["ort_pred_cut"]) / (1 - d["achieved_ratio"]) - 1)
     with pytest.raises(Exception, match="target"):
         prune_one_shot(model, (x,), 0.3, target="speed")
+
+
+class FastWholeTimer(FakeTimer):
+    """The whole model runs in half its ops' sum (the tiny graphs' own reorders)."""
+
+    def files(self, paths, feed_of, warmup=5, repeats=30):
+        self.file_calls += 1
+        return {name: (1.465,) * 3 for name in paths}   # half of the fake ops' 2.93 ms
+
+
+def test_a_whole_model_faster_than_its_ops_scales_them(net, tmp_path):
+    """A negative constant would predict a cut twice the tables' (and cuts past 100%); a
+    scale keeps the predicted fraction the tables' own."""
+    lat = _lat(net, tmp_path, FastWholeTimer())
+    assert lat.ops0 == pytest.approx(2.93) and (lat.scale, lat.constant) == (pytest.approx(0.5), 0.0)
+    keep = np.ones(lat.index.size)
+    keep[lat.index.ids("a")[32:]] = 0
+    assert lat.total0 == pytest.approx(1.465)
+    assert lat.ratio(keep) == pytest.approx(0.96 / 2.93)
