@@ -3,8 +3,12 @@
 through SOFTPRUNE_STRICT), helpers."""
 import os
 import sys
+import tempfile
 
 os.environ["SOFTPRUNE_STRICT"] = "1"
+# latency tables a benchmark left in the user's cache would change round_to="auto"'s widths
+# (it reads cached tables): the suite gets an empty cache of its own, subprocesses too
+os.environ["SOFTPRUNE_LATENCY_CACHE"] = tempfile.mkdtemp(prefix="softprune-test-latency-")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
