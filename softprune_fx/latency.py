@@ -98,6 +98,7 @@ class LatencyCost:
         ``round_to``)."""
         mult = {g.id: int(round_to) if isinstance(round_to, int) and round_to > 1 else 1
                 for g in self.index.groups}
+        self.grid = {g.id: None for g in self.index.groups if g.prunable}  # _group_of reads its keys
         for t, spec in zip(self.flops_model.terms, specs):
             if spec and spec["op"] == "conv" and spec["groups"] > 1 and not spec["dw"]:
                 for ids in (t.in_cls, t.out):
