@@ -38,7 +38,7 @@ import numpy as np
 from torch import nn
 
 from .cost import CostModel
-from .latency_cache import LatencyCache, Table, efficient
+from .latency_cache import LatencyCache, Table, efficient, has_tables
 from .latency_loop import LOOP_TOL, close_loop, next_goal  # noqa: F401 (the public names stay here)
 from .latency_timing import (FRACS, OrtTimer, block_size, build, grid_widths, measure_cuts,  # noqa: F401
                              measure_models, measure_samples, op_spec, paired_cut)
@@ -247,6 +247,8 @@ def cached_latency_cost(cg, index, model, inputs, cost=None, round_to="auto", la
     None when any op's table for this runtime (ORT version, ``ort_threads``, CPU) is missing:
     ``round_to="auto"`` in FLOPs mode takes widths from the tables' efficient points only
     when an earlier latency run left them, and a default prune never times ORT."""
+    if not has_tables(latency_cache):
+        return None
     try:
         return LatencyCost(cg, index, model, inputs, ort_threads=ort_threads, latency_cache=latency_cache,
                            round_to=round_to, cost=cost, timer=_CacheOnly(), calibrate=False)

@@ -65,6 +65,13 @@ def cache_dir(latency_cache: str | os.PathLike | None = None) -> Path:
     return Path(base) / "softprune-fx" / "latency"
 
 
+def has_tables(latency_cache: str | os.PathLike | None = None) -> bool:
+    """Whether the cache folder holds anything: a default prune asks this before it imports
+    or builds the latency model (~20 ms and ONNX's import when nothing is cached)."""
+    folder = cache_dir(latency_cache)
+    return folder.is_dir() and next(folder.iterdir(), None) is not None
+
+
 class LatencyCache:
     """Tables keyed by ``entry`` dicts plus this runtime's version, threads and CPU."""
 

@@ -205,6 +205,9 @@ def _latency_cost(cg, index, model, inputs, cost, target, ort_threads, latency_c
     if target not in ("flops", "latency"):
         raise SoftpruneError(f"target must be 'flops' or 'latency', got {target!r}")
     if target == "flops" and ort_threads is None and latency_cache is None:
+        from .latency_cache import has_tables
+        if round_to != "auto" or not has_tables():
+            return None
         from .latency import cached_latency_cost
         return cached_latency_cost(cg, index, model, inputs, cost, round_to) if round_to == "auto" else None
     from .latency import LatencyCost

@@ -312,3 +312,24 @@ def test_cut_is_a_cubic_in_a_uniform_keep_fraction(name):
     poly = np.polyfit(fs, [cut(f) for f in fs], 3)
     for f in (0.13, 0.5, 0.77, 0.91):
         assert np.polyval(poly, f) == pytest.approx(cut(f), abs=1e-9)
+
+
+def test_default_prune_builds_no_latency_model_without_cached_tables(tmp_path, monkeypatch):
+    """round_to='auto' reads latency tables only when some are cached: with an empty cache
+    a default prune never builds the latency model (nor imports ONNX for it)."""
+    import softprune_fx.latency as latency
+    from softprune_fx.latency_cache import has_tables
+
+    monkeypatch.setenv("SOFTPRUNE_LATENCY_CACHE", str(tmp_path))
+    assert not has_tables()
+
+    def refuse(*a, **k):
+        raise AssertionError("the latency model was built with nothing cached")
+    monkeypatch.setattr(latency, "cached_latency_cost", refuse)
+    model, inputs = ZOO["resnet_basic"]()
+    _, result = sp.prune_one_shot(model, inputs, 0.3)
+    assert abs(result.achieved_ratio - 0.3) <= 0.01
+    (tmp_path / "table.json").write_text("{}")
+    assert has_tables()
+    with pytest.raises(AssertionError, match="nothing cached"):
+        sp.prune_one_shot(model, inputs, 0.3)
