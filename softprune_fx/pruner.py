@@ -137,7 +137,7 @@ def prune_one_shot(model: nn.Module, example_inputs: Any, ratio: float = 0.4, *,
     ``target="latency"``: ``ratio`` is the fraction of ONNX Runtime latency (``ort_threads``
     intra-op threads, None: ORT's default) to remove, decided on the latency model
     (``softprune_fx/latency.py``, tables cached in ``latency_cache`` or the user cache dir)
-    and checked by measuring the pruned model (re-decided at most twice)."""
+    and checked by measuring the pruned model (re-decided at most three times, latency_loop.py)."""
     inputs = as_input_tuple(example_inputs)
     options = dict(frozen=frozen, leaf_modules=leaf_modules, allow_inexact=allow_inexact)
     was_training = model.training
@@ -377,7 +377,7 @@ class SoftPruner:
             def finish(goal=self.ratio):
                 return _finish(self.cg, self.index, self.steer, scores, keep0, goal, min_width=self.min_width,
                                round_to=self.round_to, how="scp", points=points)
-            if self.target == "latency":  # measured in ORT, re-decided at most twice (latency_loop.py)
+            if self.target == "latency":  # measured in ORT, re-decided up to three times (latency_loop.py)
                 from .latency import close_loop
                 pruned, result = close_loop(finish, self.lat, self.base, self.inputs, self.ratio)
             else:
