@@ -57,7 +57,7 @@ import softprune_fx  # noqa: E402
 from softprune_fx.passes.atoms import along  # noqa: E402
 from softprune_fx.cost import CostModel  # noqa: E402
 from softprune_fx.index import ChannelIndex  # noqa: E402,F401
-from softprune_fx.pruner import _finish  # noqa: E402
+from softprune_fx.finish import finish as _finish  # noqa: E402
 from softprune_fx.train import evaluate, train_plain, train_scp  # noqa: E402
 
 OPTIONS = dict(frozen=(), leaf_modules=(), allow_inexact=False)

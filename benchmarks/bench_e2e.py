@@ -28,7 +28,7 @@ import torch
 from bench_torchvision import MODELS, build
 
 import softprune_fx as sp
-import softprune_fx.pruner as pruner
+import softprune_fx.finish as pruner  # decide is called from finish()
 from softprune_fx.passes.errors import BudgetError
 
 E2E_MODELS = ("resnet50", "mobilenet_v2", "densenet121")

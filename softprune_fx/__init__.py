@@ -12,7 +12,7 @@ __version__ = "0.1.0"
 
 # public name -> module that defines it
 _EXPORTS = {
-    "SoftPruner": ".pruner", "prune_one_shot": ".pruner", "PruneResult": ".pruner",
+    "SoftPruner": ".pruner", "prune_one_shot": ".oneshot", "PruneResult": ".finish",
     "SCPConfig": ".scp",
     "analyze": ".api", "masked": ".api", "prune_channels": ".api",
     "ChannelGraph": ".graph",

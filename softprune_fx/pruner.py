@@ -1,4 +1,5 @@
-"""The pruning API: ``SoftPruner`` (SCP joint training) and ``prune_one_shot`` (no data).
+"""``SoftPruner``: SCP soft masks trained jointly with the weights (``oneshot.py`` has
+``prune_one_shot``, the data-free path; ``finish.py`` the decision and surgery both end with).
 
 Example::
 
@@ -11,10 +12,8 @@ Example::
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
 import warnings
-from dataclasses import dataclass, field, fields
 from typing import Any, Optional
 
 import numpy as np
@@ -25,211 +24,16 @@ from torch import nn
 
 from softprune_fx.passes.capture import as_input_tuple
 from softprune_fx.passes.errors import SoftpruneError
-from softprune_fx.passes.flops import FlopTotal, count_params
 from softprune_fx.passes.masks import insert_soft_masks
-from softprune_fx.onnx_check import max_abs_diff
 
 from .api import analyze
-from .bnsites import bn_log_probabilities, find_bn_sites
+from .bnsites import find_bn_sites
 from .cost import CostModel
-from .decide import decide, min_count
-from .index import ChannelIndex
-from .scp import SCPConfig, gate_regularizer, hard_keep, keep_score, prune_prob, scp_regularizer
+from .decide import min_count
+from .finish import PruneResult, finish, fixed_keep, latency_cost, latency_points, prunable_or_raise
+from .oneshot import prune_one_shot  # noqa: F401 (the API's other entry point, importable here too)
+from .scp import SCPConfig, gate_regularizer, hard_keep, scp_regularizer
 from .softmask import MaskBank
-
-
-@dataclass
-class PruneResult:
-    flops_before: int
-    flops_after: int
-    params_before: int
-    params_after: int
-    target_ratio: float
-    achieved_ratio: float
-    drop: dict
-    widths: dict
-    kinds: dict
-    max_abs_diff: float
-    rounding_dropped: list = field(default_factory=list)
-    inexact: list = field(default_factory=list)
-    scores: str = "scp"
-    thresholds: dict = field(default_factory=dict)  # SoftPruner: group -> dead thresholds used ([] = gate)
-    training_cut: Optional[float] = None            # SoftPruner: the hard-rule cut when finalize began
-    training_shortfall: Optional[float] = None      # target - training_cut, when over 5 points
-    # target="latency" (softprune_fx/latency.py): target/achieved_ratio are then ORT latency fractions
-    target: str = "flops"
-    ort_threads: Optional[int] = None
-    flops_ratio: Optional[float] = None             # the FLOPs cut, beside a latency cut
-    ort_ms_before: Optional[float] = None           # measured (same ORT threads, interleaved)
-    ort_ms_after: Optional[float] = None
-    ort_pred_ms_before: Optional[float] = None      # the latency model's prediction
-    ort_pred_ms_after: Optional[float] = None
-    ort_pred_error: Optional[float] = None          # ort_pred_ms_after / ort_ms_after - 1
-    ort_pred_cut: Optional[float] = None
-    ort_pred_error_rel: Optional[float] = None      # of the kept fraction: (1 - pred cut) / (1 - measured) - 1
-    latency_rounds: list = field(default_factory=list)  # the closed loop: predicted/measured cut per round
-    analysis: Any = field(default=None, repr=False, compare=False)  # the ChannelGraph the run used
-
-    def to_dict(self) -> dict:
-        d = {f.name: copy.deepcopy(getattr(self, f.name)) for f in fields(self) if f.name != "analysis"}
-        d["widths"] = {k: list(v) for k, v in self.widths.items()}
-        return d
-
-
-def _prunable_or_raise(cg) -> None:
-    if not any(g.prunable for g in cg.groups):
-        reasons = sorted({g.frozen_reason for g in cg.groups if g.frozen_reason})[:3]
-        raise SoftpruneError("the model has no prunable channel group (" + "; ".join(reasons) +
-                             "); run `softprune-fx deps` to see why")
-
-
-def _fixed_keep(cg, index: ChannelIndex, has_bn: np.ndarray, strict: bool) -> np.ndarray:
-    """Channels never pruned: frozen ones, and with ``strict`` the gate-only ones."""
-    fixed = index.frozen.copy()
-    if strict:
-        fixed |= ~has_bn
-    return fixed
-
-
-def _finish(cg, index, cost, scores, keep0, ratio, *, min_width, round_to, how, points=None):
-    """Decide, legalize, prune and check ``pruned == masked`` on one analysis (no new trace).
-    None when ``cost`` took its total from the registry's terms and the check's FLOPs count
-    disagrees with them (the caller then counts the original and decides again)."""
-    decision = decide(cg, index, cost, scores, keep0, ratio, min_width=min_width, round_to=round_to,
-                      **({"points": points} if points is not None else {}))
-    flops_model = getattr(cost, "flops_model", cost)  # a LatencyCost's total0 is ms
-    drop = cg.legalize(decision.drop, {g.id: scores[index.ids(g.id)] for g in cg.groups})
-    pruned = cg.prune(drop)
-    inputs = cg.inputs
-    with torch.no_grad():
-        ref = cg.run_masked(drop)  # what masked(drop) computes, on the analysis's own graph
-        with FlopTotal() as counter:  # the check's forward counts the FLOPs too
-            out = pruned.eval()(*inputs)
-    diff = max_abs_diff(ref, out)
-    flops_after = int(counter.get_total_flops())
-    if getattr(flops_model, "from_terms", False):
-        if not flops_model.agrees(index.keep_from_drop(drop), flops_after):
-            return None  # the registry's terms miss some of this graph's FLOPs: count them
-        cg.__dict__.setdefault("flops", flops_model.total0)  # confirmed: ``cg.flops`` needs no forward
-    flops0 = flops_model.total0
-    widths, kinds = {}, {}
-    for g in cg.groups:
-        widths[g.id] = (g.width, g.width - len(drop.get(g.id, ())))
-        kinds[g.id] = sorted(g.kinds)
-    result = PruneResult(flops0, flops_after, count_params(cg.gm), count_params(pruned), ratio,
-                         1.0 - flops_after / flops0, drop, widths, kinds, diff,
-                         decision.rounding_dropped, list(cg.flow.inexact), how)
-    result.analysis = cg
-    return pruned, result
-
-
-def prune_one_shot(model: nn.Module, example_inputs: Any, ratio: float = 0.4, *, strict: bool = False,
-                   frozen=(), min_width=1, round_to="auto", allow_inexact: bool = False, leaf_modules=(),
-                   scp: SCPConfig = SCPConfig(), analysis=None, target: str = "flops",
-                   ort_threads: Optional[int] = None, latency_cache=None) -> tuple[fx.GraphModule, PruneResult]:
-    """Prune a trained model without data: SCP deactivation probabilities of its BN
-    statistics rank channels; groups without a BN-rectifier site fall back to the L1 norm
-    of their consumer weights, cut by the BN-scored groups' average fraction.
-
-    ``analysis`` (``analyze(model, example_inputs, ...)`` made before, in eval mode) is
-    used instead of tracing again; ``result.analysis`` is the one the run used.
-
-    ``target="latency"``: ``ratio`` is the fraction of ONNX Runtime latency (``ort_threads``
-    intra-op threads, None: ORT's default) to remove, decided on the latency model
-    (``softprune_fx/latency.py``, tables cached in ``latency_cache`` or the user cache dir)
-    and checked by measuring the pruned model (re-decided at most three times, latency_loop.py)."""
-    inputs = as_input_tuple(example_inputs)
-    options = dict(frozen=frozen, leaf_modules=leaf_modules, allow_inexact=allow_inexact)
-    was_training = model.training
-    model.eval()
-    try:
-        cg = analysis if analysis is not None else analyze(model, inputs, **options)
-        _prunable_or_raise(cg)
-        index = cg.index
-        # FLOPs mode: the original's count from the registry's terms, confirmed on the
-        # check's counted forward (one forward fewer); counted for real if they disagree
-        counted = target == "latency" or "flops" in cg.__dict__
-        cost = CostModel(cg, index, model, inputs, total=cg.flops if counted else "terms")
-        lat = _latency_cost(cg, index, model, inputs, cost, target, ort_threads, latency_cache, round_to)
-        sites = find_bn_sites(cg, index, delta=scp.delta)
-        params = dict(model.named_parameters())
-        with torch.no_grad():
-            logp, has = bn_log_probabilities(sites, lambda t: params[t].detach().float(), index.size, scp.eps)
-            pi = prune_prob(torch.exp(logp), scp.k, scp.c0).numpy()
-        has = has.numpy()
-        fixed = _fixed_keep(cg, index, has, strict)
-        # 1 - p, ordered by log p where it rounds to 1 (live channels behind SiLU); 1 - pi saturates
-        scores = np.where(has, keep_score(logp).numpy(), 0.0)
-        keep0 = np.where(has, pi < 0.5, True)
-        l1 = _consumer_l1(cg, index, model)
-        free_bn = has & ~fixed
-        frac = float((~keep0[free_bn]).mean()) if free_bn.any() else 0.0
-        for g in cg.groups:
-            ids = index.ids(g.id)
-            gate = ids[~has[ids] & ~fixed[ids]]
-            if len(gate):
-                rank = np.argsort(np.argsort(l1[gate]))
-                scores[gate] = (rank + 1) / (len(gate) + 1)
-                keep0[gate] = rank >= int(round(frac * len(gate)))
-        scores = np.where(fixed, np.inf, scores)
-        keep0 = keep0 | fixed
-        def finish(goal=ratio):
-            return _finish(cg, index, lat if target == "latency" else cost, scores, keep0, goal,
-                           min_width=min_width, round_to=round_to, how="bn-statistics",
-                           points=_points(lat, target, round_to))
-        if target == "latency":
-            from .latency import close_loop
-            return close_loop(finish, lat, model, inputs, ratio)
-        out = finish()
-        if out is None:
-            cost = CostModel(cg, index, model, inputs, total=cg.flops)
-            out = finish()
-        return out
-    finally:
-        model.train(was_training)
-
-
-def _points(lat, target, round_to):
-    """The latency tables' efficient widths: the candidates in latency mode (unless
-    ``round_to`` is none) and with ``round_to="auto"`` in FLOPs mode."""
-    if lat is None or round_to in (None, "none") or (target == "flops" and round_to != "auto"):
-        return None
-    return lat.points
-
-
-def _latency_cost(cg, index, model, inputs, cost, target, ort_threads, latency_cache, round_to):
-    """The latency model when the target is latency, or when ORT threads or a table cache
-    are named (then ``round_to="auto"`` takes widths from its efficient points); with
-    neither, ``round_to="auto"`` takes the tables only if they are already cached for ORT's
-    default threads (nothing is timed); else None."""
-    if target not in ("flops", "latency"):
-        raise SoftpruneError(f"target must be 'flops' or 'latency', got {target!r}")
-    if target == "flops" and ort_threads is None and latency_cache is None:
-        from .latency_cache import has_tables
-        if round_to != "auto" or not has_tables():
-            return None
-        from .latency import cached_latency_cost
-        return cached_latency_cost(cg, index, model, inputs, cost, round_to) if round_to == "auto" else None
-    from .latency import LatencyCost
-    return LatencyCost(cg, index, model, inputs, ort_threads=ort_threads, latency_cache=latency_cache,
-                       round_to=round_to, cost=cost)
-
-
-def _consumer_l1(cg, index: ChannelIndex, model: nn.Module) -> np.ndarray:
-    """L1 norm of the consumer weight columns that read each channel."""
-    from softprune_fx.passes.ops import lookup
-    l1 = np.zeros(index.size + 1)
-    modules = dict(cg.gm.named_modules())
-    for site in cg.flow.sites:
-        entry = lookup(site.node, modules) if site.kind in ("conv", "linear") else None
-        cols = entry.importance(site.node, modules) if entry is not None and entry.importance else None
-        if cols is None or len(cols) != len(site.atoms):  # the registry's one-shot importance
-            continue
-        cls, sg = index.site_ids(site)
-        np.add.at(l1, cls, cols)
-        np.add.at(l1, sg, cols)
-    return l1[:-1]
-
 
 def _pull_weights(marginal: np.ndarray, free: np.ndarray, power: float) -> np.ndarray:
     """Per-channel weight of the regulariser: ``marginal FLOPs ** power``, mean 1 over the
@@ -263,11 +67,11 @@ class SoftPruner:
         cg = analysis if analysis is not None else analyze(model, self.inputs, **self.options)
         self.cg = cg.fork(copy_modules=True)
         self.base = self.cg.gm
-        _prunable_or_raise(self.cg)
+        prunable_or_raise(self.cg)
         self.index = self.cg.index
         self.cost = CostModel(self.cg, self.index, self.base, self.inputs, total=cg.flops)
         # target="latency": the controller steers the hard-rule keep set's predicted ORT latency
-        self.target, self.lat = target, _latency_cost(self.cg, self.index, self.base, self.inputs, self.cost,
+        self.target, self.lat = target, latency_cost(self.cg, self.index, self.base, self.inputs, self.cost,
                                                       target, ort_threads, latency_cache, round_to)
         self.steer = self.lat if target == "latency" else self.cost
         sites = find_bn_sites(self.cg, self.index, scp.delta)
@@ -279,7 +83,7 @@ class SoftPruner:
         has = np.zeros(self.index.size, dtype=bool)
         for s in sites:
             has[s.flat] = True
-        fixed = _fixed_keep(self.cg, self.index, has, strict)
+        fixed = fixed_keep(self.cg, self.index, has, strict)
         floors = [(self.index.ids(g.id), min_count(g.width, min_width)) for g in self.cg.groups if g.prunable]
         self.bank = MaskBank(self.index.size, sites, fixed, self.steer, ratio, scp, kp, ki, lambda_max, ramp,
                              total_steps, exact, floors)
@@ -372,16 +176,16 @@ class SoftPruner:
         cut = float(self.steer.ratio(keep0))
         was = self.base.training
         self.base.eval()
-        points = _points(self.lat, self.target, self.round_to)
+        points = latency_points(self.lat, self.target, self.round_to)
         try:
-            def finish(goal=self.ratio):
-                return _finish(self.cg, self.index, self.steer, scores, keep0, goal, min_width=self.min_width,
+            def decide_at(goal=self.ratio):
+                return finish(self.cg, self.index, self.steer, scores, keep0, goal, min_width=self.min_width,
                                round_to=self.round_to, how="scp", points=points)
             if self.target == "latency":  # measured in ORT, re-decided up to three times (latency_loop.py)
                 from .latency import close_loop
-                pruned, result = close_loop(finish, self.lat, self.base, self.inputs, self.ratio)
+                pruned, result = close_loop(decide_at, self.lat, self.base, self.inputs, self.ratio)
             else:
-                pruned, result = finish()
+                pruned, result = decide_at()
         finally:
             self.base.train(was)
         result.thresholds, result.training_cut = self.thresholds(), cut

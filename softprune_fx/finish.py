@@ -1,0 +1,135 @@
+"""The common end of both pruners: the result record, and ``finish`` (decide, legalize,
+prune and check ``pruned == masked`` on one analysis), with the latency model's hooks.
+
+Example::
+
+    pruned, result = finish(cg, cg.index, cost, scores, keep0, 0.4, min_width=1,
+                            round_to="auto", how="bn-statistics")
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field, fields
+from typing import Any, Optional
+
+import numpy as np
+
+import torch
+
+from softprune_fx.onnx_check import max_abs_diff
+from softprune_fx.passes.errors import SoftpruneError
+from softprune_fx.passes.flops import FlopTotal, count_params
+
+from .decide import decide
+from .index import ChannelIndex
+
+
+@dataclass
+class PruneResult:
+    flops_before: int
+    flops_after: int
+    params_before: int
+    params_after: int
+    target_ratio: float
+    achieved_ratio: float
+    drop: dict
+    widths: dict
+    kinds: dict
+    max_abs_diff: float
+    rounding_dropped: list = field(default_factory=list)
+    inexact: list = field(default_factory=list)
+    scores: str = "scp"
+    thresholds: dict = field(default_factory=dict)  # SoftPruner: group -> dead thresholds used ([] = gate)
+    training_cut: Optional[float] = None            # SoftPruner: the hard-rule cut when finalize began
+    training_shortfall: Optional[float] = None      # target - training_cut, when over 5 points
+    # target="latency" (softprune_fx/latency.py): target/achieved_ratio are then ORT latency fractions
+    target: str = "flops"
+    ort_threads: Optional[int] = None
+    flops_ratio: Optional[float] = None             # the FLOPs cut, beside a latency cut
+    ort_ms_before: Optional[float] = None           # measured (same ORT threads, interleaved)
+    ort_ms_after: Optional[float] = None
+    ort_pred_ms_before: Optional[float] = None      # the latency model's prediction
+    ort_pred_ms_after: Optional[float] = None
+    ort_pred_error: Optional[float] = None          # ort_pred_ms_after / ort_ms_after - 1
+    ort_pred_cut: Optional[float] = None
+    ort_pred_error_rel: Optional[float] = None      # of the kept fraction: (1 - pred cut) / (1 - measured) - 1
+    latency_rounds: list = field(default_factory=list)  # the closed loop: predicted/measured cut per round
+    analysis: Any = field(default=None, repr=False, compare=False)  # the ChannelGraph the run used
+
+    def to_dict(self) -> dict:
+        d = {f.name: copy.deepcopy(getattr(self, f.name)) for f in fields(self) if f.name != "analysis"}
+        d["widths"] = {k: list(v) for k, v in self.widths.items()}
+        return d
+
+
+def prunable_or_raise(cg) -> None:
+    if not any(g.prunable for g in cg.groups):
+        reasons = sorted({g.frozen_reason for g in cg.groups if g.frozen_reason})[:3]
+        raise SoftpruneError("the model has no prunable channel group (" + "; ".join(reasons) +
+                             "); run `softprune-fx deps` to see why")
+
+
+def fixed_keep(cg, index: ChannelIndex, has_bn: np.ndarray, strict: bool) -> np.ndarray:
+    """Channels never pruned: frozen ones, and with ``strict`` the gate-only ones."""
+    fixed = index.frozen.copy()
+    if strict:
+        fixed |= ~has_bn
+    return fixed
+
+
+def finish(cg, index, cost, scores, keep0, ratio, *, min_width, round_to, how, points=None):
+    """Decide, legalize, prune and check ``pruned == masked`` on one analysis (no new trace).
+    None when ``cost`` took its total from the registry's terms and the check's FLOPs count
+    disagrees with them (the caller then counts the original and decides again)."""
+    decision = decide(cg, index, cost, scores, keep0, ratio, min_width=min_width, round_to=round_to,
+                      **({"points": points} if points is not None else {}))
+    flops_model = getattr(cost, "flops_model", cost)  # a LatencyCost's total0 is ms
+    drop = cg.legalize(decision.drop, {g.id: scores[index.ids(g.id)] for g in cg.groups})
+    pruned = cg.prune(drop)
+    inputs = cg.inputs
+    with torch.no_grad():
+        ref = cg.run_masked(drop)  # what masked(drop) computes, on the analysis's own graph
+        with FlopTotal() as counter:  # the check's forward counts the FLOPs too
+            out = pruned.eval()(*inputs)
+    diff = max_abs_diff(ref, out)
+    flops_after = int(counter.get_total_flops())
+    if getattr(flops_model, "from_terms", False):
+        if not flops_model.agrees(index.keep_from_drop(drop), flops_after):
+            return None  # the registry's terms miss some of this graph's FLOPs: count them
+        cg.__dict__.setdefault("flops", flops_model.total0)  # confirmed: ``cg.flops`` needs no forward
+    flops0 = flops_model.total0
+    widths, kinds = {}, {}
+    for g in cg.groups:
+        widths[g.id] = (g.width, g.width - len(drop.get(g.id, ())))
+        kinds[g.id] = sorted(g.kinds)
+    result = PruneResult(flops0, flops_after, count_params(cg.gm), count_params(pruned), ratio,
+                         1.0 - flops_after / flops0, drop, widths, kinds, diff,
+                         decision.rounding_dropped, list(cg.flow.inexact), how)
+    result.analysis = cg
+    return pruned, result
+
+
+def latency_points(lat, target, round_to):
+    """The latency tables' efficient widths: the candidates in latency mode (unless
+    ``round_to`` is none) and with ``round_to="auto"`` in FLOPs mode."""
+    if lat is None or round_to in (None, "none") or (target == "flops" and round_to != "auto"):
+        return None
+    return lat.points
+
+
+def latency_cost(cg, index, model, inputs, cost, target, ort_threads, latency_cache, round_to):
+    """The latency model when the target is latency, or when ORT threads or a table cache
+    are named (then ``round_to="auto"`` takes widths from its efficient points); with
+    neither, ``round_to="auto"`` takes the tables only if they are already cached for ORT's
+    default threads (nothing is timed); else None."""
+    if target not in ("flops", "latency"):
+        raise SoftpruneError(f"target must be 'flops' or 'latency', got {target!r}")
+    if target == "flops" and ort_threads is None and latency_cache is None:
+        from .latency_cache import has_tables
+        if round_to != "auto" or not has_tables():
+            return None
+        from .latency import cached_latency_cost
+        return cached_latency_cost(cg, index, model, inputs, cost, round_to) if round_to == "auto" else None
+    from .latency import LatencyCost
+    return LatencyCost(cg, index, model, inputs, ort_threads=ort_threads, latency_cache=latency_cache,
+                       round_to=round_to, cost=cost)
