@@ -55,7 +55,10 @@ def plain(gm: fx.GraphModule) -> fx.GraphModule:
     """Strip softprune references so the module pickles and loads with plain torch."""
     gm._tracer_cls = None
     gm._tracer_extras = {}
+    static = gm.meta.get("static_batch")
     gm.meta.clear()
+    if static:  # export_onnx reads it: the graph holds one batch size's branch
+        gm.meta["static_batch"] = True
     typed = False
     for node in gm.graph.nodes:
         node.meta.pop("val", None)

@@ -107,6 +107,8 @@ def test_a_batch_specialised_trace_exports_a_static_batch(net, tmp_path):
         run_onnx(path, torch.randn(3, 3, 12, 12))
     export_onnx(cg.gm, (x,), tmp_path / "g.onnx")  # static_batch=None: read from the analysis's graph
     assert batch_dim(tmp_path / "g.onnx").dim_value == 2
+    export_onnx(pruned, (x,), tmp_path / "q.onnx")  # the pruned model remembers it too
+    assert batch_dim(tmp_path / "q.onnx").dim_value == 2
 
 
 def test_no_batch_specialisation_keeps_the_dynamic_axis(net, tmp_path):
