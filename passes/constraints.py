@@ -324,8 +324,14 @@ class Constraints:
         self.forced = np.zeros(self.n_units, dtype=bool)
         self.forced[self.unit_of[np.asarray(forced_flat, dtype=np.int64)]] = True
         self.forced[self.unit_of[:-1][self.space.frozen]] = True       # frozen channels stay
-        order = np.argsort(unit, kind="stable")
-        self.unit_members = np.split(order, np.cumsum(self.unit_size)[:-1]) if n else []
+        self._unit_order = np.argsort(unit, kind="stable")
+
+    @property
+    def unit_members(self) -> list[np.ndarray]:
+        """Flat channels per unit; on request (45 ms on DenseNet-121; the decision never asks)."""
+        if not self.n_units:
+            return []
+        return np.split(self._unit_order, np.cumsum(self.unit_size)[:-1])
 
     def _pack(self) -> None:
         """Concatenated positions of all balances / non-empties, for one-shot checks."""
