@@ -209,16 +209,32 @@ def check_layouts(gm: fx.GraphModule, planned: dict, allow_inexact: bool = False
     not compared."""
     flow = run_flow(gm, allow_inexact)
     alive = set(gm.graph.nodes)
+    weights_only = _weights_only(gm)
     for node, old in planned.items():
         new = flow.layouts.get(node)
         if node not in alive or not isinstance(new, np.ndarray) or (new == UNKNOWN).all():
             continue
+        if node in weights_only and (new == NONE).all():
+            continue  # a parameter's channels are adopted from the value it meets; that value is checked
         try:
             new = np.broadcast_to(new, old.shape)
         except ValueError:
             raise SurgeryError(f"node {node.name}: pruned layout {new.shape} but the plan says {old.shape}") from None
         if ((old >= 0) & (new == NONE)).any():
             raise SurgeryError(f"node {node.name}: planned channels have no channel identity after pruning")
+
+
+def _weights_only(gm: fx.GraphModule) -> set:
+    """Nodes computed from parameters and constants alone (no model input): e.g. a layer
+    scale ``gamma.reshape(1, -1, 1, 1)``. Their channel identity comes from the value they
+    are combined with, which the re-analysis may only see through an inserted
+    ``index_select`` (UNKNOWN), so they are left to that value's check (and to the shapes)."""
+    out: set = set()
+    for node in gm.graph.nodes:
+        if node.op == "get_attr" or (node.op in ("call_function", "call_method")
+                                      and node.all_input_nodes and all(a in out for a in node.all_input_nodes)):
+            out.add(node)
+    return out
 
 
 def check_extents(gm: fx.GraphModule, planned: dict, example_inputs: tuple) -> None:
