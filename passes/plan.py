@@ -56,18 +56,14 @@ class Plan:
         """``drop(g, i)`` for every ``i`` of ``idx`` (checked by the caller), in one go."""
         if not len(idx):
             return
-        self.__dict__.pop("_dropped_table", None)
+        self.__dict__.pop("_dropped_table", None)  # keep_layout's lookup table is rebuilt
         if g.is_site_group:
             self.site_drops.setdefault(g.id, set()).update(idx.tolist())
         else:
             self.dropped_classes.update(np.asarray(g.classes)[idx].tolist())
 
     def drop(self, g: Group, i: int) -> None:
-        self.__dict__.pop("_dropped_table", None)  # keep_layout's lookup table is rebuilt
-        if g.is_site_group:
-            self.site_drops.setdefault(g.id, set()).add(i)
-        else:
-            self.dropped_classes.add(g.classes[i])
+        self.drop_many(g, np.array([i], dtype=np.int64))
 
     def to_drop(self) -> dict[str, list[int]]:
         out = {}

@@ -22,7 +22,7 @@ from .errors import SurgeryError
 from .flow import ChannelFlow, ParamRef, Site, run_flow
 from .plan import Plan
 from .registry import lookup
-from .ops.tensors import set_tensor
+from .ops.tensors import set_tensor, take
 
 
 class SurgeryContext:
@@ -126,8 +126,7 @@ def _slice_params(sctx: SurgeryContext) -> None:
         if keep.all():
             continue
         owner, name = sctx.owner_of(node.target)
-        tensor = getattr(owner, name).data
-        set_tensor(owner, name, tensor.index_select(axis, torch.as_tensor(np.flatnonzero(keep))))
+        set_tensor(owner, name, take(getattr(owner, name).data, axis, keep))
 
 
 def _chain_keep(sctx: SurgeryContext, users: set) -> np.ndarray | bool:

@@ -13,7 +13,7 @@ from torch import nn
 from ..atoms import UNKNOWN, along, carrying_axes, filled, fixed, on_axis
 from ..flow_types import Balance
 from ..registry import annotate, register
-from .tensors import idx, same_shape_module, set_tensor, take
+from .tensors import same_shape_module, set_tensor, take
 
 # ----------------------------------------------------------------------------- surgery
 
@@ -53,7 +53,7 @@ def layer_norm_surgery(sctx, node):
         if sctx.first_call(node):
             for name in ("weight", "bias"):
                 if getattr(m, name) is not None:
-                    set_tensor(m, name, getattr(m, name).data[idx(keep)])
+                    set_tensor(m, name, take(getattr(m, name).data, 0, keep))
             m.normalized_shape = (k,)
         with g.inserting_before(node):
             weight = g.get_attr(f"{node.target}.weight") if m.weight is not None else None

@@ -3,11 +3,12 @@ the planned, filtered one (DESIGN.md section 5): a plan that disagrees is refuse
 import numpy as np
 import pytest
 import torch
+import torch.fx as fx
 from torch import nn
 
 import softprune_fx as sp
 from softprune_fx.passes.errors import SurgeryError
-from softprune_fx.passes.surgery import check_layouts, planned_classes
+from softprune_fx.passes.surgery import _weights_only, check_layouts, planned_classes
 
 
 class Residual(nn.Module):
@@ -78,3 +79,21 @@ def test_check_layouts_refuses_a_planned_channel_without_identity():
     wrong["mean"] = planned["a"][:, :1]  # (1, 1, 1, 1): one class
     with pytest.raises(SurgeryError, match="no channel identity"):
         check_layouts(pruned, {by_name[k]: v for k, v in wrong.items() if k in by_name})
+
+
+# the check leaves parameter-only values (a layer scale's reshape) to the value they meet
+class LayerScale(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 1)
+        self.gamma = nn.Parameter(torch.ones(4))
+
+    def forward(self, x):
+        return self.conv(x) * self.gamma.reshape(1, -1, 1, 1).abs()
+
+
+def test_weights_only_holds_parameter_chains_and_nothing_fed_by_inputs():
+    gm = fx.symbolic_trace(LayerScale())
+    names = {n.name for n in _weights_only(gm)}
+    assert names == {"gamma", "reshape", "abs_1"}
+    assert {"x", "conv", "mul"}.isdisjoint(names)
