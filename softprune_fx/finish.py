@@ -53,6 +53,8 @@ class PruneResult:
     ort_pred_error: Optional[float] = None          # ort_pred_ms_after / ort_ms_after - 1
     ort_pred_cut: Optional[float] = None
     ort_pred_error_rel: Optional[float] = None      # of the kept fraction: (1 - pred cut) / (1 - measured) - 1
+    ort_pred_cut_tables: Optional[float] = None     # the tables' alone (ort_pred_cut: corrected by the other
+    ort_pred_fixed_share: Optional[float] = None    # measured candidates' fixed share, latency_loop.fixed_share)
     latency_rounds: list = field(default_factory=list)  # the closed loop: predicted/measured cut per round
     analysis: Any = field(default=None, repr=False, compare=False)  # the ChannelGraph the run used
 

@@ -90,6 +90,7 @@ def test_grid_widths_are_block_multiples_within_the_group():
     assert pts[-1] == 256 and all(p % 8 == 0 and 0 < p <= 256 for p in pts) and len(pts) >= 5
     assert all(p % 12 == 0 or p == 96 for p in grid_widths(96, multiple=12))
     assert grid_widths(4) == [1, 2, 3, 4] or grid_widths(4)[-1] == 4
+    assert min(grid_widths(512)) == 64          # 1/8: a large cut must be reachable on the tables
 
 
 def test_prediction_marginal_and_calibration(net, tmp_path):

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import softprune_fx.latency_loop as loop
-from softprune_fx.latency_loop import MAX_STEP, close_loop, next_goal
+from softprune_fx.latency_loop import MAX_STEP, close_loop, fixed_share, next_goal
 
 
 class World:
@@ -69,8 +69,12 @@ def test_loop_corrects_a_systematic_prediction_error(monkeypatch):
     assert [r["goal"] for r in res.latency_rounds] == pytest.approx([0.4, 0.48])
     assert res.achieved_ratio == pytest.approx(0.4) and res.target == "latency"
     assert res.flops_ratio == pytest.approx(0.24)        # the FLOPs cut stays beside it
-    assert res.ort_pred_cut == pytest.approx(0.48)
-    assert res.ort_pred_error_rel == pytest.approx(0.52 / 0.6 - 1)
+    assert res.ort_pred_cut_tables == pytest.approx(0.48)
+    # the reported prediction: the tables' corrected by the other candidate (0.4 measured 0.32:
+    # fixed share (0.68 - 0.6) / 0.4 = 0.2), so kept 0.2 + 0.8 x 0.52
+    assert res.ort_pred_fixed_share == pytest.approx(0.2)
+    assert res.ort_pred_cut == pytest.approx(1 - 0.616)
+    assert res.ort_pred_error_rel == pytest.approx(0.616 / 0.6 - 1)
 
 
 def test_a_disturbed_measurement_does_not_derail_the_loop(monkeypatch):
@@ -109,3 +113,26 @@ def test_an_unreachable_goal_drops_to_the_largest_reachable_cut(monkeypatch):
     monkeypatch.setattr(loop, "measure_cuts", world.measure_cuts)
     _, res = close_loop(finish, world, None, None, 0.5)
     assert all(r["goal"] <= 0.3 for r in res.latency_rounds) and res.achieved_ratio == pytest.approx(0.095)
+
+
+def test_fixed_share_from_measured_pairs():
+    """True kept = phi + (1 - phi) x predicted kept: predicted 0.4 measured 0.5 -> phi -0.25."""
+    assert fixed_share([(0.4, 0.5)]) == pytest.approx(-0.25)
+    assert fixed_share([(0.4, 0.5), (0.2, 0.25), (0.6, 0.9)]) == pytest.approx(-0.25)   # the median
+    assert fixed_share([(0.02, 0.3)]) == 0.0 and fixed_share([]) == 0.0        # no usable pair
+    assert fixed_share([(0.1, 0.9)]) == -0.5                                   # clamped
+
+
+def test_the_winners_prediction_uses_the_other_candidates_only(monkeypatch):
+    """The tables under-predict every cut by the same fixed share (true = 1.25 x predicted):
+    the winner's reported prediction, corrected by the earlier candidates' pairs, is on the
+    measurement; the tables' own stays beside it. With one candidate nothing corrects it."""
+    world = World(lambda p: 1.25 * p)
+    _, res = _run(monkeypatch, world)
+    assert len(res.latency_rounds) >= 2 and abs(res.achieved_ratio - 0.4) <= 0.01
+    assert res.ort_pred_fixed_share == pytest.approx(-0.25)
+    assert res.ort_pred_cut == pytest.approx(res.achieved_ratio) and abs(res.ort_pred_error_rel) < 1e-9
+    assert res.ort_pred_cut_tables == pytest.approx(res.achieved_ratio / 1.25)
+    one = World(lambda p: 1.25 * p)
+    _, res1 = _run(monkeypatch, one, ratio=0.0)       # the first decision is on target: no other pair
+    assert res1.ort_pred_fixed_share == 0.0 and res1.ort_pred_cut == pytest.approx(res1.ort_pred_cut_tables)
