@@ -165,6 +165,25 @@ def bench_model(name: str, args, tmp: Path) -> list[dict]:
     return rows
 
 
+def scp_kept(model, pruned) -> float:
+    """One-shot accuracy proxy: the SCP keep score, Phi(beta / |gamma|) per BN channel (the
+    probability it is active behind a rectifier), summed over the channels ``pruned`` keeps,
+    over the original's sum. Kept channels are found by their BN weight values (randomised,
+    so distinct), which works for any pruner that keeps module names (ours, Torch-Pruning)."""
+    mods, tot, kept = dict(pruned.named_modules()), 0.0, 0.0
+    for name, bn in model.named_modules():
+        if not isinstance(bn, torch.nn.BatchNorm2d):
+            continue
+        w, b = bn.weight.detach(), bn.bias.detach()
+        score = 0.5 * (1 + torch.erf(b / w.abs() / 2 ** 0.5))
+        tot += float(score.sum())
+        other = mods.get(name) or mods.get(name.replace(".", "_"))
+        if other is None:
+            return float("nan")
+        kept += float(score[torch.isin(w, other.weight.detach())].sum())
+    return kept / tot
+
+
 def tp_prune(model, inputs, layer_ratio: float, round_to: int, f0: float):
     """Torch-Pruning's uniform L1 pruning of a copy at ``layer_ratio``: (model, FLOPs cut)."""
     import copy
@@ -215,6 +234,7 @@ def bench_target(name: str, args, threads: int) -> list[dict]:
         rows.append(dict(key=key, ratio=ratio, mode="latency", flops_cut=res.flops_ratio,
                          params_kept=res.params_after / res.params_before, loop_cut=res.achieved_ratio,
                          pred_error=res.ort_pred_error, pred_cut=res.ort_pred_cut, rounds=res.latency_rounds,
+                         pred_cut_tables=res.ort_pred_cut_tables, fixed_share=res.ort_pred_fixed_share,
                          seconds=time.perf_counter() - start))
         C.console.print(f"  {name} t{threads} {key}: measured {res.achieved_ratio:.3f} (pred {res.ort_pred_cut:.3f}, "
                         f"err {res.ort_pred_error:+.3f}), FLOPs {res.flops_ratio:.3f}, "
@@ -251,6 +271,8 @@ def bench_target(name: str, args, threads: int) -> list[dict]:
             r["within_3pt"] = abs(r["latency_cut"] - r["ratio"]) <= 0.03
             r["paired_within_3pt"] = abs(r["paired_cut"] - r["ratio"]) <= 0.03
             r["pred_error_rel"] = (1 - r["pred_cut"]) / (1 - r["paired_cut"]) - 1
+            r["pred_error_rel_tables"] = (1 - r["pred_cut_tables"]) / (1 - r["paired_cut"]) - 1
+        r["scp_kept"] = scp_kept(model, models[r["key"]])
     return rows
 
 
@@ -265,9 +287,10 @@ def main_target(args) -> None:
         f"--target latency: ORT CPU, batch {args.batch}, median (p10-p90) ms of {args.repeats}, interleaved; "
         f"paired cut = 1 - median of per-repeat ratios",
         ["model", "ORT thr", "ratio", "mode", "latency cut", "paired cut", "loop cut", "pred err (kept)",
-         "FLOPs cut", "params kept", "orig ms", "pruned ms", "lat/FLOPs", "load"],
+         "tables' err", "FLOPs cut", "params kept", "SCP kept", "orig ms", "pruned ms", "lat/FLOPs", "load"],
         [[r["model"], r["threads"], r["ratio"], r["mode"], r["latency_cut"], r["paired_cut"], r.get("loop_cut", "-"),
-          r.get("pred_error_rel", "-"), r["flops_cut"], r["params_kept"], f"{r['orig_ms']:.2f}",
+          r.get("pred_error_rel", "-"), r.get("pred_error_rel_tables", "-"), r["flops_cut"], r["params_kept"],
+          r["scp_kept"], f"{r['orig_ms']:.2f}",
           f"{r['pruned_ms']:.2f} ({r['spread'][0]:.1f}-{r['spread'][1]:.1f})", r["paired_cut"] / r["flops_cut"],
           f"{r['load_before']:.1f}-{r['load_after']:.1f}"] for r in rows]))
     C.write_json("bench_latency_target" + (f"_{args.tag}" if args.tag else ""),
@@ -300,7 +323,8 @@ def bench_flops_default(args) -> None:
                 C.console.print(f"  {name}: tables for ORT's default threads in {time.perf_counter() - start:.0f} s")
             pruned, res = softprune_fx.prune_one_shot(model, inputs, args.ratios[0])
             models[kind], flops[kind] = pruned, res.achieved_ratio
-            C.console.print(f"  {name} {kind}: FLOPs cut {res.achieved_ratio:.3f}", style="dim")
+            C.console.print(f"  {name} {kind}: FLOPs cut {res.achieved_ratio:.3f}, SCP kept "
+                            f"{scp_kept(model, pruned):.3f}", style="dim")
         os.environ.pop("SOFTPRUNE_LATENCY_CACHE")
         for m in range(args.measurements):
             for threads in args.threads_list:
