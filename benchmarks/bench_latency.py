@@ -44,6 +44,13 @@ warm table cache, latency cut / FLOPs cut per ORT thread count, interleaved and 
     python benchmarks/bench_latency.py --target flops-default --models resnet50 --ratios 0.4 --threads-list 2 1
 
 Writes ``bench_latency_flops_default[_tag].json``.
+
+``--target keep-sets``: other keep sets at the same FLOPs cut (round_to 32/64/128, Torch-Pruning,
+the latency-mode decision), timed together: is the 0.97 quotient reachable at all::
+
+    python benchmarks/bench_latency.py --target keep-sets --models resnet50 --ratios 0.4 --threads-list 2 1
+
+Writes ``bench_latency_keep_sets[_tag].json``.
 """
 from __future__ import annotations
 
@@ -361,14 +368,19 @@ def main() -> None:
     ap.add_argument("--ort-threads", type=int, default=0, help="ORT intra-op threads (0: ORT's default)")
     ap.add_argument("--torch-pruning", type=int, nargs="*", default=[], metavar="ROUND_TO",
                     help="also time Torch-Pruning's uniform pruning with these round_to steps")
-    ap.add_argument("--target", choices=["flops", "latency", "flops-default"], default="flops",
+    ap.add_argument("--target", choices=["flops", "latency", "flops-default", "keep-sets"], default="flops",
                     help="flops-default: the FLOPs-mode defaults, cold and warm table cache (--ratios 0.4)")
     ap.add_argument("--measurements", type=int, default=3, help="--target flops-default: interleaved runs")
     ap.add_argument("--threads-list", type=int, nargs="+", default=[1, 2], help="--target latency: ORT threads")
     ap.add_argument("--tp-models", default="resnet50", help="--target latency: models Torch-Pruning runs on")
     ap.add_argument("--tp-ratios", type=float, nargs="+", default=[0.4], help="--target latency: its ratios")
     ap.add_argument("--latency-cache", default=None, help="--target latency: table cache (default: a fresh one)")
+    ap.add_argument("--keep-latency-ratio", type=float, default=0.39,
+                    help="--target keep-sets: the latency-mode decision's latency cut")
     args = ap.parse_args()
+    if args.target == "keep-sets":
+        from bench_latency_sets import bench_keep_sets
+        return bench_keep_sets(args)
     if args.target == "flops-default":
         return bench_flops_default(args)
     if args.target == "latency":
