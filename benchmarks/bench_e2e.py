@@ -77,9 +77,9 @@ def sp_prune(model, x) -> tuple[float, float, float]:
     return total, timer.seconds, result.achieved_ratio
 
 
-def e2e(repeats: int) -> dict:
+def e2e(repeats: int, models=E2E_MODELS) -> dict:
     rows = {}
-    for name in E2E_MODELS:
+    for name in models:
         model, x = build(name), torch.randn(1, 3, 224, 224)
         sp_prune(model, x), tp_prune(model, x)          # warm-up
         sp_t, dec_t, tp_t, cut = [], [], [], 0.0
@@ -127,6 +127,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--budget-sweep", action="store_true")
     ap.add_argument("--limit", type=float, default=10.0)
+    ap.add_argument("--models", nargs="+", default=list(E2E_MODELS), help="default: %(default)s")
     args = ap.parse_args()
     torch.set_num_threads(1)
     out = {"machine": C.machine()}
@@ -134,8 +135,8 @@ def main() -> None:
         out["sweep"] = sweep(args.limit)
         C.write_json("bench_e2e_sweep", out)
     else:
-        out["e2e"] = e2e(args.repeats)
-        C.write_json("bench_e2e", out)
+        out["e2e"] = e2e(args.repeats, args.models)
+        C.write_json("bench_e2e" if tuple(args.models) == E2E_MODELS else "bench_e2e_partial", out)
 
 
 if __name__ == "__main__":

@@ -21,14 +21,17 @@ import torch.fx as fx
 from torch import nn
 
 
-def fork(gm: fx.GraphModule, flow, groups: list, *, copy_modules: bool = True, share_tensors: bool = False):
+def fork(gm: fx.GraphModule, flow, groups: list, *, copy_modules: bool = True, share_tensors: bool = False,
+         compile: bool = True):
     """``(gm, flow, groups)`` copied so that editing the copy never touches the original.
 
     With ``copy_modules`` the parameters and buffers are copied too (surgery slices them);
     without, the fork's graph calls the original modules (mask insertion only adds nodes
     and buffers of its own, so sharing the weights is safe and costs nothing).
     ``share_tensors`` copies the modules but not their tensors (surgery replaces the ones
-    it slices); the caller must then call ``own_tensors`` on the result.
+    it slices); the caller must then call ``own_tensors`` on the result. Without
+    ``compile`` the copy's code is not generated: the caller edits the graph and then
+    calls ``recompile()`` (surgery does), which saves one code generation per prune.
     """
     graph = fx.Graph(owning_module=None, tracer_cls=gm.graph._tracer_cls)
     node_map: dict[fx.Node, fx.Node] = {}
@@ -38,7 +41,7 @@ def fork(gm: fx.GraphModule, flow, groups: list, *, copy_modules: bool = True, s
     for node in graph.nodes:  # annotations only: dropped before the one compile, not after
         node.type = None
     root = _copy_modules(gm, share_tensors) if copy_modules else gm
-    new = fx.GraphModule(root, graph, gm.__class__.__name__)
+    new = fx.GraphModule(root, graph, gm.__class__.__name__) if compile else _uncompiled(root, graph, gm)
     new.meta.update(copy.copy(gm.meta))
     # deepcopy with a memo that already maps each node (and the graph module, and every
     # tensor the flow points at) to its counterpart: everything else in the flow and the
@@ -62,8 +65,32 @@ def fork(gm: fx.GraphModule, flow, groups: list, *, copy_modules: bool = True, s
                 memo[id(value)] = value
     for site in flow.sites:
         memo[id(site.atoms)] = site.atoms
+    for g in groups:
+        for name in g.SHARED:
+            value = getattr(g, name)
+            memo[id(value)] = value
     flow2, groups2 = copy.deepcopy((flow, groups), memo)
     return new, flow2, groups2
+
+
+def _uncompiled(root: nn.Module, graph: fx.Graph, gm: fx.GraphModule) -> fx.GraphModule:
+    """``fx.GraphModule(root, graph)`` without its code generation (``recompile`` is left to
+    the caller): built on an empty graph, then given ``root``'s modules, tensors and
+    ``graph`` as the graph setter would, minus the compile."""
+    new = fx.GraphModule(root, fx.Graph(), gm.__class__.__name__)
+    new.training = gm.training
+    for name in _targets(graph):
+        fx.graph_module._copy_attr(root, new, name)
+    new._graph = graph
+    graph.owning_module = new
+    if graph._tracer_cls and "<locals>" not in graph._tracer_cls.__qualname__:  # as __init__ does
+        new._tracer_cls = graph._tracer_cls
+    new._tracer_extras = graph._tracer_extras or {}
+    return new
+
+
+def _targets(graph: fx.Graph) -> list[str]:
+    return list(dict.fromkeys(n.target for n in graph.nodes if n.op in ("call_module", "get_attr")))
 
 
 def _copy_modules(gm: fx.GraphModule, share_tensors: bool = False) -> nn.Module:

@@ -43,6 +43,10 @@ class Group:
     chain: list[fx.Node] = field(default_factory=list)
     source: fx.Node | None = None      # site groups only: the tensor T the chain reads
 
+    # node-free fields no pass edits after the analysis: a fork shares them (copying the
+    # channel lists of every group was most of a fork's time)
+    SHARED = ("classes", "frozen_channels", "producers", "sites", "kinds", "members")
+
     @property
     def prunable(self) -> bool:
         return len(self.frozen_channels) < self.width

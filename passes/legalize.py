@@ -303,9 +303,7 @@ def _write(plan: Plan, space: Space, keep: np.ndarray) -> None:
     plan.dropped_classes.clear()
     plan.site_drops.clear()
     for gid, idx in space.drop_from_keep(keep).items():
-        g = plan.by_id[gid]
-        for i in idx:
-            plan.drop(g, i)
+        plan.drop_many(plan.by_id[gid], np.asarray(idx, dtype=np.int64))
 
 
 def legalize_plan(plan: Plan, constraints: list | None = None, scores: dict | None = None) -> Plan:
@@ -317,8 +315,10 @@ def legalize_plan(plan: Plan, constraints: list | None = None, scores: dict | No
     for gid, s in (scores or {}).items():
         if gid in space.offsets:
             score[space.ids(gid)] = np.asarray(s, dtype=float)
-    keep = nearest(engine, plan_keep(plan, space), score)
-    _write(plan, space, keep)
+    keep0 = plan_keep(plan, space)
+    keep = nearest(engine, keep0, score)
+    if not np.array_equal(keep, keep0):  # already legal: the plan stands as it is
+        _write(plan, space, keep)
     return plan
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 import torch.fx as fx
+from torch.fx.node import map_arg
 
 from .flow import ChannelFlow, Site
 from .plan import Plan
@@ -77,17 +78,34 @@ class HardMaskedRun(fx.Interpreter):
                 mask = torch.as_tensor(keep).reshape(mask_shape(site, len(keep)))
                 self.masks.setdefault(site.node, []).append((site.arg, mask, site.fill))
 
-    def run_node(self, n: fx.Node):
-        masks = self.masks.get(n)
-        if masks is None:
-            return super().run_node(n)
-        with self._set_current_node(n):
-            args, kwargs = self.fetch_args_kwargs_from_env(n)
-            args, kwargs = list(args), dict(kwargs)
-            for arg, mask, fill in masks:  # in site order, as insert_hard_masks chains them
-                where = args if isinstance(arg, int) else kwargs
-                where[arg] = torch.where(mask.to(where[arg].device), where[arg], fill)
-            return getattr(self, n.op)(n.target, tuple(args), kwargs)
+    def run(self, *args):
+        """``fx.Interpreter.run`` without its per-node progress bar, context manager and
+        checks (one forward of the check: interpreting cost a sixth of it), masking each
+        site's input as it is read."""
+        env = self.env = {}
+        self.args_iter = iter(self.graph.process_inputs(*args))
+        last, modules, masks_of, get = self.user_to_last_uses, self.submodules, self.masks, env.__getitem__
+        for node in self.graph.nodes:
+            op = node.op
+            if op == "output":
+                return self.graph.process_outputs(map_arg(node.args[0], get))
+            args, kwargs = map_arg(node.args, get), map_arg(node.kwargs, get)
+            masks = masks_of.get(node)
+            if masks is not None:
+                args, kwargs = list(args), dict(kwargs)
+                for arg, mask, fill in masks:  # in site order, as insert_hard_masks chains them
+                    where = args if isinstance(arg, int) else kwargs
+                    where[arg] = torch.where(mask.to(where[arg].device), where[arg], fill)
+            if op == "call_module":
+                env[node] = modules[node.target](*args, **kwargs)
+            elif op == "call_function":
+                env[node] = node.target(*args, **kwargs)
+            elif op == "call_method":
+                env[node] = getattr(args[0], node.target)(*args[1:], **kwargs)
+            else:  # placeholder, get_attr
+                env[node] = getattr(self, op)(node.target, tuple(args), kwargs)
+            for dead in last.get(node, ()):
+                del env[dead]
 
 
 class SiteMask(torch.nn.Module):

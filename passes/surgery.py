@@ -170,17 +170,23 @@ def apply_surgery(gm: fx.GraphModule, flow: ChannelFlow, plan: Plan, example_inp
                if isinstance(flow.layouts.get(n), np.ndarray) and isinstance(n.meta.get("val"), torch.Tensor)]
     planned = {n: sctx.kept_extents(n) for n in tensors}
     layouts = {n: planned_classes(flow, plan, n) for n in tensors}
+    referenced = _referenced(gm)
     _select_for_site_groups(sctx)
     for node in list(gm.graph.nodes):
         entry = lookup(node, sctx.modules)
         if entry is not None and entry.surgery is not None:
             entry.surgery(sctx, node)
     _slice_params(sctx)
-    gm.delete_all_unused_submodules()
+    if referenced - _referenced(gm):  # a rule erased the last node of a module or attribute
+        gm.delete_all_unused_submodules()
     gm.recompile()
     check_extents(gm, planned, example_inputs)
     check_layouts(gm, layouts, flow.allow_inexact)
     return gm
+
+
+def _referenced(gm: fx.GraphModule) -> set:
+    return {n.target for n in gm.graph.nodes if n.op in ("call_module", "get_attr")}
 
 
 def planned_classes(flow: ChannelFlow, plan: Plan, node: fx.Node) -> np.ndarray:

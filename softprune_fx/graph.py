@@ -53,11 +53,11 @@ class ChannelGraph:
         return count_graph_flops(self.gm, self.inputs)
 
     # ------------------------------------------------------------------ passes on forks
-    def fork(self, *, copy_modules: bool = True, share_tensors: bool = False) -> "ChannelGraph":
+    def fork(self, *, copy_modules: bool = True, share_tensors: bool = False, compile: bool = True) -> "ChannelGraph":
         """A private copy (graph, flow, groups; modules too unless ``copy_modules=False``;
-        ``share_tensors``: see ``softprune_fx.passes.analysis.fork``)."""
+        ``share_tensors``, ``compile``: see ``softprune_fx.passes.analysis.fork``)."""
         gm, flow, groups = fork(self.gm, self.flow, self.groups, copy_modules=copy_modules,
-                                share_tensors=share_tensors)
+                                share_tensors=share_tensors, compile=compile)
         return ChannelGraph(gm, flow, groups, self.inputs, self.options)
 
     def masked(self, drop: dict | None, *, share_weights: bool = False) -> fx.GraphModule:
@@ -88,7 +88,7 @@ class ChannelGraph:
         self.plan(drop)  # checked here: the engine of this analysis is built once
         # without inplace: modules copied, tensors shared until surgery has replaced the ones
         # it slices; the rest are copied afterwards (each weight is copied once, not twice)
-        f = self.fork(copy_modules=not inplace, share_tensors=not inplace)
+        f = self.fork(copy_modules=not inplace, share_tensors=not inplace, compile=False)  # surgery compiles
         pruned = apply_surgery(f.gm, f.flow, Plan.from_drop(f.flow, f.groups, drop), self.inputs)
         if not inplace:
             own_tensors(pruned, self.gm)

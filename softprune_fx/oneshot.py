@@ -66,13 +66,14 @@ def prune_one_shot(model: nn.Module, example_inputs: Any, ratio: float = 0.4, *,
         # 1 - p, ordered by log p where it rounds to 1 (live channels behind SiLU); 1 - pi saturates
         scores = np.where(has, keep_score(logp).numpy(), 0.0)
         keep0 = np.where(has, pi < 0.5, True)
-        l1 = _consumer_l1(cg, index, model)
+        l1 = None  # consumer L1 norms, of the channels without a BN site only
         free_bn = has & ~fixed
         frac = float((~keep0[free_bn]).mean()) if free_bn.any() else 0.0
         for g in cg.groups:
             ids = index.ids(g.id)
             gate = ids[~has[ids] & ~fixed[ids]]
             if len(gate):
+                l1 = _consumer_l1(cg, index, model, ~has & ~fixed) if l1 is None else l1
                 rank = np.argsort(np.argsort(l1[gate]))
                 scores[gate] = (rank + 1) / (len(gate) + 1)
                 keep0[gate] = rank >= int(round(frac * len(gate)))
@@ -94,17 +95,22 @@ def prune_one_shot(model: nn.Module, example_inputs: Any, ratio: float = 0.4, *,
         model.train(was_training)
 
 
-def _consumer_l1(cg, index: ChannelIndex, model: nn.Module) -> np.ndarray:
-    """L1 norm of the consumer weight columns that read each channel."""
+def _consumer_l1(cg, index: ChannelIndex, model: nn.Module, wanted: np.ndarray | None = None) -> np.ndarray:
+    """L1 norm of the consumer weight columns that read each channel (of the ``wanted``
+    channels at least: sites that read none of them are skipped)."""
     from softprune_fx.passes.ops import lookup
     l1 = np.zeros(index.size + 1)
     modules = dict(cg.gm.named_modules())
     for site in cg.flow.sites:
         entry = lookup(site.node, modules) if site.kind in ("conv", "linear") else None
-        cols = entry.importance(site.node, modules) if entry is not None and entry.importance else None
-        if cols is None or len(cols) != len(site.atoms):  # the registry's one-shot importance
+        if entry is None or not entry.importance:
             continue
         cls, sg = index.site_ids(site)
+        if wanted is not None and not (wanted[cls[cls >= 0]].any() or wanted[sg[sg >= 0]].any()):
+            continue
+        cols = entry.importance(site.node, modules)  # the registry's one-shot importance
+        if cols is None or len(cols) != len(site.atoms):
+            continue
         np.add.at(l1, cls, cols)
         np.add.at(l1, sg, cols)
     return l1[:-1]

@@ -65,6 +65,20 @@ def test_fork_maps_every_node_onto_the_copy():
     assert p is not cg.gm.get_parameter(name) and torch.equal(p, cg.gm.get_parameter(name))
 
 
+def test_uncompiled_fork_runs_as_the_compiled_one_once_recompiled():
+    """``compile=False`` (what prune uses: surgery compiles) skips only the code generation:
+    after ``recompile`` the fork has the same modules, tensors, code and output."""
+    model, inputs = ZOO["resnet_cifar_a"]()
+    cg = sp.analyze(model.eval(), inputs)
+    lazy, eager = cg.fork(compile=False), cg.fork()
+    lazy.gm.recompile()
+    assert lazy.gm.code == eager.gm.code
+    assert dict(lazy.gm.named_modules()).keys() == dict(eager.gm.named_modules()).keys()
+    assert {k: v.shape for k, v in lazy.gm.state_dict().items()} == {k: v.shape for k, v in eager.gm.state_dict().items()}
+    with torch.no_grad():
+        assert torch.equal(lazy.gm.eval()(*inputs), model(*inputs))
+
+
 def test_illegal_drop_refused_before_any_fork():
     model, inputs = ZOO["resnet_cifar_a"]()
     cg = sp.analyze(model, inputs)

@@ -49,3 +49,21 @@ def test_dead_channel_behind_silu_is_scored_dead():
     x = torch.randn(1, 3, 8, 8)
     _, result = sp.prune_one_shot(model, (x,), ratio=0.05, round_to=None)
     assert 5 in result.drop["conv1"]
+
+
+@pytest.mark.parametrize("name", ["mobilenetv2", "resnet_cifar_a", "densenet"])
+def test_consumer_l1_of_wanted_channels_equals_the_full_sums(name):
+    """One-shot computes consumer L1 norms only at the sites that read a gate channel: on
+    those channels the sums must equal the sums over every site."""
+    import numpy as np
+    from zoo import ZOO
+
+    from softprune_fx.oneshot import _consumer_l1
+    model, inputs = ZOO[name]()
+    cg = sp.analyze(model.eval(), inputs)
+    full = _consumer_l1(cg, cg.index, model)
+    rng = np.random.default_rng(0)
+    wanted = rng.random(cg.index.size) < 0.3
+    part = _consumer_l1(cg, cg.index, model, wanted)
+    assert full[wanted].sum() > 0
+    assert np.array_equal(part[wanted], full[wanted])
