@@ -14,6 +14,7 @@ Example::
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -33,18 +34,39 @@ class BNSite:
     channel: np.ndarray      # BN channel of each entry
     flat: np.ndarray         # flat channel id of each entry
     threshold: float
+    silent: bool = False     # its activation gives exactly 0 at 0: gamma = beta = 0 silences the entry
 
 
-def _activation_after(node: fx.Node, modules, delta: float, depth: int = 3) -> float | None:
-    """Dead threshold of the activation this value reaches directly or through adds."""
+def _zero_at_zero(node: fx.Node, modules) -> bool:
+    """Whether the activation a node calls outputs exactly 0 for input 0 (ReLU, SiLU, GELU,
+    Mish, Hardswish: yes; sigmoid, softplus, Hardsigmoid: no), by calling it on a zero."""
+    rest = list(node.args[1:]) + list(node.kwargs.values())
+    if any(isinstance(a, fx.Node) for a in rest):
+        return False
+    x = torch.zeros(1)
+    try:
+        with torch.no_grad():
+            if node.op == "call_module":
+                y = modules[node.target](x)
+            elif node.op == "call_function":
+                y = node.target(x, *node.args[1:], **node.kwargs)
+            else:
+                y = getattr(x, node.target)(*node.args[1:], **node.kwargs)
+    except Exception:  # noqa: BLE001 - an activation we cannot call on a zero is not silenced
+        return False
+    return isinstance(y, torch.Tensor) and bool((y == 0).all())
+
+
+def _activation_after(node: fx.Node, modules, delta: float, depth: int = 3) -> tuple[float, bool] | None:
+    """(dead threshold, zero at zero) of the activation this value reaches directly or through adds."""
     for user in node.users:
         t = dead_threshold(user, modules, delta)
         if t is not None:
-            return t
+            return t, _zero_at_zero(user, modules)
         if depth and _bn_role(user, modules) == "through":  # a residual add (registry)
-            t = _activation_after(user, modules, delta, depth - 1)
-            if t is not None:
-                return t
+            found = _activation_after(user, modules, delta, depth - 1)
+            if found is not None:
+                return found
     return None
 
 
@@ -78,10 +100,11 @@ def find_bn_sites(cg, index: ChannelIndex, delta: float = 0.05) -> list[BNSite]:
         params = _bn_params(node, modules)
         if params is None:
             continue
-        t = _activation_after(node, modules, delta)
+        found = _activation_after(node, modules, delta)
         lay = cg.flow.layouts.get(node)
-        if t is None or not isinstance(lay, np.ndarray):
+        if found is None or not isinstance(lay, np.ndarray):
             continue
+        t, silent = found
         width = node.meta["val"].shape[1]
         atoms = along(lay, 1, width)
         if atoms is None:
@@ -95,8 +118,38 @@ def find_bn_sites(cg, index: ChannelIndex, delta: float = 0.05) -> list[BNSite]:
             chans = np.concatenate([chans, chans])
         ok = flat >= 0
         if ok.any():
-            out.append(BNSite(params[0], params[1], chans[ok], flat[ok], float(t)))
+            out.append(BNSite(params[0], params[1], chans[ok], flat[ok], float(t), silent))
     return out
+
+
+@contextmanager
+def silenced(sites: list[BNSite], getter, flat: np.ndarray):
+    """Within the block, the BN entries of the flat channels ``flat`` (bool per flat id) have
+    gamma = beta = 0 wherever their activation gives 0 at 0, so those channels output 0 there
+    as their mask 0 made them in the masked model; restored after. Returns the count of
+    flat channels touched. Why: finalize's rounding may keep a channel whose gate training
+    closed; its consumers were trained without it, and its stale output cost digits' GELU
+    ResNet 1-6 points (BENCHMARKS.md section 10). Through a residual add the other operands
+    are the channel's own sites in the nets measured; a non-BN operand stays as it is."""
+    saved = []
+    touched = np.zeros(len(flat), bool)
+    try:
+        with torch.no_grad():
+            for s in sites:
+                sel = flat[s.flat] & s.silent
+                if not sel.any():
+                    continue
+                ch = torch.as_tensor(s.channel[sel])
+                for target in (s.gamma, s.beta):
+                    param = getter(target)
+                    saved.append((param, ch, param[ch].clone()))
+                    param[ch] = 0.0
+                touched[s.flat[sel]] = True
+        yield int(touched.sum())
+    finally:
+        with torch.no_grad():
+            for param, ch, old in reversed(saved):
+                param[ch] = old
 
 
 def bn_log_probabilities(sites: list[BNSite], getter, size: int, eps: float) -> tuple[torch.Tensor, torch.Tensor]:

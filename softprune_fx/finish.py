@@ -42,6 +42,7 @@ class PruneResult:
     thresholds: dict = field(default_factory=dict)  # SoftPruner: group -> dead thresholds used ([] = gate)
     training_cut: Optional[float] = None            # SoftPruner: the hard-rule cut when finalize began
     training_shortfall: Optional[float] = None      # target - training_cut, when over 5 points
+    silenced: int = 0                               # SoftPruner: kept channels whose gate had closed, made silent
     # target="latency" (softprune_fx/latency.py): target/achieved_ratio are then ORT latency fractions
     target: str = "flops"
     ort_threads: Optional[int] = None

@@ -27,7 +27,7 @@ from softprune_fx.passes.errors import SoftpruneError
 from softprune_fx.passes.masks import insert_soft_masks
 
 from .api import analyze
-from .bnsites import find_bn_sites
+from .bnsites import find_bn_sites, silenced
 from .cost import CostModel
 from .decide import min_count
 from .finish import PruneResult, finish, fixed_keep, latency_cost, latency_points, prunable_or_raise
@@ -177,17 +177,24 @@ class SoftPruner:
         was = self.base.training
         self.base.eval()
         points = latency_points(self.lat, self.target, self.round_to)
+        # channels whose gate training closed: silent if the decision's rounding keeps them (bnsites.silenced)
+        closed = self.bank.gates().cpu().numpy() & ~keep0 & self.bank.scp.silence_revived
         try:
             def decide_at(goal=self.ratio):
                 return finish(self.cg, self.index, self.steer, scores, keep0, goal, min_width=self.min_width,
                                round_to=self.round_to, how="scp", points=points)
-            if self.target == "latency":  # measured in ORT, re-decided up to three times (latency_loop.py)
-                from .latency import close_loop
-                pruned, result = close_loop(decide_at, self.lat, self.base, self.inputs, self.ratio)
-            else:
-                pruned, result = decide_at()
+            with silenced(self.bank.sites, self.base.get_parameter, closed):
+                if self.target == "latency":  # measured in ORT, re-decided up to three times (latency_loop.py)
+                    from .latency import close_loop
+                    pruned, result = close_loop(decide_at, self.lat, self.base, self.inputs, self.ratio)
+                else:
+                    pruned, result = decide_at()
         finally:
             self.base.train(was)
+        silent = np.zeros(self.index.size, bool)
+        for s in self.bank.sites:
+            silent[s.flat] |= s.silent
+        result.silenced = int((self.index.keep_from_drop(result.drop) & closed & silent).sum())
         result.thresholds, result.training_cut = self.thresholds(), cut
         result.training_shortfall = _shortfall(self.ratio, cut)
         return pruned, result

@@ -50,6 +50,7 @@ __all__ = [
     "gate_prob",
     "gate_regularizer",
     "gate_init_logit",
+    "gate_init_spread",
     "log_either_prunes",
 ]
 
@@ -79,6 +80,14 @@ class SCPConfig:
         t = -4.49, and the pruned net lost 9.4 points; with gates 0.3 (BENCHMARKS.md 10). A
         gate's mask is dropout the loss does see, so the channels it needs resist. An exact
         zero region (ReLU, Hardswish) has no such slide: moving beta sparsifies the channel.
+    gate_spread: half-width, in logits, of the spread of a group's initial gate logits around
+        ``gate_init_logit()`` (``gate_init_spread``; every gate still starts kept). Why: gates of a
+        group that start equal take equal pulls (the loss barely tells them apart while they keep
+        their channel), so they cross 0.5 together and empty the group in one epoch.
+    silence_revived: when finalize's rounding keeps a channel whose gate training closed, set its
+        BN sites' gamma and beta to 0 in the pruned model (where the activation gives 0 at 0), so
+        it outputs 0 as its mask made it in training (``bnsites.silenced``). Why: its consumers
+        were trained without it; on digits' GELU ResNet its stale output cost 1-6 points.
     """
 
     eps: float = 0.05
@@ -89,6 +98,9 @@ class SCPConfig:
     delta: float = 0.05
     s_smooth: float = 0.0
     smooth_lever: str = "gate"
+    gate_spread: float = 0.0
+    silence_revived: bool = True
+    straight_through: bool = False
 
     def __post_init__(self) -> None:
         if not 0.0 < self.c0 < 1.0:
@@ -99,6 +111,9 @@ class SCPConfig:
             raise ValueError(f"SCPConfig.eps and s must be >= 0, got eps={self.eps}, s={self.s}")
         if not 0.0 < self.delta < 1.0:
             raise ValueError(f"SCPConfig.delta must be in (0, 1), got {self.delta}")
+        if not 0.0 <= self.gate_spread < -gate_init_logit():
+            raise ValueError(f"SCPConfig.gate_spread must be in [0, {-gate_init_logit():.3f}) (every gate starts "
+                             f"kept), got {self.gate_spread}")
         if self.smooth_lever not in ("gate", "bn"):
             raise ValueError(f"SCPConfig.smooth_lever must be 'gate' or 'bn', got {self.smooth_lever!r}")
 
@@ -226,6 +241,19 @@ def gate_init_logit(pi0: float = GATE_INIT_PI) -> float:
     if not 0.0 < pi0 < 1.0:
         raise ValueError(f"gate initial pi must be in (0, 1), got {pi0}")
     return math.log(pi0) - math.log1p(-pi0)
+
+
+def gate_init_spread(n: int, spread: float, generator: Optional[torch.Generator] = None) -> Tensor:
+    """Initial logits of one group's ``n`` gates: ``gate_init_logit() + spread * u``, ``u`` evenly
+    spaced over [-1, 1] in a random order (``generator``), so every gate starts kept (the masked
+    model predicts the original) but no two channels of a group start, and so cross, together.
+
+    >>> x = gate_init_spread(3, 1.0, torch.Generator().manual_seed(0))
+    >>> [round(v, 4) for v in sorted(x.tolist())], bool((x < 0).all())
+    ([-3.9444, -2.9444, -1.9444], True)
+    """
+    u = torch.linspace(-1.0, 1.0, n) if n > 1 else torch.zeros(n)
+    return gate_init_logit() + spread * u[torch.randperm(n, generator=generator)]
 
 
 def gate_prob(logit: Tensor) -> Tensor:

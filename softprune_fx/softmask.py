@@ -25,7 +25,7 @@ from torch import nn
 
 from .bnsites import BNSite
 from .cost import CostModel
-from .scp import (SCPConfig, combine_log_sites, gate_init_logit, hard_keep, keep_score, log_deactivation_prob,
+from .scp import (SCPConfig, combine_log_sites, gate_init_logit, gate_init_spread, hard_keep, keep_score, log_deactivation_prob,
                   log_either_prunes, prune_prob, soft_keep)
 
 
@@ -140,7 +140,7 @@ class MaskBank(nn.Module):
         self.register_buffer("scored", scored, persistent=False)
         self.register_buffer("fixed", torch.as_tensor(fixed_keep, dtype=torch.bool), persistent=False)
         self._init_floors(size, floors or [])
-        self.gate_logits = nn.Parameter(torch.full((size,), gate_init_logit()))
+        self.gate_logits = nn.Parameter(self._initial_logits(size, floors or [], scp.gate_spread))
         self.register_buffer("logp0", torch.zeros(size))  # z = Phi^-1(p) at the first training step (progress)
         self.controller = Controller(target, kp, ki, lambda_max, ramp, total_steps)
         self.force_keep = False
@@ -167,6 +167,17 @@ class MaskBank(nn.Module):
         self.register_buffer("floor_ids", torch.as_tensor(table), persistent=False)
         self.register_buffer("floor_n", torch.as_tensor([min(int(n), len(ids)) for ids, n in floors],
                                                         dtype=torch.long), persistent=False)
+
+    @staticmethod
+    def _initial_logits(size: int, floors: list, spread: float) -> torch.Tensor:
+        """Every gate at ``gate_init_logit()``, each group's spread by ``gate_init_spread`` (a fixed
+        generator: the same start on every DDP rank, and the user's random stream untouched)."""
+        logits = torch.full((size,), gate_init_logit())
+        if spread > 0:
+            gen = torch.Generator().manual_seed(0)
+            for ids, _ in floors:
+                logits[torch.as_tensor(ids)] = gate_init_spread(len(ids), spread, gen)
+        return logits
 
     def floor(self, pi: torch.Tensor) -> torch.Tensor:
         """``pi`` with a group's lowest-pi channels forced kept (pi = 0) where the hard rule would
@@ -265,6 +276,8 @@ class MaskBank(nn.Module):
             self.controller.advance(float(self.cost.ratio(hard_keep(pi.detach()).cpu().numpy())),
                                     self.progress(params))
             keep = soft_keep(pi, self.scp.tau)
+            if self.scp.straight_through:  # gated channels: the hard rule forward, the soft mask's gradient
+                keep = torch.where(self.gates(), hard_keep(pi.detach()).to(keep.dtype) + (keep - keep.detach()), keep)
         else:
             keep = hard_keep(pi).to(pi.dtype)
         return torch.cat([keep, one.to(keep.dtype)])
