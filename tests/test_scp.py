@@ -58,12 +58,15 @@ def test_config_defaults_frozen_and_match_function_defaults():
         "delta": 0.05,
         "s_smooth": 0.0,
         "smooth_lever": "gate",
+        "gate_spread": 0.0,
+        "silence_revived": True,
+        "straight_through": True,
     }
     assert defaults == dataclasses.asdict(cfg)
 
 
 @pytest.mark.parametrize("bad", [dict(smooth_lever="beta"), dict(c0=1.0), dict(c0=0.0), dict(tau=0.0), dict(k=-1.0), dict(eps=-0.1),
-                                 dict(delta=0.0), dict(delta=1.0)])
+                                 dict(delta=0.0), dict(delta=1.0), dict(gate_spread=-0.1), dict(gate_spread=3.0)])
 def test_config_rejects_bad_values(bad):
     with pytest.raises(ValueError):
         SCPConfig(**bad)

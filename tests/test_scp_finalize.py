@@ -90,3 +90,16 @@ def test_straight_through_forwards_the_hard_rule_and_keeps_the_gradient():
     assert not masks[torch.as_tensor(ids)].any()
     masks[:-1][gates].sum().backward()
     assert pruner.bank.gate_logits.grad[gates].abs().sum() > 0        # the soft mask's gradient
+
+
+def test_gate_spread_separates_a_groups_gates_and_keeps_every_channel():
+    flat = _gelu_pruner()[0].bank.gate_logits.detach()
+    pruner, inputs = _gelu_pruner(gate_spread=1.0)
+    logits = pruner.bank.gate_logits.detach()
+    assert torch.unique(flat).numel() == 1
+    for g in pruner.cg.groups:
+        if g.prunable and g.width > 1:
+            mine = logits[torch.as_tensor(pruner.index.ids(g.id))]
+            assert torch.unique(mine).numel() == g.width and (mine < 0).all()
+            assert abs(float(mine.mean()) - float(flat[0])) < 1e-5 and float(mine.max() - mine.min()) > 1.9
+    assert pruner.hard_keep().all()
