@@ -171,6 +171,9 @@ class SoftPruner:
             params = self._site_params()
             keep0 = hard_keep(self.bank.prune_probs(params)).cpu().numpy()
             scores = self.bank.scores(params)  # keep_score: 1 - p, ordered by log p (1 - pi saturates)
+            if self.bank.scp.order_live_gates:
+                scores = _order_live_gates(self.cg, self.index, self.base, scores, self.bank.gates().cpu().numpy()
+                                           & hard_keep(self.bank.prune_probs(params)).cpu().numpy())
         fixed = self.bank.fixed.cpu().numpy()
         keep0 = keep0 | fixed
         cut = float(self.steer.ratio(keep0))
@@ -198,6 +201,26 @@ class SoftPruner:
         result.thresholds, result.training_cut = self.thresholds(), cut
         result.training_shortfall = _shortfall(self.ratio, cut)
         return pruned, result
+
+
+def _order_live_gates(cg, index, model, scores: np.ndarray, live: np.ndarray) -> np.ndarray:
+    """The scores of each group's ``live`` gated channels (kept by their gate), permuted so that they
+    rank as their consumers' weight L1 does: the decision sees the same values per group (so picks
+    the same counts), and cuts the live ones its rounding must cut by the weight their consumers
+    give them. Why: a live gate's own score (its pi, saturated at the annealed temperature) ordered
+    them by noise; on digits' SiLU ResNet it cut the 8 channels of ``layer2.1.conv1`` whose
+    consumer weights were largest (94.2% against 99.2% cutting the smallest; BENCHMARKS.md 10)."""
+    if not live.any():
+        return scores
+    from .oneshot import _consumer_l1  # the registry's one-shot importance, summed per channel
+    l1 = _consumer_l1(cg, index, model, live)
+    out = scores.copy()
+    for g in cg.groups:
+        ids = index.ids(g.id)
+        ids = ids[live[ids]]
+        if len(ids):
+            out[ids[np.argsort(l1[ids], kind="stable")]] = np.sort(scores[ids])
+    return out
 
 
 SHORTFALL_POINTS = 0.05

@@ -93,6 +93,9 @@ class SCPConfig:
         where the Gumbel sample flips from forward to forward; BN running statistics then average
         over architectures the eval-mode hard rule never runs (digits' GELU ResNet: masked model
         46% in eval, 99.4% with batch statistics, 100% after recalibrating them; BENCHMARKS.md 10).
+    order_live_gates: finalize orders the channels its gates keep by their consumers' weight L1
+        (``pruner._order_live_gates``) where the rounding must cut some of them; a kept gate's pi
+        (saturated) ordered them by noise, and on digits' SiLU ResNet cut the most needed ones.
     """
 
     eps: float = 0.05
@@ -106,6 +109,7 @@ class SCPConfig:
     gate_spread: float = 0.0
     silence_revived: bool = True
     straight_through: bool = True
+    order_live_gates: bool = True
 
     def __post_init__(self) -> None:
         if not 0.0 < self.c0 < 1.0:

@@ -61,6 +61,7 @@ def test_config_defaults_frozen_and_match_function_defaults():
         "gate_spread": 0.0,
         "silence_revived": True,
         "straight_through": True,
+        "order_live_gates": True,
     }
     assert defaults == dataclasses.asdict(cfg)
 

@@ -103,3 +103,26 @@ def test_gate_spread_separates_a_groups_gates_and_keeps_every_channel():
             assert torch.unique(mine).numel() == g.width and (mine < 0).all()
             assert abs(float(mine.mean()) - float(flat[0])) < 1e-5 and float(mine.max() - mine.min()) > 1.9
     assert pruner.hard_keep().all()
+
+
+def _dropped_by_l1(order):
+    """finalize of an untrained GELU net (every gate live): per group with drops, whether every
+    dropped channel's consumer L1 is at most every kept one's."""
+    from softprune_fx.oneshot import _consumer_l1
+    pruner, _ = _gelu_pruner(order_live_gates=order)
+    l1 = _consumer_l1(pruner.cg, pruner.index, pruner.base)
+    _, result = pruner.finalize()
+    verdicts = []
+    for gid, dropped in result.drop.items():
+        ids = pruner.index.ids(gid)
+        if len(dropped) and pruner.bank.gates()[torch.as_tensor(ids)].all():
+            gone = np.zeros(len(ids), bool)
+            gone[list(dropped)] = True
+            verdicts.append(l1[ids][gone].max() <= l1[ids][~gone].min())
+    return verdicts
+
+
+def test_finalize_cuts_live_gated_channels_by_their_consumer_weights():
+    verdicts = _dropped_by_l1(True)
+    assert verdicts and all(verdicts)
+    assert not all(_dropped_by_l1(False))  # the gates' own scores order them otherwise
