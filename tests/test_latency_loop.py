@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import softprune_fx.latency_loop as loop
-from softprune_fx.latency_loop import MAX_STEP, close_loop, fixed_share, next_goal
+from softprune_fx.latency_loop import MAX_STEP, PHI_MIN, close_loop, fixed_share, next_goal
 
 
 class World:
@@ -70,11 +70,10 @@ def test_loop_corrects_a_systematic_prediction_error(monkeypatch):
     assert res.achieved_ratio == pytest.approx(0.4) and res.target == "latency"
     assert res.flops_ratio == pytest.approx(0.24)        # the FLOPs cut stays beside it
     assert res.ort_pred_cut_tables == pytest.approx(0.48)
-    # the reported prediction: the tables' corrected by the other candidate (0.4 measured 0.32:
-    # fixed share (0.68 - 0.6) / 0.4 = 0.2), so kept 0.2 + 0.8 x 0.52
-    assert res.ort_pred_fixed_share == pytest.approx(0.2)
-    assert res.ort_pred_cut == pytest.approx(1 - 0.616)
-    assert res.ort_pred_error_rel == pytest.approx(0.616 / 0.6 - 1)
+    # the other candidate (0.4 measured 0.32) would give a positive fixed share (0.2): the
+    # tables' bias is one-sided, so it is not applied and the tables' prediction is reported
+    assert res.ort_pred_fixed_share == 0.0 and res.ort_pred_cut == pytest.approx(0.48)
+    assert res.ort_pred_error_rel == pytest.approx(0.52 / 0.6 - 1)
 
 
 def test_a_disturbed_measurement_does_not_derail_the_loop(monkeypatch):
@@ -120,7 +119,8 @@ def test_fixed_share_from_measured_pairs():
     assert fixed_share([(0.4, 0.5)]) == pytest.approx(-0.25)
     assert fixed_share([(0.4, 0.5), (0.2, 0.25), (0.6, 0.9)]) == pytest.approx(-0.25)   # the median
     assert fixed_share([(0.02, 0.3)]) == 0.0 and fixed_share([]) == 0.0        # no usable pair
-    assert fixed_share([(0.1, 0.9)]) == -0.5                                   # clamped
+    assert fixed_share([(0.1, 0.9)]) == pytest.approx(PHI_MIN)                 # clamped
+    assert fixed_share([(0.4, 0.3)]) == 0.0              # positive: a disturbed measurement, not applied
 
 
 def test_the_winners_prediction_uses_the_other_candidates_only(monkeypatch):
