@@ -136,3 +136,16 @@ def test_the_winners_prediction_uses_the_other_candidates_only(monkeypatch):
     one = World(lambda p: 1.25 * p)
     _, res1 = _run(monkeypatch, one, ratio=0.0)       # the first decision is on target: no other pair
     assert res1.ort_pred_fixed_share == 0.0 and res1.ort_pred_cut == pytest.approx(res1.ort_pred_cut_tables)
+
+
+def test_a_goal_already_tried_steps_from_the_last_candidate(monkeypatch):
+    """A lower goal lands on a keep set measured *higher* (0.54 -> 0.67, above the first
+    decision's 0.66): stepping again from the closest candidate would repeat 0.54 for every
+    round; the loop steps from the last candidate instead and reaches the target."""
+    def true(p):
+        return p + 0.06 if p > 0.59 else 0.67 if p > 0.5 else p + 0.13
+    world = World(true)
+    _, res = _run(monkeypatch, world, ratio=0.6)
+    goals = [r["goal"] for r in res.latency_rounds]
+    assert goals[:3] == pytest.approx([0.6, 0.54, 0.47]) and len(set(goals)) == len(goals)
+    assert res.achieved_ratio == pytest.approx(0.6)
