@@ -126,3 +126,26 @@ def test_finalize_cuts_live_gated_channels_by_their_consumer_weights():
     verdicts = _dropped_by_l1(True)
     assert verdicts and all(verdicts)
     assert not all(_dropped_by_l1(False))  # the gates' own scores order them otherwise
+
+
+def _convnext_hard(kept: int):
+    """The LayerNorm ConvNeXt (gates, no BN site) with ``kept`` of ``down.1``'s 32 gates open:
+    (pruner, keep0 after _round_unsilenced, the group's flat ids, scores)."""
+    from softprune_fx.pruner import _round_unsilenced
+    model, inputs = ZOO_ACTIVATIONS["convnext_ln"]()
+    pruner = sp.SoftPruner(model, inputs, ratio=0.4)
+    ids = pruner.index.ids("down.1")
+    with torch.no_grad():
+        pruner.bank.gate_logits[torch.as_tensor(ids[kept:])] = 5.0
+    keep0 = pruner.hard_keep() | pruner.bank.fixed.numpy()
+    scores = pruner.bank.scores(pruner._site_params())
+    return _round_unsilenced(pruner.cg, pruner.index, keep0, scores, pruner._closed_loud(keep0), "auto", 1), ids, scores
+
+
+def test_a_group_with_loud_closed_gates_rounds_to_the_nearer_step():
+    keep, ids, scores = _convnext_hard(9)          # 9 of 32, step 8: 8 is nearer than 16
+    assert keep[ids].sum() == 8
+    gone = ids[:9][~keep[ids[:9]]]
+    assert len(gone) == 1 and scores[gone[0]] == scores[ids[:9]].min()
+    keep, ids, _ = _convnext_hard(13)              # 16 is nearer: left to the decision
+    assert keep[ids].sum() == 13
