@@ -324,7 +324,8 @@ def base_report(result: Any, meta: dict) -> dict:
         if getattr(result, key, None) is not None:
             report[key] = float(getattr(result, key))
     for key in ("target", "ort_threads", "flops_ratio", "ort_ms_before", "ort_ms_after", "ort_pred_ms_before",
-                "ort_pred_ms_after", "ort_pred_error", "ort_pred_error_rel", "ort_pred_cut", "latency_rounds"):
+                "ort_pred_ms_after", "ort_pred_error", "ort_pred_error_rel", "ort_pred_cut", "ort_pred_cut_tables",
+                "ort_pred_fixed_share", "latency_rounds"):
         if getattr(result, key, None) not in (None, []):  # --target latency (softprune_fx/latency.py)
             report[key] = getattr(result, key)
     thresholds = getattr(result, "thresholds", None) or {}

@@ -207,6 +207,10 @@ def test_prune_one_shot_latency_target_fills_the_latency_fields(net, tmp_path, m
     assert d["flops_ratio"] == pytest.approx(1 - d["flops_after"] / d["flops_before"])
     assert d["ort_pred_error"] == pytest.approx(d["ort_pred_ms_after"] / d["ort_ms_after"] - 1)
     assert d["ort_pred_error_rel"] == pytest.approx((1 - d["ort_pred_cut"]) / (1 - d["achieved_ratio"]) - 1)
+    from softprune_fx.artifacts import base_report
+    report = base_report(res, {})  # report.json carries the tables' own prediction beside the corrected one
+    assert report["ort_pred_cut_tables"] == d["ort_pred_cut_tables"] is not None
+    assert report["ort_pred_cut"] == d["ort_pred_cut"]
     with pytest.raises(Exception, match="target"):
         prune_one_shot(model, (x,), 0.3, target="speed")
 
