@@ -184,14 +184,14 @@ class SoftPruner:
         fixed = self.bank.fixed.cpu().numpy()
         keep0 = keep0 | fixed
         cut = float(self.steer.ratio(keep0))
+        # channels whose gate training closed: silent if the decision's rounding keeps them (bnsites.silenced)
+        closed = self.bank.gates().cpu().numpy() & ~keep0 & self.bank.scp.silence_revived
         if self.target == "flops" and self.bank.scp.silence_revived:
             keep0 = _round_unsilenced(self.cg, self.index, keep0, scores, self._closed_loud(keep0), self.round_to,
                                       self.min_width)
         was = self.base.training
         self.base.eval()
         points = latency_points(self.lat, self.target, self.round_to)
-        # channels whose gate training closed: silent if the decision's rounding keeps them (bnsites.silenced)
-        closed = self.bank.gates().cpu().numpy() & ~keep0 & self.bank.scp.silence_revived
         try:
             def decide_at(goal=self.ratio):
                 return finish(self.cg, self.index, self.steer, scores, keep0, goal, min_width=self.min_width,
