@@ -145,27 +145,33 @@ class python_state_kept:
     def __init__(self, model: nn.Module):
         self.saved = []
         for m in model.modules():
-            attrs = {k: v for k, v in vars(m).items() if k not in _MODULE_INTERNALS}
+            d = vars(m)
+            attrs = {k: v for k, v in d.items() if k not in _MODULE_INTERNALS}
             containers = {k: copy.copy(v) for k, v in attrs.items() if isinstance(v, (dict, list, set))}
-            self.saved.append((m, attrs, containers, dict(m._buffers), dict(m._parameters)))
+            self.saved.append((m, attrs, containers, dict(m._buffers), dict(m._parameters), frozenset(d)))
 
     def __enter__(self):
         return self
 
     def __exit__(self, *exc):
-        for m, attrs, containers, buffers, params in self.saved:
-            for k in [k for k in vars(m) if k not in _MODULE_INTERNALS and k not in attrs]:
+        # set and map(is_not) comparisons: this runs over every module of every capture
+        # (MobileNetV2: 5 ms of a 37 ms capture as per-key Python loops)
+        for m, attrs, containers, buffers, params, keys in self.saved:
+            d = vars(m)
+            for k in d.keys() - keys - _MODULE_INTERNALS:  # attributes the trace added
                 object.__delattr__(m, k)
             for store, saved in ((m._buffers, buffers), (m._parameters, params)):
-                if store.keys() != saved.keys() or any(store[k] is not v for k, v in saved.items()):
+                if store.keys() != saved.keys() or any(map(operator.is_not, store.values(), saved.values())):
                     store.clear()
                     store.update(saved)
-            for k, v in attrs.items():
-                if vars(m).get(k) is not v:
-                    object.__setattr__(m, k, v)
-                if k in containers:
-                    v.clear()
-                    (v.extend if isinstance(v, list) else v.update)(containers[k])
+            if any(map(operator.is_not, map(d.get, attrs), attrs.values())):
+                for k, v in attrs.items():
+                    if d.get(k) is not v:
+                        object.__setattr__(m, k, v)
+            for k, saved in containers.items():
+                v = attrs[k]
+                v.clear()
+                (v.extend if isinstance(v, list) else v.update)(saved)
         return False
 
 

@@ -18,11 +18,13 @@ from torch import nn
 
 from softprune_fx.passes.capture import as_input_tuple, capture
 from softprune_fx.passes.flow import run_flow
+from softprune_fx.passes.gcpause import without_gc
 from softprune_fx.passes.groups import build_groups
 
 from .graph import ChannelGraph
 
 
+@without_gc
 def analyze(model: nn.Module, example_inputs: Any, *, frozen: Iterable[str] = (),
             leaf_modules: Iterable = (), allow_inexact: bool = False) -> ChannelGraph:
     """Trace ``model`` (read only, not copied) and find its channel groups.

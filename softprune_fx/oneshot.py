@@ -16,6 +16,7 @@ import torch.fx as fx
 from torch import nn
 
 from softprune_fx.passes.capture import as_input_tuple
+from softprune_fx.passes.gcpause import without_gc
 
 from .api import analyze
 from .bnsites import bn_log_probabilities, find_bn_sites
@@ -28,6 +29,7 @@ from .scp import SCPConfig, keep_score, prune_prob
 __all__ = ["prune_one_shot", "PruneResult"]
 
 
+@without_gc
 def prune_one_shot(model: nn.Module, example_inputs: Any, ratio: float = 0.4, *, strict: bool = False,
                    frozen=(), min_width=1, round_to="auto", allow_inexact: bool = False, leaf_modules=(),
                    scp: SCPConfig = SCPConfig(), analysis=None, target: str = "flops",
