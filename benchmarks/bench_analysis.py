@@ -7,7 +7,7 @@ Command (about 4 minutes on 2 cores)::
 
 Three parts, each timed interleaved (the order of the two tools alternates every repeat,
 one untimed warm-up call per tool first, ``gc.collect()`` before each call, the collector
-left on, one torch thread unless --threads), medians of the repeats, and the ratio = median of the per-repeat ratios:
+left on (paused inside softprune-fx's stages, as ``analyze`` pauses it), one torch thread unless --threads), medians of the repeats, and the ratio = median of the per-repeat ratios:
 
 1. The full-size zoo models (``tests/zoo_big.py``: ResNet-50, MobileNetV2 1.0,
    DenseNet-121 at 224 px, batch 1). softprune-fx's time is split into the stages
@@ -34,6 +34,7 @@ import torch_pruning as tp
 from zoo_big import BIG, resnet50
 
 from softprune_fx.passes.capture import capture
+from softprune_fx.passes.gcpause import gc_paused
 from softprune_fx.passes.flow import run_flow
 from softprune_fx.passes.groups import build_groups
 from softprune_fx.graph import ChannelGraph
@@ -43,13 +44,16 @@ from softprune_fx.graph import ChannelGraph
 def softprune_staged(model, inputs) -> dict:
     """``softprune_fx.analyze(model, inputs)``, stage by stage (same calls, same order):
     capture (the specialising trace, meta values recorded as each node is), then the
-    channel flow and the groups. Capture is the single source of shapes: no shape pass."""
-    t_trace, gm = C.timed(capture, model, inputs)
+    channel flow and the groups. Capture is the single source of shapes: no shape pass.
+    Both stages run with the cyclic collector paused, as ``analyze`` runs them (gcpause.py)."""
+    with gc_paused():
+        t_trace, gm = C.timed(capture, model, inputs)
 
     def analysis():
         flow = run_flow(gm)
         return ChannelGraph(gm, flow, build_groups(flow), inputs)
-    t_an, cg = C.timed(analysis)
+    with gc_paused():
+        t_an, cg = C.timed(analysis)
     return {"trace": t_trace, "analysis": t_an,
             "total": t_trace + t_an, "nodes": len(gm.graph.nodes), "groups": len(cg.groups)}
 
