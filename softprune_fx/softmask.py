@@ -57,6 +57,9 @@ class Controller(nn.Module):
 
     T_MIN = 0.1
     BRAKE = 0.1
+    STALL_GAP = 0.005   # a stalled cut: short by over half a point, and no half point gained ...
+    STALL_GAIN = 0.1    # ... makes the integral grow 10% a step (x2 in 7 steps) until it moves
+    NO_PUSH = float("-inf")  # ``base`` when no push is on (outside any clamp; NaN would not compare equal)
 
     def __init__(self, target: float, kp: float, ki: float, lambda_max: float, ramp: int,
                  total_steps: int | None = None, kg: float = 0.05):
@@ -70,6 +73,9 @@ class Controller(nn.Module):
         self.register_buffer("hard_ratio", torch.tensor(0.0))
         self.register_buffer("progress", torch.tensor(0.0))
         self.register_buffer("speed", torch.tensor(0.0))
+        self.register_buffer("mark", torch.tensor(0.0))    # the hard cut when ``stalled`` last reset
+        self.register_buffer("stalled", torch.tensor(0, dtype=torch.long))  # steps without half a point gained
+        self.register_buffer("base", torch.tensor(self.NO_PUSH))  # the integral before a stall's push
 
     def temperature(self) -> float:
         ramp = max(1, int(self.ramp))
@@ -93,8 +99,26 @@ class Controller(nn.Module):
         # hold: the channels are already on their way and would close the gap within a
         # ramp at this speed; integrating on would wind lambda up during the dead time and
         # every channel would then cross at once (SiLU digits: hard cut 0 -> 0.87 -> 0.99 -> 0)
-        if not (gap > 0 and speed > 0 and gap < float(self.ramp) * speed):
+        # After the ramp, a cut more than half a point short that has gained less than half a
+        # point for an eighth of a ramp ends the hold, and the integral grows geometrically
+        # until the cut moves: the creep the hold waits for is not closing the gap
+        # (bench_controller: glu sat 1.1 points short for 100 steps, eco_yolo crept 3 short)
+        if ratio >= float(self.mark) + self.STALL_GAP or gap <= 0:
+            self.mark.fill_(ratio)
+            self.stalled.zero_()
+            if gap <= 0 and float(self.base) != self.NO_PUSH:  # the push got the cut there: the
+                integral = min(integral, float(self.base))  # wound-up pull must not carry it on
+                self.base.fill_(self.NO_PUSH)
+        else:
+            self.stalled += 1
+        stalled = (int(self.steps) >= int(self.ramp) and gap > self.STALL_GAP
+                   and int(self.stalled) >= max(1, int(self.ramp) // 8))
+        if stalled or not (gap > 0 and speed > 0 and gap < float(self.ramp) * speed):
             integral += (self.ki + self.kg * abs(integral)) * gap
+        if stalled:
+            if float(self.base) == self.NO_PUSH:
+                self.base.fill_(integral)
+            integral += self.STALL_GAIN * max(abs(integral), self.ki)
         if gap < -0.01 and speed > 0:  # past the target and still moving deeper: brake
             integral *= 1.0 - self.BRAKE
         integral = clamp(integral)

@@ -207,10 +207,46 @@ def test_controller_state_is_in_the_state_dict():
     model, inputs = ZOO["resnet_basic"]()
     pruner = sp.SoftPruner(model, inputs, ratio=0.4, total_steps=30)
     keys = set(pruner.state_dict()["model"])
-    for k in ("lam", "integral", "steps", "ramp", "hard_ratio"):
+    for k in ("lam", "integral", "steps", "ramp", "hard_ratio", "mark", "stalled", "base"):
         assert f"_softprune_bank.controller.{k}" in keys
     assert int(pruner.bank.controller.ramp) == 12  # two fifths of total_steps
     other = sp.SoftPruner(model, inputs, ratio=0.4)
     assert int(other.bank.controller.ramp) == 100
     other.load_state_dict(pruner.state_dict())
     assert int(other.bank.controller.ramp) == 12
+
+
+def _drive(plant, steps: int, ramp: int = 100):
+    """Run a Controller against ``plant(lam, step) -> (hard cut, progress)``; the cuts seen."""
+    from softprune_fx.softmask import Controller
+    c = Controller(0.4, kp=0.15, ki=5e-3, lambda_max=0.2, ramp=ramp)
+    cuts = []
+    for step in range(steps):
+        cut, progress = plant(float(c.lam), step)
+        c.advance(cut, progress)
+        cuts.append(cut)
+    return c, cuts
+
+
+def test_controller_pushes_a_cut_stalled_short_of_the_target():
+    """bench_controller's glu: one channel is 12.5% of the FLOPs, so the cut sits at 0.389
+    until lambda passes what the next channel needs (here 0.06), while the leading indicator
+    creeps; the hold then froze lambda near 0.01 for the rest of the run."""
+    creep = lambda step: 0.6 + 1e-4 * step  # noqa: E731 - progress inches up: the hold's condition
+    c, cuts = _drive(lambda lam, step: (0.389 if lam < 0.06 else 0.41, creep(step)), 300)
+    assert max(cuts) >= 0.41, float(c.lam)
+    # once there, the wound-up pull is let go of: lambda falls back near where the push began
+    assert float(c.integral) < 0.06, float(c.integral)
+
+
+def test_controller_does_not_push_during_the_ramp_dead_time():
+    """SiLU digits: the hard cut stays 0 while channels travel to the tail; during the ramp the
+    integral must not wind up geometrically (every channel would then cross at once)."""
+    c, _ = _drive(lambda lam, step: (0.0, 0.01 * step), 90)
+    assert float(c.integral) < 0.02, float(c.integral)
+
+
+def test_controller_leaves_a_cut_half_a_point_short_alone():
+    """A cut less than half a point short and steady is not pushed."""
+    c, _ = _drive(lambda lam, step: (min(0.397, 0.004 * step), 0.5), 500)
+    assert abs(float(c.lam)) < 0.05, float(c.lam)
