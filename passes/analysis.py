@@ -79,7 +79,7 @@ def _uncompiled(root: nn.Module, graph: fx.Graph, gm: fx.GraphModule) -> fx.Grap
     ``graph`` as the graph setter would, minus the compile."""
     new = fx.GraphModule(root, fx.Graph(), gm.__class__.__name__)
     new.training = gm.training
-    for name in _targets(graph):
+    for name in graph_targets(graph):
         fx.graph_module._copy_attr(root, new, name)
     new._graph = graph
     graph.owning_module = new
@@ -89,7 +89,8 @@ def _uncompiled(root: nn.Module, graph: fx.Graph, gm: fx.GraphModule) -> fx.Grap
     return new
 
 
-def _targets(graph: fx.Graph) -> list[str]:
+def graph_targets(graph: fx.Graph) -> list[str]:
+    """The module and attribute targets ``graph`` reads, first use first."""
     return list(dict.fromkeys(n.target for n in graph.nodes if n.op in ("call_module", "get_attr")))
 
 

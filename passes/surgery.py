@@ -16,6 +16,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from .analysis import graph_targets
 from .atoms import NONE, UNKNOWN, along
 from .capture import MetaShapeProp
 from .errors import SurgeryError
@@ -170,23 +171,19 @@ def apply_surgery(gm: fx.GraphModule, flow: ChannelFlow, plan: Plan, example_inp
                if isinstance(flow.layouts.get(n), np.ndarray) and isinstance(n.meta.get("val"), torch.Tensor)]
     planned = {n: sctx.kept_extents(n) for n in tensors}
     layouts = {n: planned_classes(flow, plan, n) for n in tensors}
-    referenced = _referenced(gm)
+    referenced = set(graph_targets(gm.graph))
     _select_for_site_groups(sctx)
     for node in list(gm.graph.nodes):
         entry = lookup(node, sctx.modules)
         if entry is not None and entry.surgery is not None:
             entry.surgery(sctx, node)
     _slice_params(sctx)
-    if referenced - _referenced(gm):  # a rule erased the last node of a module or attribute
+    if referenced - set(graph_targets(gm.graph)):  # a rule erased the last node of a module or attribute
         gm.delete_all_unused_submodules()
     gm.recompile()
     check_extents(gm, planned, example_inputs)
     check_layouts(gm, layouts, flow.allow_inexact)
     return gm
-
-
-def _referenced(gm: fx.GraphModule) -> set:
-    return {n.target for n in gm.graph.nodes if n.op in ("call_module", "get_attr")}
 
 
 def planned_classes(flow: ChannelFlow, plan: Plan, node: fx.Node) -> np.ndarray:

@@ -75,7 +75,7 @@ def prune_one_shot(model: nn.Module, example_inputs: Any, ratio: float = 0.4, *,
             ids = index.ids(g.id)
             gate = ids[~has[ids] & ~fixed[ids]]
             if len(gate):
-                l1 = _consumer_l1(cg, index, model, ~has & ~fixed) if l1 is None else l1
+                l1 = consumer_l1(cg, index, model, ~has & ~fixed) if l1 is None else l1
                 rank = np.argsort(np.argsort(l1[gate]))
                 scores[gate] = (rank + 1) / (len(gate) + 1)
                 keep0[gate] = rank >= int(round(frac * len(gate)))
@@ -97,7 +97,7 @@ def prune_one_shot(model: nn.Module, example_inputs: Any, ratio: float = 0.4, *,
         model.train(was_training)
 
 
-def _consumer_l1(cg, index: ChannelIndex, model: nn.Module, wanted: np.ndarray | None = None) -> np.ndarray:
+def consumer_l1(cg, index: ChannelIndex, model: nn.Module, wanted: np.ndarray | None = None) -> np.ndarray:
     """L1 norm of the consumer weight columns that read each channel (of the ``wanted``
     channels at least: sites that read none of them are skipped)."""
     from softprune_fx.passes.ops import lookup

@@ -31,7 +31,7 @@ from .bnsites import find_bn_sites, silenced
 from .cost import CostModel
 from .decide import min_count, rounding_step
 from .finish import PruneResult, finish, fixed_keep, latency_cost, latency_points, prunable_or_raise
-from .oneshot import prune_one_shot  # noqa: F401 (the API's other entry point, importable here too)
+from .oneshot import consumer_l1, prune_one_shot  # noqa: F401 (prune_one_shot: the API's other entry point)
 from .scp import SCPConfig, gate_regularizer, hard_keep, scp_regularizer
 from .softmask import MaskBank
 
@@ -143,12 +143,17 @@ class SoftPruner:
         return {"step": int(self.bank.steps), "hard_flops_ratio": float(self.cost.ratio(keep)), **latency,
                 "target": self.ratio, "lambda": float(self.bank.lam), "alive": alive}
 
-    def _closed_loud(self, keep0: np.ndarray) -> np.ndarray:
-        """Gated channels the hard rule drops that ``bnsites.silenced`` cannot silence."""
+    def _silenceable(self) -> np.ndarray:
+        """Per flat channel: whether ``bnsites.silenced`` can silence it (a BN site whose
+        activation gives 0 at 0)."""
         silent = np.zeros(self.index.size, bool)
         for s in self.bank.sites:
             silent[s.flat] |= s.silent
-        return self.bank.gates().cpu().numpy() & ~keep0 & ~silent
+        return silent
+
+    def _closed_loud(self, keep0: np.ndarray) -> np.ndarray:
+        """Gated channels the hard rule drops that ``bnsites.silenced`` cannot silence."""
+        return self.bank.gates().cpu().numpy() & ~keep0 & ~self._silenceable()
 
     def thresholds(self) -> dict:
         """Per prunable group, the sorted dead thresholds ``t`` of the BN-activation sites that
@@ -178,14 +183,14 @@ class SoftPruner:
             params = self._site_params()
             keep0 = hard_keep(self.bank.prune_probs(params)).cpu().numpy()
             scores = self.bank.scores(params)  # keep_score: 1 - p, ordered by log p (1 - pi saturates)
-            if self.bank.scp.order_live_gates:
-                scores = _order_live_gates(self.cg, self.index, self.base, scores, self.bank.gates().cpu().numpy()
-                                           & hard_keep(self.bank.prune_probs(params)).cpu().numpy())
+        gates = self.bank.gates().cpu().numpy()
+        if self.bank.scp.order_live_gates:
+            scores = _order_live_gates(self.cg, self.index, self.base, scores, gates & keep0)
         fixed = self.bank.fixed.cpu().numpy()
         keep0 = keep0 | fixed
         cut = float(self.steer.ratio(keep0))
         # channels whose gate training closed: silent if the decision's rounding keeps them (bnsites.silenced)
-        closed = self.bank.gates().cpu().numpy() & ~keep0 & self.bank.scp.silence_revived
+        closed = gates & ~keep0 & self.bank.scp.silence_revived
         if self.target == "flops" and self.bank.scp.silence_revived:
             keep0 = _round_unsilenced(self.cg, self.index, keep0, scores, self._closed_loud(keep0), self.round_to,
                                       self.min_width)
@@ -204,10 +209,7 @@ class SoftPruner:
                     pruned, result = decide_at()
         finally:
             self.base.train(was)
-        silent = np.zeros(self.index.size, bool)
-        for s in self.bank.sites:
-            silent[s.flat] |= s.silent
-        result.silenced = int((self.index.keep_from_drop(result.drop) & closed & silent).sum())
+        result.silenced = int((self.index.keep_from_drop(result.drop) & closed & self._silenceable()).sum())
         result.thresholds, result.training_cut = self.thresholds(), cut
         result.training_shortfall = _shortfall(self.ratio, cut)
         return pruned, result
@@ -242,8 +244,7 @@ def _order_live_gates(cg, index, model, scores: np.ndarray, live: np.ndarray) ->
     consumer weights were largest (94.2% against 99.2% cutting the smallest; BENCHMARKS.md 10)."""
     if not live.any():
         return scores
-    from .oneshot import _consumer_l1  # the registry's one-shot importance, summed per channel
-    l1 = _consumer_l1(cg, index, model, live)
+    l1 = consumer_l1(cg, index, model, live)  # the registry's one-shot importance, summed per channel
     out = scores.copy()
     for g in cg.groups:
         ids = index.ids(g.id)

@@ -297,11 +297,11 @@ class MaskBank(nn.Module):
         pi = self.prune_probs(params)
         self.last_pi = pi
         if self.training:
-            self.controller.advance(float(self.cost.ratio(hard_keep(pi.detach()).cpu().numpy())),
-                                    self.progress(params))
+            hard = hard_keep(pi.detach())
+            self.controller.advance(float(self.cost.ratio(hard.cpu().numpy())), self.progress(params))
             keep = soft_keep(pi, self.scp.tau)
             if self.scp.straight_through:  # gated channels: the hard rule forward, the soft mask's gradient
-                keep = torch.where(self.gates(), hard_keep(pi.detach()).to(keep.dtype) + (keep - keep.detach()), keep)
+                keep = torch.where(self.gates(), hard.to(keep.dtype) + (keep - keep.detach()), keep)
         else:
             keep = hard_keep(pi).to(pi.dtype)
         return torch.cat([keep, one.to(keep.dtype)])

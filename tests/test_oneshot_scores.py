@@ -58,12 +58,12 @@ def test_consumer_l1_of_wanted_channels_equals_the_full_sums(name):
     import numpy as np
     from zoo import ZOO
 
-    from softprune_fx.oneshot import _consumer_l1
+    from softprune_fx.oneshot import consumer_l1
     model, inputs = ZOO[name]()
     cg = sp.analyze(model.eval(), inputs)
-    full = _consumer_l1(cg, cg.index, model)
+    full = consumer_l1(cg, cg.index, model)
     rng = np.random.default_rng(0)
     wanted = rng.random(cg.index.size) < 0.3
-    part = _consumer_l1(cg, cg.index, model, wanted)
+    part = consumer_l1(cg, cg.index, model, wanted)
     assert full[wanted].sum() > 0
     assert np.array_equal(part[wanted], full[wanted])

@@ -108,9 +108,9 @@ def test_gate_spread_separates_a_groups_gates_and_keeps_every_channel():
 def _dropped_by_l1(order):
     """finalize of an untrained GELU net (every gate live): per group with drops, whether every
     dropped channel's consumer L1 is at most every kept one's."""
-    from softprune_fx.oneshot import _consumer_l1
+    from softprune_fx.oneshot import consumer_l1
     pruner, _ = _gelu_pruner(order_live_gates=order)
-    l1 = _consumer_l1(pruner.cg, pruner.index, pruner.base)
+    l1 = consumer_l1(pruner.cg, pruner.index, pruner.base)
     _, result = pruner.finalize()
     verdicts = []
     for gid, dropped in result.drop.items():
