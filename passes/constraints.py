@@ -345,6 +345,14 @@ class Constraints:
         ne = self.nonempty
         self._na, self._nb = cat([r.a for r in ne]), cat([r.b for r in ne])
         self._nseg = cat([np.full(len(r.a), k) for k, r in enumerate(ne)])
+        # segment starts of the non-empty rules with positions, for one logical_or.reduceat
+        # (a bincount with weights over all positions cost most of a check)
+        sizes = np.array([len(r.a) for r in ne], dtype=np.int64)
+        self._nstart = (np.cumsum(sizes) - sizes)[sizes > 0]
+        self._nhas = np.flatnonzero(sizes > 0)
+        # kept count per unit: the keep vector itself when every unit is one channel
+        self._unit_identity = self.n_units == len(self.unit_of) - 1 and np.array_equal(
+            self.unit_of[:-1], np.arange(self.n_units))
 
     def rules(self) -> list:
         return [*self.grids, *self.balances, *self.nonempty]
@@ -355,7 +363,7 @@ class Constraints:
         non-empty indices)."""
         keep = np.asarray(keep, dtype=bool)
         ext = _ext(keep)
-        kc = np.bincount(self.unit_of[:-1], weights=keep, minlength=self.n_units)
+        kc = keep if self._unit_identity else np.bincount(self.unit_of[:-1], weights=keep, minlength=self.n_units)
         bad_units = np.flatnonzero(((kc > 0) & (kc < self.unit_size)) | (self.forced & (kc < self.unit_size)))
         bad_bal = np.zeros(0, np.int64)
         if len(self.balances):
@@ -365,7 +373,9 @@ class Constraints:
             bad_bal = np.flatnonzero(~BalanceRule.holds(None, lo, hi))
         bad_ne = np.zeros(0, np.int64)
         if len(self.nonempty):
-            alive = np.bincount(self._nseg, weights=ext[self._na] & ext[self._nb], minlength=len(self.nonempty))
+            alive = np.zeros(len(self.nonempty), bool)
+            if len(self._nstart):
+                alive[self._nhas] = np.logical_or.reduceat(ext[self._na] & ext[self._nb], self._nstart)
             bad_ne = np.flatnonzero(~NonEmptyRule.holds(alive))
         return bad_units, bad_bal, bad_ne
 

@@ -111,12 +111,15 @@ class CostModel:
         self._no_in[[j for j, _ in ins]] = False
         self._no_out = np.ones(T, bool)
         self._no_out[[j for j, _ in outs]] = False
+        # per-term sums as add.reduceat over each term's contiguous run of positions (terms
+        # come in order), which is several times faster than a bincount with weights
+        self._in_runs, self._out_runs = _runs(self._in_term), _runs(self._out_term)
+        self._in_sg_const = bool((self._in_sg == n - 1).all())  # no site group: nothing to multiply
 
     def _all_counts(self, k: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """``_counts`` of every term at once: kept inputs and outputs per term."""
-        T = len(self.terms)
-        i = np.bincount(self._in_term, weights=k[self._in_cls] * k[self._in_sg], minlength=T)
-        o = np.bincount(self._out_term, weights=k[self._out], minlength=T)
+        w = k[self._in_cls] if self._in_sg_const else k[self._in_cls] * k[self._in_sg]
+        i, o = _run_sums(w, self._in_runs, len(self.terms)), _run_sums(k[self._out], self._out_runs, len(self.terms))
         i[self._no_in], o[self._no_out] = 1.0, 1.0
         return i, o
 
@@ -142,3 +145,19 @@ class CostModel:
                 + np.bincount(self._in_sg, weights=per_in * k[self._in_cls], minlength=n)
                 + np.bincount(self._out, weights=(self._coef * i)[self._out_term], minlength=n))
         return grad[:-1]
+
+
+def _runs(term_of: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(term, start) of each run of equal entries in the sorted ``term_of``."""
+    if not len(term_of):
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    start = np.flatnonzero(np.concatenate([[True], term_of[1:] != term_of[:-1]]))
+    return term_of[start], start
+
+
+def _run_sums(values: np.ndarray, runs: tuple, n: int) -> np.ndarray:
+    """Per-term sums of ``values`` (0 for a term with no position), from ``_runs``."""
+    out = np.zeros(n)
+    if len(runs[1]):
+        out[runs[0]] = np.add.reduceat(values, runs[1])
+    return out

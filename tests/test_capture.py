@@ -171,3 +171,23 @@ def test_forward_defaults_past_the_inputs_are_traced_at_their_defaults():
     pruned = sp.prune_channels(model, x, drop)
     assert torch.allclose(pruned(*x), sp.masked(model, x, drop)(*x), atol=1e-6)
     assert pruned.a.out_channels == 6
+
+
+@pytest.mark.parametrize("name", ["resnet_basic", "densenet", "untraceable"])
+def test_captured_module_generates_its_code_on_first_use_and_then_runs_the_model(name):
+    """Capture leaves code generation to the first call (the pipeline only interprets and
+    forks the graph); calling the module, reading ``.code``, printing, copying and pickling
+    must still work and compute what the model computes."""
+    import pickle
+    model, inputs = ZOO[name]()
+    model.eval()
+    gm = capture(model, inputs)
+    from torch.fx._lazy_graph_module import _LazyGraphModule
+    assert isinstance(gm, _LazyGraphModule) and type(gm)._needs_recompile()  # nothing generated yet
+    twin = copy.deepcopy(gm)
+    with torch.no_grad():
+        want = model(*inputs)
+        assert torch.equal(gm(*inputs), want)
+        assert "def forward" in gm.code and "def forward" in str(gm)
+        assert torch.equal(twin(*inputs), want)
+        assert torch.equal(pickle.loads(pickle.dumps(gm))(*inputs), want)

@@ -108,3 +108,23 @@ def test_raises_only_for_bad_names():
         cg.legalize({frozen.id: [frozen.frozen_channels[0]]})
     with pytest.raises(IllegalDropError, match="every channel"):               # masked stays strict
         sp.masked(model, inputs, {g.id: list(range(g.width))})
+
+
+@pytest.mark.parametrize("seed", range(0, 160, 4))
+def test_one_shot_check_agrees_with_each_rule(seed):
+    """The engine's vectorised ``violations`` (the check behind ``plan``, ``legalize`` and
+    the decision) names exactly the rules whose own ``check`` fails, on random keep sets of
+    random architectures; and no partly kept unit where every grid column is whole."""
+    model, inputs = random_model(seed)
+    engine = sp.analyze(model, inputs).index.constraints
+    rng = np.random.default_rng(seed)
+    n = len(engine.unit_of) - 1
+    for p in (0.0, 0.1, 0.5, 0.9, 1.0):
+        keep = rng.random(n) >= p
+        bad_units, bad_bal, bad_ne = engine.violations(keep)
+        assert list(bad_ne) == [k for k, r in enumerate(engine.nonempty) if r.check(keep) is not None]
+        assert list(bad_bal) == [k for k, r in enumerate(engine.balances) if r.check(keep) is not None]
+        kept_per_unit = np.bincount(engine.unit_of[:-1], weights=keep, minlength=engine.n_units)
+        partly = (kept_per_unit > 0) & (kept_per_unit < engine.unit_size)
+        assert list(bad_units) == list(np.flatnonzero(partly | (engine.forced & (kept_per_unit < engine.unit_size))))
+        assert bool(len(bad_units)) >= any(g.check(keep) is not None for g in engine.grids)
