@@ -50,6 +50,7 @@ class StageTimer:
 
     def __init__(self, check: bool = False):
         self.seconds: dict[str, float] = {}
+        self.check = check
         self._wrapped = [(pruner, "decide", "decide")]
         if check:
             import softprune_fx.graph as graph
@@ -71,7 +72,7 @@ class StageTimer:
         for owner, attr, key in self._wrapped:
             self._saved.append((owner, attr, getattr(owner, attr)))
             setattr(owner, attr, self._timed(getattr(owner, attr), key))
-        if len(self._wrapped) > 1:  # the pruned model's counted forward is finish's FlopTotal block
+        if self.check:  # the pruned model's counted forward is finish's FlopTotal block
             timer, base = self, pruner.FlopTotal
 
             class TimedFlopTotal(base):
@@ -117,9 +118,8 @@ def sp_prune(model, x, stages: dict | None = None) -> tuple[float, float, float]
         t = time.perf_counter()
         _, result = sp.prune_one_shot(model, (x,), ratio=0.4)
         total = time.perf_counter() - t
-    for key, seconds in timer.seconds.items():
-        if stages is not None:
-            stages.setdefault(key, []).append(seconds)
+    for key, seconds in (timer.seconds.items() if stages is not None else ()):
+        stages.setdefault(key, []).append(seconds)
     return total, timer.seconds.get("decide", 0.0), result.achieved_ratio
 
 

@@ -344,7 +344,6 @@ class Constraints:
         self._bstart = base[:-1].astype(np.int64)
         ne = self.nonempty
         self._na, self._nb = cat([r.a for r in ne]), cat([r.b for r in ne])
-        self._nseg = cat([np.full(len(r.a), k) for k, r in enumerate(ne)])
         # segment starts of the non-empty rules with positions, for one logical_or.reduceat
         # (a bincount with weights over all positions cost most of a check)
         sizes = np.array([len(r.a) for r in ne], dtype=np.int64)
