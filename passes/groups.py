@@ -149,6 +149,8 @@ def _chain_kind(node: fx.Node, modules) -> str | None:
     entry's ``chain`` role)."""
     entry = lookup(node, modules)
     role = entry.chain if entry is not None else None
+    if callable(role):
+        role = role(modules.get(node.target) if node.op == "call_module" else None, node)
     if role == "norm":
         return "param"
     if role == "pass" and (node.op != "call_module" or not list(modules[node.target].parameters(recurse=False))):

@@ -99,7 +99,9 @@ class OpEntry:
     - ``flops(node, modules, has_site) -> FlopsTerm | None``: its FLOPs term (mixing ops);
     - ``dead``: where an activation's output is (nearly) zero (``ZeroBelow``/``SmallTail``);
     - ``chain``: role in a site group's chain: "norm" (per-channel parameters) or "pass"
-      (channel-wise, no parameters of its own); ``bn``: "site" for BatchNorm (an SCP BN
+      (channel-wise, no parameters of its own), or ``chain(module, node) -> role | None``
+      where it depends on the instance (GroupNorm is channel-wise only with one channel
+      per group: its statistics span the group, so selecting channels before it changes them); ``bn``: "site" for BatchNorm (an SCP BN
       site), "through" for a residual add an activation may sit behind;
     - ``importance(node, modules)``: L1 of the weight columns reading each input channel.
     """
@@ -109,7 +111,7 @@ class OpEntry:
     dead: ZeroBelow | SmallTail | None = None
     shape: Callable | None = None
     flops: Callable | None = None
-    chain: str | None = None
+    chain: str | Callable | None = None
     bn: str | None = None
     importance: Callable | None = None
 

@@ -16,8 +16,8 @@ import numpy as np
 
 import torch
 
-from softprune_fx.onnx_check import max_abs_diff
-from softprune_fx.passes.errors import SoftpruneError
+from softprune_fx.onnx_check import compare
+from softprune_fx.passes.errors import SoftpruneError, SurgeryError
 from softprune_fx.passes.flops import FlopTotal, count_params
 
 from .decide import decide
@@ -94,7 +94,7 @@ def finish(cg, index, cost, scores, keep0, ratio, *, min_width, round_to, how, p
         ref = cg.run_masked(drop)  # what masked(drop) computes, on the analysis's own graph
         with FlopTotal() as counter:  # the check's forward counts the FLOPs too
             out = pruned.eval()(*inputs)
-    diff = max_abs_diff(ref, out)
+    diff = exact_or_raise(cg, ref, out)
     flops_after = int(counter.get_total_flops())
     if getattr(flops_model, "from_terms", False):
         if not flops_model.agrees(index.keep_from_drop(drop), flops_after):
@@ -110,6 +110,24 @@ def finish(cg, index, cost, scores, keep0, ratio, *, min_width, round_to, how, p
                          decision.rounding_dropped, list(cg.flow.inexact), how)
     result.analysis = cg
     return pruned, result
+
+
+MASKED_REL = 1e-4  # float32 summation order moves pruned vs masked by ~1e-6 of an output's scale
+
+
+def exact_or_raise(cg, ref, out) -> float:
+    """max|pruned - masked| over the outputs; raises SurgeryError when one differs by more
+    than ``MASKED_REL * max(1, max|ref|)`` (100 epsilons of a coarser dtype): the pruned
+    model would be silently wrong. Not enforced when the analysis allowed inexact ops and
+    met one (they change the outputs by design)."""
+    floats = [t for t in torch.utils._pytree.tree_leaves(ref) if isinstance(t, torch.Tensor) and t.is_floating_point()]
+    rel = max([MASKED_REL] + [100 * torch.finfo(t.dtype).eps for t in floats])
+    diff, ok = compare(ref, out, rel)
+    if not ok and not (cg.flow.allow_inexact and cg.flow.inexact):
+        raise SurgeryError(f"the pruned model differs from the hard-masked model (max|diff| {diff:.3g}, more than "
+                           f"{rel:g} x max(1, max|output|)): a bug in a channel or surgery rule, so nothing is returned; "
+                           "freeze the layers involved (frozen=...) and report it with `softprune-fx deps` output")
+    return diff
 
 
 def latency_points(lat, target, round_to):

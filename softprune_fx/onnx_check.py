@@ -117,6 +117,17 @@ def max_abs_diff(ref: Any, got: Any) -> float:
     return max((d for d, _ in _pairwise(ref, got, 1.0).values()), default=0.0)
 
 
+def compare(ref: Any, got: Any, rel: float) -> tuple[float, bool]:
+    """``(max_abs_diff(ref, got), relative_tolerance_ok(ref, got, rel))`` in one pass.
+
+    Example:
+        >>> compare(torch.tensor([100.0, 0.0]), torch.tensor([100.02, 0.0]), 1e-4)[1]
+        False
+    """
+    pairs = _pairwise(ref, got, rel).values()
+    return max((d for d, _ in pairs), default=0.0), all(d <= allowed for d, allowed in pairs)
+
+
 def relative_tolerance_ok(ref: Any, got: Any, rel: float) -> bool:
     """True iff every output satisfies ``max|diff| <= rel * max(1, max|ref|)``.
 

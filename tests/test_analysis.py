@@ -126,3 +126,29 @@ def test_prune_inplace_slices_the_users_modules():
     assert sum(after) < sum(widths)
     with torch.no_grad():
         assert (pruned.eval()(*inputs) - ref).abs().max() <= 1e-5
+
+
+def test_a_pruned_model_that_differs_from_the_masked_one_is_refused(monkeypatch):
+    """The check is enforced, not only reported: a surgery rule that gets the shapes right
+    and the channels wrong (BN keeps its first k entries, not the kept ones) passes the
+    shape and layout checks, so only the numeric comparison can catch it."""
+    import dataclasses
+
+    from torch import nn
+
+    from softprune_fx.passes import registry
+    from softprune_fx.passes.errors import SurgeryError
+    from softprune_fx.passes.ops.tensors import set_tensor
+
+    def first_k(sctx, node):
+        m, k = sctx.module(node), int(sctx.keep_along(node, 1).sum())
+        for name in ("weight", "bias", "running_mean", "running_var"):
+            set_tensor(m, name, getattr(m, name).data[:k].clone())
+        m.num_features = k
+    entry = registry._REGISTRY[nn.BatchNorm2d]
+    model, inputs = ZOO["resnet_cifar_a"]()
+    _, ok = sp.prune_one_shot(model, inputs, ratio=0.4)   # the rule as registered passes
+    assert ok.max_abs_diff <= 1e-4
+    monkeypatch.setitem(registry._REGISTRY, nn.BatchNorm2d, dataclasses.replace(entry, surgery=first_k))
+    with pytest.raises(SurgeryError, match="differs from the hard-masked model"):
+        sp.prune_one_shot(model, inputs, ratio=0.4)

@@ -298,3 +298,21 @@ def test_frozen_prefix_stops_at_a_dot_boundary():
     frozen_sg = sp.analyze(model, inputs, frozen=("features.10",))
     assert not frozen_sg.group("features.10.conv1:in").prunable
     assert frozen_sg.group("features.11.conv1:in").prunable
+
+
+def test_a_group_norm_with_several_channels_per_group_never_sits_in_a_site_group_chain():
+    """MobileViTV2's ``GroupNorm(1, C)``: its statistics span the channels, so selecting
+    them before it (what a site group's surgery does) would change every output (Hugging
+    Face MobileViTV2 pruned 2.7% wrong before the rule). The channel-wise ``GroupNorm(C, C)``
+    of the same net still forms its site group, and pruned == masked on every site group."""
+    model, inputs = ZOO["eco_groupnorm_stream"]()
+    cg = sp.analyze(model, inputs)
+    sites = {g.id: g for g in cg.groups if g.is_site_group}
+    assert set(sites) == {"layers.2.conv1:in"}
+    assert [n.target for n in sites["layers.2.conv1:in"].chain] == ["layers.2.norm"]
+    for gid in ("layers.0.conv1:in", "layers.1.conv1:in", "layers.2.conv1:in"):
+        if gid in sites:
+            drop = cg.legalize({gid: list(range(0, 16, 2))})
+            with torch.no_grad():
+                ref, got = cg.run_masked(drop), cg.prune(drop)(*inputs)
+            assert torch.allclose(ref, got, atol=1e-5), gid

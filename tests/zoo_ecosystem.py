@@ -11,6 +11,9 @@
   groups=self.groups)`` (HF EfficientNet's depthwise conv).
 - ``std_conv``: weight-standardised convs (timm ``StdConv2d``: ``F.batch_norm`` over the weight).
 - ``data_branch``: a submodule with a data-dependent branch (stays a frozen leaf).
+- ``groupnorm_stream``: Hugging Face MobileViTV2's transformer layers: ``GroupNorm(1, C)``
+  (a layer norm over C, H, W) between the residual stream and the convs that read it, beside
+  a channel-wise ``GroupNorm(C, C)``; only the latter may sit in a site group's chain.
 """
 from __future__ import annotations
 
@@ -347,8 +350,38 @@ def data_branch():
     return finish(DataBranchNet(), (BATCH, 3, 16, 16))
 
 
+class GroupNormLayer(nn.Module):
+    """x + conv2(act(conv1(norm(x)))), as MobileViTV2's FFN reads its stream."""
+
+    def __init__(self, c, groups):
+        super().__init__()
+        self.norm = nn.GroupNorm(groups, c)
+        self.conv1 = nn.Conv2d(c, 2 * c, 1)
+        self.conv2 = nn.Conv2d(2 * c, c, 1)
+
+    def forward(self, x):
+        return x + self.conv2(F.silu(self.conv1(self.norm(x))))
+
+
+class GroupNormStreamNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = Conv(3, 16, 3)
+        self.layers = nn.Sequential(GroupNormLayer(16, 1), GroupNormLayer(16, 1), GroupNormLayer(16, 16))
+        self.head = Head(16)
+
+    def forward(self, x):
+        return self.head(self.layers(self.stem(x)))
+
+
+def groupnorm_stream():
+    seeded()
+    return finish(GroupNormStreamNet(), (BATCH, 3, 16, 16))
+
+
 ZOO_ECOSYSTEM = {"eco_yolo": yolo, "eco_tf_same": tf_same, "eco_size_check": size_check,
-                 "eco_functional_dw": functional_dw, "eco_std_conv": std_conv, "eco_data_branch": data_branch}
+                 "eco_functional_dw": functional_dw, "eco_std_conv": std_conv, "eco_data_branch": data_branch,
+                 "eco_groupnorm_stream": groupnorm_stream}
 
 #: plain torch.fx fails on these (TraceError); the specialising capture traces them
 PLAIN_FX_FAILS = frozenset({"eco_yolo", "eco_tf_same", "eco_size_check", "eco_data_branch"})

@@ -102,9 +102,17 @@ def norm_rule(ctx, node):
     return on_axis(atoms, 1, v.dim())
 
 
+def group_norm_chain(m, node) -> str | None:
+    """A GroupNorm sits in a site group's chain only with one channel per group: with more,
+    its statistics span each group, and the channels selected before the chain would
+    change them (MobileViTV2's ``GroupNorm(1, C)`` before its attention and FFN convs)."""
+    return "norm" if m is not None and m.num_groups == m.num_channels else None
+
+
 register(nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm,
-         nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d, nn.GroupNorm, nn.PReLU,
+         nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d, nn.PReLU,
          surgery=norm_surgery, chain="norm")(norm_rule)
+register(nn.GroupNorm, surgery=norm_surgery, chain=group_norm_chain)(norm_rule)
 annotate(nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, shape=same_shape_module)
 annotate(nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, bn="site")  # SCP reads their gamma, beta
 
