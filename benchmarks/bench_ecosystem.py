@@ -4,6 +4,7 @@ Hugging Face transformers, timm NF nets and CrossViT, traced by the specialising
 Command (benchmark venv; about 14 minutes on 2 shared cores with Torch-Pruning)::
 
     nice -n 10 /work/benchenv/bin/python benchmarks/bench_ecosystem.py   # --models yolov8n hf_ViT ... --no-torch-pruning
+    nice -n 10 /work/benchenv/bin/python benchmarks/bench_ecosystem.py --extra --no-torch-pruning --no-largest-cut --tag extra
 
 Per model, built from its config (no weights; norms randomised as in bench_timm), batch 1:
 traced (leaves left, with reasons), specialisations recorded (and whether one reads the
@@ -66,8 +67,10 @@ class First(nn.Module):
 
 
 def yolo(cfg: str, kind: str = "DetectionModel"):
-    from ultralytics.nn import tasks
-    return lambda: (First(getattr(tasks, kind)(cfg, verbose=False)), 224 if "cls" in cfg else 320)
+    def build():
+        from ultralytics.nn import tasks
+        return First(getattr(tasks, kind)(cfg, verbose=False)), 224 if "cls" in cfg else 320
+    return build
 
 
 def smp_model(arch: str, encoder: str):
@@ -313,15 +316,25 @@ def run_one(name: str, with_tp: bool) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--models", nargs="+", default=list(MODELS))
+    ap.add_argument("--models", nargs="+", default=None, help="default: every model of the chosen list")
+    ap.add_argument("--extra", action="store_true", help="the models of ecosystem_extra.py (section 13)")
+    ap.add_argument("--no-largest-cut", action="store_true", help="skip the ratio-0.99 run per model")
     ap.add_argument("--no-torch-pruning", action="store_true", help="skip the Torch-Pruning columns")
     ap.add_argument("--tag", default="", help="write bench_ecosystem_TAG.json")
     args = ap.parse_args()
+    if args.extra:
+        from ecosystem_extra import extra_models
+        extra = extra_models(yolo, hf, smp_model, timm_model)
+        MODELS.update(extra)
+    names = args.models or list(extra if args.extra else MODELS)
+    if args.no_largest_cut:
+        global largest_cut
+        largest_cut = lambda model, x: None  # noqa: E731 - check() reads the module-level name
     warnings.filterwarnings("ignore")
     torch.set_num_threads(1)
     signal.signal(signal.SIGALRM, _alarm)
     rows = []
-    for name in args.models:
+    for name in names:
         rows.append(run_one(name, not args.no_torch_pruning))
         tp = rows[-1].get("tp") or {}
         C.console.print(f"  {name}: {rows[-1].get('error') or 'ok'}; Torch-Pruning: "
