@@ -100,9 +100,10 @@ class OpEntry:
     - ``dead``: where an activation's output is (nearly) zero (``ZeroBelow``/``SmallTail``);
     - ``chain``: role in a site group's chain: "norm" (per-channel parameters) or "pass"
       (channel-wise, no parameters of its own), or ``chain(module, node) -> role | None``
-      where it depends on the instance (GroupNorm is channel-wise only with one channel
-      per group: its statistics span the group, so selecting channels before it changes them); ``bn``: "site" for BatchNorm (an SCP BN
-      site), "through" for a residual add an activation may sit behind;
+      where the instance decides (GroupNorm only with one channel per group: statistics
+      over several would change when channels are selected before it);
+    - ``bn``: "site" for BatchNorm (an SCP BN site), "through" for a residual add an
+      activation may sit behind;
     - ``importance(node, modules)``: L1 of the weight columns reading each input channel.
     """
     name: str

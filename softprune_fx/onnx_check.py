@@ -114,7 +114,7 @@ def max_abs_diff(ref: Any, got: Any) -> float:
         >>> max_abs_diff({"a": torch.ones(2)}, [torch.tensor([1.0, 1.5])])
         0.5
     """
-    return max((d for d, _ in _pairwise(ref, got, 1.0).values()), default=0.0)
+    return compare(ref, got, 1.0)[0]
 
 
 def compare(ref: Any, got: Any, rel: float) -> tuple[float, bool]:
@@ -136,7 +136,7 @@ def relative_tolerance_ok(ref: Any, got: Any, rel: float) -> bool:
         >>> relative_tolerance_ok(ref, ref + 0.009, 1e-4), relative_tolerance_ok(ref, ref + 0.02, 1e-4)
         (True, False)
     """
-    return all(d <= allowed for d, allowed in _pairwise(ref, got, rel).values())
+    return compare(ref, got, rel)[1]
 
 
 @dataclass
