@@ -14,6 +14,9 @@
 - ``groupnorm_stream``: Hugging Face MobileViTV2's transformer layers: ``GroupNorm(1, C)``
   (a layer norm over C, H, W) between the residual stream and the convs that read it, beside
   a channel-wise ``GroupNorm(C, C)``; only the latter may sit in a site group's chain.
+- ``groupnorm_heads``: GroupNorm with several channels per group, as module (FPN and
+  RetinaNet heads) and as timm's ``GroupNormAct`` / HF BiT write it (``F.group_norm`` on
+  the module's parameters): exact, the same count dropped in every group.
 """
 from __future__ import annotations
 
@@ -379,9 +382,34 @@ def groupnorm_stream():
     return finish(GroupNormStreamNet(), (BATCH, 3, 16, 16))
 
 
+class GroupNormAct(nn.GroupNorm):
+    """timm's GroupNormAct / HF BitGroupNormActivation: its own forward, functional norm."""
+
+    def forward(self, x):
+        return F.silu(F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps))
+
+
+class GroupNormHeadsNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), GroupNormAct(4, 16))
+        self.body = nn.Sequential(nn.Conv2d(16, 24, 3, 2, 1), nn.GroupNorm(3, 24), nn.ReLU(),
+                                  nn.Conv2d(24, 24, 3, padding=1), GroupNormAct(24, 24))
+        self.tower = nn.Sequential(nn.Conv2d(24, 16, 3, padding=1), nn.GroupNorm(1, 16), nn.ReLU())
+        self.head = Head(16)
+
+    def forward(self, x):
+        return self.head(self.tower(self.body(self.stem(x))))
+
+
+def groupnorm_heads():
+    seeded()
+    return finish(GroupNormHeadsNet(), (BATCH, 3, 16, 16))
+
+
 ZOO_ECOSYSTEM = {"eco_yolo": yolo, "eco_tf_same": tf_same, "eco_size_check": size_check,
                  "eco_functional_dw": functional_dw, "eco_std_conv": std_conv, "eco_data_branch": data_branch,
-                 "eco_groupnorm_stream": groupnorm_stream}
+                 "eco_groupnorm_stream": groupnorm_stream, "eco_groupnorm_heads": groupnorm_heads}
 
 #: plain torch.fx fails on these (TraceError); the specialising capture traces them
 PLAIN_FX_FAILS = frozenset({"eco_yolo", "eco_tf_same", "eco_size_check", "eco_data_branch"})

@@ -226,7 +226,7 @@ class MiscSlicing(nn.Module):
 
 class MiscNorms(nn.Module):
     """InstanceNorm2d(affine), GroupNorm(C, C) (exact: one channel per group),
-    GroupNorm(2, C) (inexact), Dropout, Identity."""
+    GroupNorm(2, C) (exact: a mask site, balanced per group), Dropout, Identity."""
 
     def __init__(self):
         super().__init__()

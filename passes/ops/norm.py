@@ -1,5 +1,6 @@
 """Normalisation ops: per-channel norms (BN, InstanceNorm, GroupNorm, PReLU) with their
-parameter surgery, channel LayerNorm made exact, LRN and softmax (inexact over channels).
+parameter surgery, channel LayerNorm and GroupNorm made exact, LRN and softmax (inexact
+over channels).
 """
 from __future__ import annotations
 
@@ -36,6 +37,71 @@ def norm_surgery(sctx, node):
         m.num_parameters = k
     elif hasattr(m, "num_features"):
         m.num_features = k
+
+
+def group_norm_surgery(sctx, node):
+    """nn.GroupNorm: per-channel parameters sliced; with several channels per group, the
+    statistics re-emitted exactly (``_exact_group_norm``)."""
+    m = sctx.module(node)
+    norm_surgery(sctx, node)  # the per-channel weight and bias
+    site = sctx.site_of(node)
+    if m.num_groups == m.num_channels or site is None:
+        return
+    g = sctx.graph
+    with g.inserting_before(node):
+        params = [g.get_attr(f"{node.target}.{name}") if getattr(m, name) is not None else None
+                  for name in ("weight", "bias")]
+    _exact_group_norm(sctx, node, site, m.num_groups, *params, m.eps)
+
+
+def functional_group_norm_surgery(sctx, node):
+    """F.group_norm (timm's GroupNormAct, HF BiT): its parameters are sliced by the generic
+    parameter pass; one channel per group re-emits ``num_groups``, several re-emit exactly."""
+    site = sctx.site_of(node)
+    x, groups, weight, bias, eps = _group_norm_args(node)
+    if site is not None:
+        _exact_group_norm(sctx, node, site, groups, weight, bias, eps)
+    elif isinstance(groups, int):
+        k = int(sctx.keep_along(x, 1).sum())
+        node.args = (x, k, weight, bias, eps)
+        node.kwargs = {}
+
+
+def _group_norm_args(node):
+    get = lambda i, k, d=None: node.args[i] if len(node.args) > i else node.kwargs.get(k, d)  # noqa: E731
+    return get(0, "input"), get(1, "num_groups"), get(2, "weight"), get(3, "bias"), get(4, "eps", 1e-5)
+
+
+def _exact_group_norm(sctx, node, site, groups: int, weight, bias, eps: float) -> None:
+    """Replace a GroupNorm node with its statistics over each group's original C0/G
+    channels, the dropped ones counted as the zeros the hard mask writes there (Balance
+    keeps k/G in every group). With n_kept / n = k / C0 per group: mu = mean_kept(x) k/C0,
+    var = mean_kept((x - mu)^2) k/C0 + (1 - k/C0) mu^2; the means are over the kept values,
+    so the input's spatial size may change. ``weight``/``bias``: nodes or None."""
+    keep = sctx.site_keep(site)
+    c0, k = len(keep), int(keep.sum())
+    if k == c0:
+        return
+    share, x, g = k / c0, node.args[0], sctx.graph
+    ndim = node.meta["val"].dim()
+    dims = tuple(range(2, ndim + 1))
+    with g.inserting_before(node):
+        xg = g.call_method("unflatten", (x, 1, (groups, k // groups)))
+        mean = g.call_function(operator.mul, (g.call_method("mean", (xg, dims), {"keepdim": True}), share))
+        d = g.call_function(operator.sub, (xg, mean))
+        spread = g.call_method("mean", (g.call_function(operator.mul, (d, d)), dims), {"keepdim": True})
+        var = g.call_function(operator.add, (g.call_function(operator.mul, (spread, share)), g.call_function(
+            operator.mul, (g.call_function(operator.mul, (mean, mean)), 1.0 - share))))
+        y = g.call_function(operator.mul, (d, g.call_function(torch.rsqrt, (
+            g.call_function(operator.add, (var, eps)),))))
+        y = g.call_method("flatten", (y, 1, 2))
+        shape = (1, -1) + (1,) * (ndim - 2)
+        for param, op in ((weight, operator.mul), (bias, operator.add)):
+            if param is not None:
+                y = g.call_function(op, (y, g.call_method("reshape", (param, shape))))
+    sctx.stands_for(y, node)  # later rules read its unpruned shape and layout from the GroupNorm
+    node.replace_all_uses_with(y)
+    g.erase_node(node)
 
 
 def layer_norm_surgery(sctx, node):
@@ -91,9 +157,10 @@ def norm_rule(ctx, node):
     has_state = any(p is not None and p.dim() == 1 and p.shape[0] == v.shape[1]
                     for p in (*m._parameters.values(), *m._buffers.values()))
     if isinstance(m, nn.GroupNorm) and m.num_groups != m.num_channels:
-        if ctx.flow.allow_inexact:
-                ctx.constrain(Balance(atoms, m.num_groups, f"GroupNorm {node.target}"))
-        ctx.inexact(atoms, f"GroupNorm with {m.num_groups} groups of {m.num_channels // m.num_groups} channels")
+        # made exact (group_norm_surgery): a mask site, as its statistics read the channels
+        # as a whole, and the same kept count in every group so they stay groups
+        site = ctx.site(0, atoms, 1, kind="group_norm")
+        ctx.constrain(Balance(atoms, m.num_groups, f"GroupNorm {node.target}", site))
     if isinstance(m, nn.PReLU) and m.num_parameters == 1:
         return lay
     if has_state:
@@ -112,7 +179,7 @@ def group_norm_chain(m, node) -> str | None:
 register(nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm,
          nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d, nn.PReLU,
          surgery=norm_surgery, chain="norm")(norm_rule)
-register(nn.GroupNorm, surgery=norm_surgery, chain=group_norm_chain)(norm_rule)
+register(nn.GroupNorm, surgery=group_norm_surgery, chain=group_norm_chain)(norm_rule)
 annotate(nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, shape=same_shape_module)
 annotate(nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, bn="site")  # SCP reads their gamma, beta
 
@@ -178,13 +245,25 @@ def layer_norm_rule(ctx, node):
     return on_axis(atoms, -1, v.dim())
 
 
-@register(F.group_norm)
+@register(F.group_norm, surgery=functional_group_norm_surgery)
 def functional_group_norm_rule(ctx, node):
-    """Functional GroupNorm: per element when channels are not involved, else frozen."""
-    lay = ctx.layout(node.args[0])
-    if lay is not None and carrying_axes(lay):
+    """Functional GroupNorm on parameters (or none): per element when channels are not
+    involved; over channels on axis 1, as nn.GroupNorm (exact, balanced per group); else frozen."""
+    x, groups, weight, bias, _ = _group_norm_args(node)
+    lay, v = ctx.layout(x), ctx.val(x)
+    if lay is None or not carrying_axes(lay):
+        return lay
+    atoms = along(lay, 1, v.shape[1]) if v.dim() >= 2 else None
+    params = [p for p in (weight, bias) if p is not None]
+    if atoms is None or carrying_axes(lay) != [1] or not isinstance(groups, int) or groups < 1 \
+            or v.shape[1] % groups or any(not isinstance(p, fx.Node) or p.op != "get_attr" for p in params):
         return ctx.unknown(f"{ctx.where()}: normalisation statistics over channels")
-    return lay
+    if groups != v.shape[1]:
+        site = ctx.site(0, atoms, 1, kind="group_norm")
+        ctx.constrain(Balance(atoms, groups, f"GroupNorm {node.name}", site))
+    for p in params:
+        atoms = ctx.unify(atoms, along(ctx.layout(p), 0, v.shape[1]))
+    return on_axis(atoms, 1, v.dim())
 
 
 def softmax_rule(ctx, node):

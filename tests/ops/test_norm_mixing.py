@@ -38,7 +38,8 @@ CASES = [
     (nn.InstanceNorm2d, M, nn.InstanceNorm2d(8, affine=True), True),
     (nn.InstanceNorm3d, lambda s, x: s.m(deep(x)), nn.InstanceNorm3d(8, affine=True), True),
     (nn.GroupNorm, M, nn.GroupNorm(8, 8), True),
-    (nn.GroupNorm, M, nn.GroupNorm(2, 8), "inexact: GroupNorm with 2 groups"),
+    (nn.GroupNorm, M, nn.GroupNorm(2, 8), True),   # made exact: a mask site, balanced per group
+    (nn.GroupNorm, M, nn.GroupNorm(1, 8), True),
     (nn.PReLU, M, nn.PReLU(8), True),
     (F.batch_norm, lambda s, x: F.batch_norm(x, s.m.running_mean, s.m.running_var, s.m.weight, s.m.bias),
      nn.BatchNorm2d(8), True),
@@ -47,7 +48,10 @@ CASES = [
     (F.local_response_norm, lambda s, x: F.local_response_norm(x, 2), None, "inexact: LocalResponseNorm"),
     (nn.LayerNorm, cl(M), nn.LayerNorm(8), True),
     (F.layer_norm, cl(lambda s, x: F.layer_norm(x, (8,))), None, True),
-    (F.group_norm, lambda s, x: F.group_norm(x, 2), None, "normalisation statistics over channels"),
+    (F.group_norm, lambda s, x: F.group_norm(x, 2), None, True),   # exact, as nn.GroupNorm
+    (F.group_norm, lambda s, x: F.group_norm(x, 8, s.m.weight, s.m.bias), nn.GroupNorm(8, 8), True),
+    (F.group_norm, lambda s, x: F.group_norm(x.flatten(2).transpose(1, 2), 2), None,
+     "normalisation statistics over channels"),
     (nn.Softmax, M, nn.Softmax(dim=-1), True),
     (nn.Softmax, M, nn.Softmax(dim=1), "inexact"),
     (nn.Softmax2d, M, nn.Softmax2d(), "inexact"),
