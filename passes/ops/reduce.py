@@ -101,8 +101,11 @@ def _reads_values(user) -> bool:
 
 EXACT_FILL = {"sum": 0.0, "nansum": 0.0, "mean": 0.0, "amax": float("-inf"), "max": float("-inf"),
               "amin": float("inf"), "min": float("inf")}
-REDUCTIONS = ("sum", "mean", "amax", "amin", "max", "min", "std", "var", "prod", "norm", "logsumexp",
+REDUCTIONS = ("sum", "mean", "amax", "amin", "max", "min", "std", "var", "prod", "logsumexp",
               "nansum", "nanmean")
+# p-norms read (x, p, dim, keepdim): ``x.norm(2, (1, 2))``, ``torch.norm``, ``torch.linalg.vector_norm``
+# (ConvNeXtV2's global response norm over the spatial axes)
+NORMS = ("norm", torch.norm, torch.linalg.vector_norm)
 
 
 def reduce_rule(ctx, node):
@@ -111,10 +114,16 @@ def reduce_rule(ctx, node):
     x = node.args[0] if node.args else node.kwargs["input"]
     lay, v, out = ctx.layout(x), ctx.val(x), ctx.out()
     name = node.target if isinstance(node.target, str) else node.target.__name__
-    dims = ctx.arg(1, "dim", None)
-    if len(node.args) > 1 and isinstance(ctx.val(node.args[1]), torch.Tensor):
-        return broadcast_rule(ctx, node)  # torch.max(a, b) is element-wise
-    keepdim = bool(ctx.arg(2, "keepdim", False))
+    if node.target in NORMS:
+        p = ctx.arg(1, "ord" if node.target is torch.linalg.vector_norm else "p", 2)
+        dims, keepdim = ctx.arg(2, "dim", None), bool(ctx.arg(3, "keepdim", False))
+        # zeros add nothing to a p-norm with p > 0: over channels it is exact as a sum is
+        name = "sum" if (p is None or p == "fro" or (isinstance(p, (int, float)) and p > 0)) else "norm"
+    else:
+        dims = ctx.arg(1, "dim", None)
+        if len(node.args) > 1 and isinstance(ctx.val(node.args[1]), torch.Tensor):
+            return broadcast_rule(ctx, node)  # torch.max(a, b) is element-wise
+        keepdim = bool(ctx.arg(2, "keepdim", False))
     nd = v.dim()
     dims = list(range(nd)) if dims is None or dims == [] else [d % nd for d in (dims if isinstance(dims, (tuple, list)) else [dims])]
     crossing = [d for d in dims if lay.shape[d] > 1]
@@ -136,4 +145,4 @@ def reduce_rule(ctx, node):
     return tuple(red for _ in out) if isinstance(out, tuple) else red
 
 
-register(*REDUCTIONS, *(getattr(torch, n) for n in REDUCTIONS), surgery=reduce_surgery)(reduce_rule)
+register(*REDUCTIONS, *(getattr(torch, n) for n in REDUCTIONS), *NORMS, surgery=reduce_surgery)(reduce_rule)

@@ -1,6 +1,6 @@
 """One test per registry key of the reduce family (passes/ops/reduce.py): pooling,
 resampling and spatial pads pass channels; reductions over channels are exact sites
-(sum, mean, max, min) or frozen as inexact."""
+(sum, mean, max, min, p-norms with p > 0) or frozen as inexact."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -77,7 +77,14 @@ CASES += [(key, op, None, expect) for key, op, expect in [
     (torch.std, lambda s, x: torch.std(x, (2, 3), keepdim=True) * x, True),
     (torch.var, lambda s, x: torch.var(x, 1, keepdim=True) * x, "inexact: var over channels"),
     (torch.prod, lambda s, x: torch.prod(x, 3), True),
-    (torch.norm, lambda s, x: torch.norm(x, dim=1, keepdim=True) * x, "inexact: norm over channels"),
+    # zeros add nothing to a p-norm with p > 0: over channels it is an exact site, as a sum is;
+    # norms read (x, p, dim, keepdim), so a positional p is not taken for the dim
+    (torch.norm, lambda s, x: torch.norm(x, dim=1, keepdim=True) * x, True),
+    (torch.norm, lambda s, x: torch.norm(x, float("-inf"), 1, True) * x, "inexact: norm over channels"),
+    ("norm", lambda s, x: x / x.norm(2, 1, True), True),
+    ("norm", lambda s, x: x * x.norm(2, (2, 3), True), True),
+    (torch.linalg.vector_norm, lambda s, x: x * torch.linalg.vector_norm(x, 2, (2, 3), True), True),
+    (torch.linalg.vector_norm, lambda s, x: x * torch.linalg.vector_norm(x, dim=1, keepdim=True), True),
     (torch.logsumexp, lambda s, x: torch.logsumexp(x, 3), True),
     (torch.nansum, lambda s, x: torch.nansum(x, 1, keepdim=True) * x, True),
     (torch.nanmean, lambda s, x: torch.nanmean(x, 2), True),
