@@ -146,7 +146,7 @@ def fcm_flops(model: nn.Module, x: tuple) -> int:
     return counter.get_total_flops()
 
 
-def check(name: str, model: nn.Module, x: tuple, px: int) -> dict:
+def check(name: str, model: nn.Module, x: tuple, px: int, largest: bool = True) -> dict:
     row = {"model": name, "input": px}
     sp.analyze(model, x)  # warm-up: imports, first-call caches
     start = time.perf_counter()
@@ -182,7 +182,7 @@ def check(name: str, model: nn.Module, x: tuple, px: int) -> dict:
             row["exporter"] = info.exporter
     except BudgetError as exc:
         row["cut"], row["budget"] = None, " ".join(str(exc).split())[:160]
-    row["largest_cut"] = largest_cut(model, x)
+    row["largest_cut"] = largest_cut(model, x) if largest else None
     return row
 
 
@@ -302,13 +302,13 @@ def guarded(fn, *args) -> tuple[object, dict | None]:
         signal.alarm(0)
 
 
-def run_one(name: str, with_tp: bool) -> dict:
+def run_one(name: str, with_tp: bool, largest: bool = True) -> dict:
     """Ours, then Torch-Pruning on the same built model; a failure of either is recorded."""
     built, err = guarded(build, name)
     if err:
         return {"model": name, **err}
     model, x, px = built
-    row, err = guarded(check, name, model, x, px)
+    row, err = guarded(check, name, model, x, px, largest)
     row = row or {"model": name, **err}
     if with_tp:
         model.float()
@@ -330,15 +330,12 @@ def main() -> None:
         extra = extra_models(yolo, hf, smp_model, timm_model)
         MODELS.update(extra)
     names = args.models or list(extra if args.extra else MODELS)
-    if args.no_largest_cut:
-        global largest_cut
-        largest_cut = lambda model, x: None  # noqa: E731 - check() reads the module-level name
     warnings.filterwarnings("ignore")
     torch.set_num_threads(1)
     signal.signal(signal.SIGALRM, _alarm)
     rows = []
     for name in names:
-        rows.append(run_one(name, not args.no_torch_pruning))
+        rows.append(run_one(name, not args.no_torch_pruning, not args.no_largest_cut))
         tp = rows[-1].get("tp") or {}
         C.console.print(f"  {name}: {rows[-1].get('error') or 'ok'}; Torch-Pruning: "
                         f"{tp.get('error') or ('cut %.3f' % tp['cut'] if tp.get('cut') is not None else '-')}",

@@ -16,7 +16,7 @@ import numpy as np
 
 import torch
 
-from softprune_fx.onnx_check import compare
+from softprune_fx.onnx_check import compare, flatten_outputs
 from softprune_fx.passes.errors import SoftpruneError, SurgeryError
 from softprune_fx.passes.flops import FlopTotal, count_params
 
@@ -141,7 +141,7 @@ def exact_or_raise(cg, ref, out, drop=None, pruned=None) -> float:
 
 
 def _floats(value) -> list:
-    return [t for t in torch.utils._pytree.tree_leaves(value) if isinstance(t, torch.Tensor) and t.is_floating_point()]
+    return [t for _, t in flatten_outputs(value) if t.is_floating_point()]
 
 
 def _tolerance(ref) -> float:

@@ -13,7 +13,7 @@ from torch import nn
 
 from ..atoms import UNKNOWN, along, carrying_axes, filled, fixed, on_axis
 from ..flow_types import Balance
-from ..registry import annotate, register
+from ..registry import annotate, node_arg, register
 from .tensors import same_shape_module, set_tensor, take
 
 # ----------------------------------------------------------------------------- surgery
@@ -68,40 +68,49 @@ def functional_group_norm_surgery(sctx, node):
 
 
 def _group_norm_args(node):
-    get = lambda i, k, d=None: node.args[i] if len(node.args) > i else node.kwargs.get(k, d)  # noqa: E731
-    return get(0, "input"), get(1, "num_groups"), get(2, "weight"), get(3, "bias"), get(4, "eps", 1e-5)
+    """(x, num_groups, weight, bias, eps) of an F.group_norm node."""
+    return (node_arg(node, 0, "input"), node_arg(node, 1, "num_groups"), node_arg(node, 2, "weight"),
+            node_arg(node, 3, "bias"), node_arg(node, 4, "eps", 1e-5))
 
 
 def _exact_group_norm(sctx, node, site, groups: int, weight, bias, eps: float) -> None:
     """Replace a GroupNorm node with its statistics over each group's original C0/G
     channels, the dropped ones counted as the zeros the hard mask writes there (Balance
-    keeps k/G in every group). With n_kept / n = k / C0 per group: mu = mean_kept(x) k/C0,
-    var = mean_kept((x - mu)^2) k/C0 + (1 - k/C0) mu^2; the means are over the kept values,
-    so the input's spatial size may change. ``weight``/``bias``: nodes or None."""
+    keeps k/G in every group; ``_zero_padded_norm`` with share k/C0 per group).
+    ``weight``/``bias``: nodes or None."""
     keep = sctx.site_keep(site)
     c0, k = len(keep), int(keep.sum())
     if k == c0:
         return
-    share, x, g = k / c0, node.args[0], sctx.graph
-    ndim = node.meta["val"].dim()
-    dims = tuple(range(2, ndim + 1))
+    x, g, ndim = node.args[0], sctx.graph, node.meta["val"].dim()
     with g.inserting_before(node):
         xg = g.call_method("unflatten", (x, 1, (groups, k // groups)))
-        mean = g.call_function(operator.mul, (g.call_method("mean", (xg, dims), {"keepdim": True}), share))
-        d = g.call_function(operator.sub, (xg, mean))
-        spread = g.call_method("mean", (g.call_function(operator.mul, (d, d)), dims), {"keepdim": True})
-        var = g.call_function(operator.add, (g.call_function(operator.mul, (spread, share)), g.call_function(
-            operator.mul, (g.call_function(operator.mul, (mean, mean)), 1.0 - share))))
-        y = g.call_function(operator.mul, (d, g.call_function(torch.rsqrt, (
-            g.call_function(operator.add, (var, eps)),))))
-        y = g.call_method("flatten", (y, 1, 2))
+        y = g.call_method("flatten", (_zero_padded_norm(g, xg, tuple(range(2, ndim + 1)), k / c0, eps), 1, 2))
         shape = (1, -1) + (1,) * (ndim - 2)
         for param, op in ((weight, operator.mul), (bias, operator.add)):
             if param is not None:
                 y = g.call_function(op, (y, g.call_method("reshape", (param, shape))))
-    sctx.stands_for(y, node)  # later rules read its unpruned shape and layout from the GroupNorm
+    _replace(sctx, node, y)
+
+
+def _zero_padded_norm(g, x, dims: tuple, share: float, eps: float) -> fx.Node:
+    """``(x - mu) / sqrt(var + eps)`` over ``dims`` as if the dropped entries (a fraction
+    ``1 - share`` of the original ones) were there as zeros: mu = mean(x) share,
+    var = mean((x - mu)^2) share + (1 - share) mu^2. Means over the kept values, so the
+    extents of ``dims`` may differ from the traced ones."""
+    mean = g.call_function(operator.mul, (g.call_method("mean", (x, dims), {"keepdim": True}), share))
+    d = g.call_function(operator.sub, (x, mean))
+    spread = g.call_method("mean", (g.call_function(operator.mul, (d, d)), dims), {"keepdim": True})
+    var = g.call_function(operator.add, (g.call_function(operator.mul, (spread, share)), g.call_function(
+        operator.mul, (g.call_function(operator.mul, (mean, mean)), 1.0 - share))))
+    return g.call_function(operator.mul, (d, g.call_function(torch.rsqrt, (
+        g.call_function(operator.add, (var, eps)),))))
+
+
+def _replace(sctx, node, y: fx.Node) -> None:
+    sctx.stands_for(y, node)  # later rules read its unpruned shape and layout from the norm
     node.replace_all_uses_with(y)
-    g.erase_node(node)
+    sctx.graph.erase_node(node)
 
 
 def layer_norm_surgery(sctx, node):
@@ -125,20 +134,12 @@ def layer_norm_surgery(sctx, node):
             weight = g.get_attr(f"{node.target}.weight") if m.weight is not None else None
             bias = g.get_attr(f"{node.target}.bias") if m.bias is not None else None
     with g.inserting_before(node):
-        mu = g.call_function(operator.truediv, (g.call_function(torch.sum, (x, -1), {"keepdim": True}), c0))
-        d = g.call_function(operator.sub, (x, mu))
-        ss = g.call_function(torch.sum, (g.call_function(operator.mul, (d, d)), -1), {"keepdim": True})
-        var = g.call_function(operator.truediv, (g.call_function(operator.add, (
-            ss, g.call_function(operator.mul, (g.call_function(operator.mul, (mu, mu)), float(c0 - k))))), c0))
-        y = g.call_function(operator.mul, (d, g.call_function(torch.rsqrt, (
-            g.call_function(operator.add, (var, eps)),))))
+        y = _zero_padded_norm(g, x, (-1,), k / c0, eps)
         if weight is not None:
             y = g.call_function(operator.mul, (y, weight))
         if bias is not None:
             y = g.call_function(operator.add, (y, bias))
-    sctx.stands_for(y, node)  # later rules read its unpruned shape and layout from the LayerNorm
-    node.replace_all_uses_with(y)
-    g.erase_node(node)
+    _replace(sctx, node, y)
 
 
 # ----------------------------------------------------------------------------- rules
@@ -251,13 +252,14 @@ def functional_group_norm_rule(ctx, node):
     involved; over channels on axis 1, as nn.GroupNorm (exact, balanced per group); else frozen."""
     x, groups, weight, bias, _ = _group_norm_args(node)
     lay, v = ctx.layout(x), ctx.val(x)
-    if lay is None or not carrying_axes(lay):
+    axes = carrying_axes(lay) if lay is not None else []
+    if not axes:
         return lay
-    atoms = along(lay, 1, v.shape[1]) if v.dim() >= 2 else None
     params = [p for p in (weight, bias) if p is not None]
-    if atoms is None or carrying_axes(lay) != [1] or not isinstance(groups, int) or groups < 1 \
+    if axes != [1] or not isinstance(groups, int) or groups < 1 \
             or v.shape[1] % groups or any(not isinstance(p, fx.Node) or p.op != "get_attr" for p in params):
         return ctx.unknown(f"{ctx.where()}: normalisation statistics over channels")
+    atoms = along(lay, 1, v.shape[1])
     if groups != v.shape[1]:
         site = ctx.site(0, atoms, 1, kind="group_norm")
         ctx.constrain(Balance(atoms, groups, f"GroupNorm {node.name}", site))

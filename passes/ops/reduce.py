@@ -117,20 +117,21 @@ def reduce_rule(ctx, node):
     if node.target in NORMS:
         p = ctx.arg(1, "ord" if node.target is torch.linalg.vector_norm else "p", 2)
         dims, keepdim = ctx.arg(2, "dim", None), bool(ctx.arg(3, "keepdim", False))
-        # zeros add nothing to a p-norm with p > 0: over channels it is exact as a sum is
-        name = "sum" if (p is None or p == "fro" or (isinstance(p, (int, float)) and p > 0)) else "norm"
+        name = "norm"
+        exact = p is None or p == "fro" or (isinstance(p, (int, float)) and p > 0)
     else:
         dims = ctx.arg(1, "dim", None)
         if len(node.args) > 1 and isinstance(ctx.val(node.args[1]), torch.Tensor):
             return broadcast_rule(ctx, node)  # torch.max(a, b) is element-wise
         keepdim = bool(ctx.arg(2, "keepdim", False))
+        exact = name in EXACT_FILL
     nd = v.dim()
     dims = list(range(nd)) if dims is None or dims == [] else [d % nd for d in (dims if isinstance(dims, (tuple, list)) else [dims])]
     crossing = [d for d in dims if lay.shape[d] > 1]
     if crossing:
         axes = carrying_axes(lay)
-        if name in EXACT_FILL and len(axes) == 1:
-            ctx.site(0, along(lay, axes[0], v.shape[axes[0]]), axes[0], "reduce", EXACT_FILL[name])
+        if exact and len(axes) == 1:  # zeros add nothing to a p-norm with p > 0, as to a sum
+            ctx.site(0, along(lay, axes[0], v.shape[axes[0]]), axes[0], "reduce", EXACT_FILL.get(name, 0.0))
             if isinstance(out, tuple) and not all(_reads_values(u) for u in node.users):
                 ctx.freeze(lay, f"{ctx.where()}: uses the arg-max index over channels")
         else:
