@@ -138,9 +138,12 @@ def build(name: str) -> tuple[nn.Module, tuple, int]:
 
 
 def fcm_flops(model: nn.Module, x: tuple) -> int:
-    """FLOPs of one eval forward on real tensors, by torch's FlopCounterMode."""
+    """FLOPs of one eval forward on real tensors, by torch's FlopCounterMode (with the CPU
+    attention kernel it has no formula for, as softprune-fx counts it)."""
     from torch.utils.flop_counter import FlopCounterMode
-    counter = FlopCounterMode(display=False)
+
+    from softprune_fx.passes.flops import MORE_FORMULAS
+    counter = FlopCounterMode(display=False, custom_mapping=MORE_FORMULAS)
     with torch.no_grad(), counter:
         model.eval()(*x)
     return counter.get_total_flops()

@@ -15,7 +15,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils.flop_counter import flop_registry
+from torch.utils.flop_counter import flop_registry, shape_wrapper
 
 from .inputs import Inputs, as_inputs  # noqa: F401 (re-exported)
 
@@ -44,10 +44,19 @@ class FlopTotal(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
-        formula = flop_registry.get(func._overloadpacket)
+        formula = flop_registry.get(func._overloadpacket) or _MORE_WRAPPED.get(func._overloadpacket)
         if formula is not None:
             self.total += int(_apply(formula, args, kwargs, out))
         return out
+
+
+# CPU attention runs as a fused kernel torch's registry has no formula for (FlopCounterMode
+# counts 0 for it on the CPU, and the decomposed bmm's on meta tensors): counted as the
+# fused kernels it has, so a count is the same on every device. FlopCounterMode agrees when
+# given them: ``FlopCounterMode(custom_mapping=MORE_FORMULAS)``.
+MORE_FORMULAS = {getattr(torch.ops.aten, name): flop_registry[torch.ops.aten._scaled_dot_product_flash_attention].__wrapped__
+                 for name in ("_scaled_dot_product_flash_attention_for_cpu",) if hasattr(torch.ops.aten, name)}
+_MORE_WRAPPED = {op: shape_wrapper(f) for op, f in MORE_FORMULAS.items()}
 
 
 def _apply(formula, args, kwargs, out):

@@ -35,7 +35,8 @@ __all__ = ["main", "build_parser", "cmd_deps", "cmd_prune", "cmd_verify", "depen
 # ------------------------------------------------------------------ deps
 def dependency_totals(model: nn.Module, inputs: tuple, cg) -> dict:
     """Group and channel counts, and the share of FLOPs in layers a prunable group touches."""
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+    from .passes.flops import MORE_FORMULAS
+    with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=MORE_FORMULAS) as counter:
         model(*inputs)
     root = type(model).__name__
     per_module = {k[len(root) + 1:]: sum(v.values()) for k, v in counter.get_flop_counts().items()

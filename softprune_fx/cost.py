@@ -48,9 +48,7 @@ class CostModel:
         for s in cg.flow.sites:
             sites.setdefault(s.node, s)
         for node in cg.gm.graph.nodes:
-            term = self._term(cg, node, lookup(node, modules), modules, sites.get(node))
-            if term is not None:
-                self.terms.append(term)
+            self.terms.extend(self._terms(cg, node, lookup(node, modules), modules, sites.get(node)))
         self._pack()
         full = np.ones(index.size)
         self.from_terms = total == "terms"
@@ -66,23 +64,26 @@ class CostModel:
         here as a difference, so the terms' total is reported only after this holds."""
         return abs(self.flops(keep) - counted) <= 1e-9 * max(counted, 1)
 
-    def _term(self, cg, node, entry, modules, site) -> Term | None:
-        """The node's FLOPs term from its registry entry (``OpEntry.flops``), mapped to flat ids."""
+    def _terms(self, cg, node, entry, modules, site) -> list[Term]:
+        """The node's FLOPs terms from its registry entry (``OpEntry.flops``: one term, or a
+        tuple of them, as attention's two products), mapped to flat ids."""
         if entry is None or entry.flops is None:
-            return None
+            return []
         out = node.meta["val"]
         lay = cg.flow.layouts.get(node)
         if not isinstance(out, torch.Tensor) or not isinstance(lay, np.ndarray):
-            return None
-        spec = entry.flops(node, modules, site is not None)
-        if spec is None:
-            return None
-        in_cls, in_sg = self.index.site_ids(site) if spec.per_input and site is not None else (None, None)
-        out_ids = None
-        if spec.out_axis is not None:
-            vec = along(lay, spec.out_axis, out.shape[spec.out_axis])
-            out_ids = self.index.atom_ids(vec) if vec is not None else None
-        return Term(node.name, spec.coef, in_cls, in_sg, out_ids)
+            return []
+        specs = entry.flops(node, modules, site is not None)
+        specs = () if specs is None else specs if isinstance(specs, tuple) else (specs,)
+        terms = []
+        for spec in specs:
+            in_cls, in_sg = self.index.site_ids(site) if spec.per_input and site is not None else (None, None)
+            out_ids = None
+            if spec.out_axis is not None:
+                vec = along(lay, spec.out_axis, out.shape[spec.out_axis])
+                out_ids = self.index.atom_ids(vec) if vec is not None else None
+            terms.append(Term(node.name, spec.coef, in_cls, in_sg, out_ids))
+        return terms
 
     # ------------------------------------------------------------------ evaluation
     @staticmethod

@@ -8,12 +8,13 @@ from zoo import ZOO
 
 import softprune_fx as sp
 from softprune_fx.passes.errors import BudgetError
+from softprune_fx.passes.flops import MORE_FORMULAS
 from softprune_fx.cost import CostModel
 from softprune_fx.index import ChannelIndex
 
 
 def flops(model, inputs) -> int:
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+    with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=MORE_FORMULAS) as counter:
         model(*inputs)
     return counter.get_total_flops()
 
@@ -333,3 +334,17 @@ def test_default_prune_builds_no_latency_model_without_cached_tables(tmp_path, m
     assert has_tables()
     with pytest.raises(AssertionError, match="nothing cached"):
         sp.prune_one_shot(model, inputs, 0.3)
+
+
+def test_cpu_attention_flops_are_counted_as_on_meta_tensors():
+    """CPU SDPA runs a fused kernel torch's flop registry misses (FlopCounterMode counts 0):
+    counted as 2*B*H*L*S*(Eq + Ev), as the decomposed matmuls are counted on meta tensors."""
+    from softprune_fx.passes.flops import FlopTotal
+    counts = []
+    for device in ("cpu", "meta"):
+        q, k = torch.randn(2, 4, 6, 8, device=device), torch.randn(2, 4, 5, 8, device=device)
+        v = torch.randn(2, 4, 5, 3, device=device)
+        with torch.no_grad(), FlopTotal() as counter:
+            torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        counts.append(counter.total)
+    assert counts[0] == counts[1] == 2 * 2 * 4 * 6 * 5 * (8 + 3)

@@ -13,12 +13,13 @@ from torch.utils.flop_counter import FlopCounterMode
 from zoo import ZOO
 
 import softprune_fx as sp
+from softprune_fx.passes.flops import MORE_FORMULAS
 
 TOL = {torch.float32: 1e-5, torch.float64: 1e-12}
 
 
 def flops(model, inputs) -> int:
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+    with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=MORE_FORMULAS) as counter:
         model(*inputs)
     return counter.get_total_flops()
 

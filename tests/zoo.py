@@ -16,6 +16,7 @@ import torch.nn as nn
 
 try:
     from .zoo_activations import ZOO_ACTIVATIONS
+    from .zoo_attention import ZOO_ATTENTION
     from .zoo_big import BIG
     from .zoo_cnn import ZOO_CNN
     from .zoo_common import randomize_norms
@@ -25,6 +26,7 @@ try:
     from .zoo_modern import ZOO_MODERN
 except ImportError:  # imported with tests/ on sys.path
     from zoo_activations import ZOO_ACTIVATIONS
+    from zoo_attention import ZOO_ATTENTION
     from zoo_big import BIG
     from zoo_cnn import ZOO_CNN
     from zoo_common import randomize_norms
@@ -35,9 +37,10 @@ except ImportError:  # imported with tests/ on sys.path
 
 Builder = Callable[[], "tuple[nn.Module, tuple]"]
 
-ZOO: dict[str, Builder] = {**ZOO_CNN, **ZOO_MOBILE, **ZOO_MODERN, **ZOO_MISC, **ZOO_ECOSYSTEM, **ZOO_ACTIVATIONS}
+ZOO: dict[str, Builder] = {**ZOO_CNN, **ZOO_MOBILE, **ZOO_MODERN, **ZOO_MISC, **ZOO_ECOSYSTEM, **ZOO_ACTIVATIONS,
+                          **ZOO_ATTENTION}
 
 #: models on which torch.fx.symbolic_trace is expected to fail
-UNTRACEABLE = frozenset({"untraceable"}) | PLAIN_FX_FAILS
+UNTRACEABLE = frozenset({"untraceable", "vit_sdpa"}) | PLAIN_FX_FAILS  # vit_sdpa: view(*proxy)
 
 __all__ = ["BIG", "UNTRACEABLE", "ZOO", "randomize_norms"]

@@ -4,6 +4,8 @@ queries (``x.shape``, ``size``, ``numel``) whose results follow pruning.
 """
 from __future__ import annotations
 
+import operator
+
 import numpy as np
 import torch
 import torch.fx as fx
@@ -32,11 +34,56 @@ def reshape_surgery(sctx, node):
     kind, first, sizes, packed = reshape_sizes(node, len(extents))
     if kind is None:
         return
-    new = [extents[first + i] if isinstance(s, int) and s != -1 else s for i, s in enumerate(sizes)]
+    if kind == "view" and len(sizes) == 1 and _concatenated_sizes(sizes[0]):
+        _reemit_concatenated(sctx, node, extents)
+        return
+    new = [extents[first + i] if _constant_size(s) not in (None, -1) else s for i, s in enumerate(sizes)]
     if kind == "unflatten":
         node.args = (node.args[0], node.args[1], tuple(new))
     else:
         node.args = (node.args[0], tuple(new)) if packed or node.target is torch.reshape else (node.args[0], *new)
+
+
+def _concatenated_sizes(arg) -> bool:
+    """``x.size()[:-2] + (all_head_size,)`` (Hugging Face's attention): a shape node plus a
+    tuple of int constants, on either side."""
+    if not isinstance(arg, fx.Node) or arg.target is not operator.add or len(arg.args) != 2:
+        return False
+    return sum(isinstance(a, tuple) and all(isinstance(i, int) for i in a) for a in arg.args) == 1
+
+
+def _constant_size(s) -> int | None:
+    """An int size, or an item of a concatenated size that is one of its constants
+    (``view(*(x.size()[:-2] + (768,)))`` traces to ``getitem(add, 2)``); else None."""
+    if isinstance(s, int):
+        return s
+    if not (isinstance(s, fx.Node) and s.target is operator.getitem and _concatenated_sizes(s.args[0])):
+        return None
+    add, i = s.args
+    whole = add.meta.get("val")
+    if not isinstance(i, int) or not isinstance(whole, (tuple, list)):
+        return None
+    left, right = add.args
+    at = len(whole) - len(right) if isinstance(right, tuple) else 0
+    const = right if isinstance(right, tuple) else left
+    i = i % len(whole)
+    return const[i - at] if at <= i < at + len(const) else None
+
+
+def _reemit_concatenated(sctx, node, extents: list[int]) -> None:
+    """Re-emit the constant side of a concatenated size with the pruned extents of the output
+    axes it sizes (the last ones when it comes second), as a new node: the old one may have
+    other users."""
+    add = node.args[1]
+    left, right = add.args
+    const = right if isinstance(right, tuple) else left
+    at = len(extents) - len(const) if const is right else 0
+    new = tuple(extents[at + i] if s != -1 else s for i, s in enumerate(const))
+    if new == const:
+        return
+    with sctx.graph.inserting_before(node):
+        joined = sctx.graph.call_function(operator.add, (left, new) if const is right else (new, right))
+    node.args = (node.args[0], joined, *node.args[2:])
 
 
 def reshape_sizes(node, ndim: int) -> tuple:

@@ -11,7 +11,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from ..atoms import along, on_axis
+from ..atoms import along, carrying_axes, on_axis
 from ..flow_types import NonEmpty
 from ..registry import node_arg, register
 
@@ -140,9 +140,16 @@ def unbind_rule(ctx, node):
     x = node.args[0]
     lay = ctx.layout(x)
     dim = ctx.arg(1, "dim", 0) % ctx.val(x).dim()
-    if lay.shape[dim] > 1:
+    if lay.shape[dim] == 1:
+        return type(ctx.out())(np.squeeze(lay, dim) for _ in ctx.out())
+    if len(carrying_axes(lay)) < 2 or not (lay >= 0).all():
         return ctx.unknown(f"{ctx.where()}: unbinds the channel axis")
-    return type(ctx.out())(np.squeeze(lay, dim) for _ in ctx.out())
+    # a stacked axis of channel blocks (timm's qkv: (3, heads, dim) from one projection): each
+    # slice keeps its own channels; none may empty, or the number of slices would change
+    pieces = [np.take(lay, i, axis=dim) for i in range(lay.shape[dim])]
+    for i, piece in enumerate(pieces):
+        ctx.constrain(NonEmpty(piece.reshape(-1).copy(), f"slice {i} of {ctx.where()}"))
+    return type(ctx.out())(pieces)
 
 
 @register(torch.narrow, "narrow", surgery=narrow_surgery)

@@ -1,5 +1,5 @@
-"""One test per registry key of the norm (passes/ops/norm.py) and mixing
-(passes/ops/mixing.py) families."""
+"""One test per registry key of the norm (passes/ops/norm.py), mixing
+(passes/ops/mixing.py) and attention (passes/ops/attention.py) families."""
 import operator
 
 import pytest
@@ -25,6 +25,22 @@ def attention(mm):
         att = torch.softmax(mm(q, k) / 8.0, dim=-1)
         return x + (att @ q).transpose(1, 2).reshape(n, c, h, w) * 0.1
     return op
+
+
+def sdpa(**kw):
+    """Tokens (N, HW, 8) viewed as 2 heads x 4 dims; q = k = v; back to (N, 8, HW)."""
+    def op(s, x):
+        n, c = x.shape[:2]
+        t = x.flatten(2).transpose(1, 2).reshape(n, -1, 2, c // 2).transpose(1, 2)
+        o = F.scaled_dot_product_attention(t, t * 0.5, t, **kw)
+        return o.transpose(1, 2).reshape(n, -1, c).transpose(1, 2)
+    return op
+
+
+def sdpa_over_channels(s, x):
+    """Channels on the sequence axis (cross-covariance attention): not followed."""
+    t = x.flatten(2)
+    return F.scaled_dot_product_attention(t, t, t)
 
 
 M = lambda s, x: s.m(x)  # noqa: E731
@@ -81,6 +97,10 @@ CASES = [
     ("matmul", attention(lambda a, b: a.matmul(b)), None, True),
     (torch.bmm, attention(torch.bmm), None, True),
     ("bmm", attention(lambda a, b: a.bmm(b)), None, True),
+    # attention family: the head dim, per column in every head, with the scale written out
+    (F.scaled_dot_product_attention, sdpa(), None, True),
+    (F.scaled_dot_product_attention, sdpa(scale=0.3, is_causal=True), None, True),
+    (F.scaled_dot_product_attention, sdpa_over_channels, None, "head and feature axes only"),
 ]
 
 

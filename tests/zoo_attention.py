@@ -1,0 +1,95 @@
+"""Attention blocks for the zoo, written as the ecosystem writes them.
+
+Couplings: ``F.scaled_dot_product_attention`` on ``(batch, heads, tokens, dim)`` views of
+separate q/k/v projections; Hugging Face ViT's explicit ``scale`` and its context reshape
+``size()[:-2] + (all_head_size,)``; the default scale (surgery must write it out); grouped
+query attention (fewer k/v heads, ``enable_gqa``); value dim != query dim; the context view unpacked from a
+concatenated size (``view(*(size()[:-2] + (c,)))``); a patch-embed
+conv + BN stem and a pre-norm residual stream.
+"""
+from __future__ import annotations
+
+import torch.nn as nn
+import torch.nn.functional as F
+
+try:
+    from .zoo_common import BATCH, finish, seeded
+except ImportError:  # imported with tests/ on sys.path
+    from zoo_common import BATCH, finish, seeded
+
+
+class HFSelfAttention(nn.Module):
+    """Hugging Face ViTSelfAttention + ViTSelfOutput with the SDPA attention function."""
+
+    def __init__(self, c, heads):
+        super().__init__()
+        self.heads, self.head_size, self.all_head_size = heads, c // heads, c
+        self.scaling = self.head_size ** -0.5
+        self.query, self.key, self.value = (nn.Linear(c, c) for _ in range(3))
+        self.dense = nn.Linear(c, c)
+
+    def forward(self, x):
+        b = x.shape[0]
+        shape = (b, -1, self.heads, self.head_size)
+        q = self.query(x).view(*shape).transpose(1, 2)
+        k = self.key(x).view(*shape).transpose(1, 2)
+        v = self.value(x).view(*shape).transpose(1, 2)
+        ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=None, dropout_p=0.0, scale=self.scaling)
+        ctx = ctx.transpose(1, 2).contiguous()
+        ctx = ctx.reshape(ctx.size()[:-2] + (self.all_head_size,))
+        return self.dense(ctx)
+
+
+class GQAttention(nn.Module):
+    """Grouped-query attention: 4 query heads, 2 key/value heads, value dim 6 != query dim 4,
+    the default scale, and a padding mask that carries no channels."""
+
+    def __init__(self, c, heads=4, kv_heads=2, dq=4, dv=6):
+        super().__init__()
+        self.h, self.kvh, self.dq, self.dv = heads, kv_heads, dq, dv
+        self.q, self.k = nn.Linear(c, heads * dq), nn.Linear(c, kv_heads * dq)
+        self.v = nn.Linear(c, kv_heads * dv, bias=False)
+        self.proj = nn.Linear(heads * dv, c)
+
+    def forward(self, x):
+        b, n, _ = x.shape
+        q = self.q(x).reshape(b, n, self.h, self.dq).permute(0, 2, 1, 3)
+        k = self.k(x).reshape(b, n, self.kvh, self.dq).permute(0, 2, 1, 3)
+        v = self.v(x).reshape(b, n, self.kvh, self.dv).permute(0, 2, 1, 3)
+        mask = x.new_zeros((n, n))
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+        o = o.transpose(1, 2).contiguous()
+        return self.proj(o.view(*(o.size()[:-2] + (self.h * self.dv,))))  # HF Data2Vec: getitem of add
+
+
+class Block(nn.Module):
+    def __init__(self, c, attn):
+        super().__init__()
+        self.ln1, self.attn, self.ln2 = nn.LayerNorm(c), attn, nn.LayerNorm(c)
+        self.fc1, self.fc2 = nn.Linear(c, 2 * c), nn.Linear(2 * c, c)
+
+    def forward(self, x):
+        x = x + self.attn(self.ln1(x))
+        return x + self.fc2(F.gelu(self.fc1(self.ln2(x))))
+
+
+class TinyViT(nn.Module):
+    """Conv-BN patch embedding, an HF-style block and a GQA block, mean-pooled head."""
+
+    def __init__(self, c=16):
+        super().__init__()
+        self.embed, self.bn = nn.Conv2d(3, c, 4, 4), nn.BatchNorm2d(c)
+        self.blocks = nn.Sequential(Block(c, HFSelfAttention(c, 4)), Block(c, GQAttention(c)))
+        self.norm, self.head = nn.LayerNorm(c), nn.Linear(c, 5)
+
+    def forward(self, x):
+        x = self.bn(self.embed(x)).flatten(2).transpose(1, 2)
+        return self.head(self.norm(self.blocks(x)).mean(1))
+
+
+def vit_sdpa():
+    seeded()
+    return finish(TinyViT(), (BATCH, 3, 16, 16))
+
+
+ZOO_ATTENTION = {"vit_sdpa": vit_sdpa}
