@@ -144,6 +144,15 @@ def carrying_axes(layout: np.ndarray) -> list[int]:
     return [d for d in range(layout.ndim) if layout.shape[d] > 1]
 
 
+def fixed_extent(layout: np.ndarray, shape: tuple, axes) -> bool:
+    """True when a tensor of ``shape`` has no channels (layout extent 1) on one of ``axes``
+    (where other tensors carry channels) but a real extent there: its size on that axis is
+    fixed, so the channels it meets there must keep theirs. A broadcast operand (extent 1 in
+    its value too) is not fixed."""
+    layout = layout.reshape((1,) * (len(shape) - layout.ndim) + layout.shape)
+    return any(layout.shape[d] == 1 and shape[d] > 1 for d in axes)
+
+
 def along(layout: np.ndarray, axis: int, extent: int) -> np.ndarray | None:
     """The 1-D atoms along ``axis`` (broadcast to ``extent``), or None when the layout
     also varies along another axis (then no single channel axis exists)."""

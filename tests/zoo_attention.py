@@ -4,11 +4,14 @@ Couplings: ``F.scaled_dot_product_attention`` on ``(batch, heads, tokens, dim)``
 separate q/k/v projections; Hugging Face ViT's explicit ``scale`` and its context reshape
 ``size()[:-2] + (all_head_size,)``; the default scale (surgery must write it out); grouped
 query attention (fewer k/v heads, ``enable_gqa``); value dim != query dim; the context view unpacked from a
-concatenated size (``view(*(size()[:-2] + (c,)))``); a patch-embed
-conv + BN stem and a pre-norm residual stream.
+concatenated size (``view(*(size()[:-2] + (c,)))``); timm's fused qkv, unbound from a (3, heads, dim) view; timm CaiT's class attention, whose
+head sizes come from ``x.shape`` of a stream that carries no channels (the class token's
+cat), so they do not follow the projections' pruning; a patch-embed conv + BN stem and a
+pre-norm residual stream.
 """
 from __future__ import annotations
 
+import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -62,6 +65,40 @@ class GQAttention(nn.Module):
         return self.proj(o.view(*(o.size()[:-2] + (self.h * self.dv,))))  # HF Data2Vec: getitem of add
 
 
+class TimmAttention(nn.Module):
+    """timm's Attention: one fused qkv projection viewed as (3, heads, dim) and unbound, the
+    context reshaped back to the stream's ``C`` read from its shape."""
+
+    def __init__(self, c, heads=2):
+        super().__init__()
+        self.h, self.d = heads, c // heads
+        self.qkv, self.proj = nn.Linear(c, 3 * c), nn.Linear(c, c)
+
+    def forward(self, x):
+        B, N, C = x.shape
+        q, k, v = self.qkv(x).reshape(B, N, 3, self.h, self.d).permute(2, 0, 3, 1, 4).unbind(0)
+        o = F.scaled_dot_product_attention(q, k, v)
+        return self.proj(o.transpose(1, 2).reshape(B, N, C))
+
+
+class ClassAttention(nn.Module):
+    """timm CaiT's ClassAttn: the class token alone queries, and every head size is
+    ``C // heads`` with ``C`` read from the input's shape at run time."""
+
+    def __init__(self, c, heads=4):
+        super().__init__()
+        self.h = heads
+        self.q, self.k, self.v, self.proj = (nn.Linear(c, c) for _ in range(4))
+
+    def forward(self, x):
+        B, N, C = x.shape
+        q = self.q(x[:, 0]).unsqueeze(1).reshape(B, 1, self.h, C // self.h).permute(0, 2, 1, 3)
+        k = self.k(x).reshape(B, N, self.h, C // self.h).permute(0, 2, 1, 3)
+        v = self.v(x).reshape(B, N, self.h, C // self.h).permute(0, 2, 1, 3)
+        o = F.scaled_dot_product_attention(q, k, v)
+        return self.proj(o.transpose(1, 2).reshape(B, 1, C))
+
+
 class Block(nn.Module):
     def __init__(self, c, attn):
         super().__init__()
@@ -74,17 +111,25 @@ class Block(nn.Module):
 
 
 class TinyViT(nn.Module):
-    """Conv-BN patch embedding, an HF-style block and a GQA block, mean-pooled head."""
+    """Conv-BN patch embedding, HF-style, GQA and timm-style blocks and a class-attention
+    block, mean-pooled head."""
 
     def __init__(self, c=16):
         super().__init__()
         self.embed, self.bn = nn.Conv2d(3, c, 4, 4), nn.BatchNorm2d(c)
-        self.blocks = nn.Sequential(Block(c, HFSelfAttention(c, 4)), Block(c, GQAttention(c)))
+        self.blocks = nn.Sequential(Block(c, HFSelfAttention(c, 4)), Block(c, GQAttention(c)),
+                                    Block(c, TimmAttention(c)))
+        self.cls_token = nn.Parameter(torch.randn(1, 1, c))
+        self.cls_norm, self.cls_attn = nn.LayerNorm(c), ClassAttention(c)
         self.norm, self.head = nn.LayerNorm(c), nn.Linear(c, 5)
 
     def forward(self, x):
         x = self.bn(self.embed(x)).flatten(2).transpose(1, 2)
-        return self.head(self.norm(self.blocks(x)).mean(1))
+        x = self.blocks(x)
+        cls = self.cls_token.expand(x.shape[0], -1, -1)
+        u = torch.cat((cls, x), dim=1)
+        cls = cls + self.cls_attn(self.cls_norm(u))  # CaiT's token-only block
+        return self.head(self.norm(torch.cat((cls, x), dim=1)).mean(1))
 
 
 def vit_sdpa():

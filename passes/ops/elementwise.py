@@ -11,7 +11,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from ..atoms import NONE, UNKNOWN, carrying_axes, filled
+from ..atoms import NONE, UNKNOWN, carrying_axes, filled, fixed_extent
 from ..flow_types import ChannelCount
 from ..registry import SmallTail, ZeroBelow, annotate, node_arg, register, register_name
 from .tensors import empty, same_shape_function, same_shape_module
@@ -99,7 +99,26 @@ DEAD_REGIONS = {
 for _target, _dead in DEAD_REGIONS.items():
     annotate(_target, dead=_dead)
 
+
+@register("new_zeros", "new_ones", "new_full", "new_empty", "new_tensor")
+def new_tensor_rule(ctx, node):
+    """``x.new_zeros(size)`` and friends (an attention mask): a fresh tensor that takes only
+    ``x``'s dtype and device, so it carries no channels; a channel count among its sizes is
+    frozen, since the new tensor's extent would then follow pruning unseen."""
+    for a in node.all_input_nodes[1:]:
+        if isinstance(ctx.layout(a), ChannelCount):
+            ctx.freeze(ctx.layout(a), f"{ctx.where()}: a channel count sizes a new tensor")
+    return filled(NONE, ctx.out().dim())
+
+
 # ----------------------------------------------------------------------------- n-ary
+
+
+def _items(ctx, a) -> tuple:
+    """The per-item layouts of a tuple of sizes (None for constants)."""
+    lay = ctx.flow.layouts.get(a) if isinstance(a, fx.Node) else None
+    n = len(ctx.val(a)) if isinstance(a, fx.Node) else len(a)
+    return tuple(lay) if isinstance(lay, tuple) and len(lay) == n else (None,) * n
 
 
 def broadcast_rule(ctx, node):
@@ -107,6 +126,8 @@ def broadcast_rule(ctx, node):
     across another's channels (a (N,1,H,W) map) unifies nothing and freezes its own atoms."""
     out = ctx.out()
     counts = [c for c in map(ctx.layout, list(node.args) + list(node.kwargs.values())) if isinstance(c, ChannelCount)]
+    if isinstance(out, tuple) and node.target is operator.add:  # sizes joined: x.size()[:-2] + (c,)
+        return sum((_items(ctx, a) for a in node.args), ())
     if not isinstance(out, torch.Tensor):  # arithmetic on sizes: the result still derives from them
         return ChannelCount(np.concatenate([c.atoms for c in counts])) if counts else None
     for c in counts:
@@ -126,13 +147,16 @@ def broadcast_rule(ctx, node):
         if (lay == NONE).all() and any(vshape[d] == out.shape[d] > 1 for d in range(nd)):
             lay = filled(UNKNOWN, nd)  # a fixed-size tensor: whatever it meets must keep its size
         is_param = isinstance(a, fx.Node) and a.op == "get_attr"
-        operands.append((lay, spread if not is_param else spread + [-1]))
-    carrying = {d for lay, _ in operands for d in carrying_axes(lay)}
+        operands.append((lay, spread if not is_param else spread + [-1], vshape))
+    carrying = {d for lay, _, _ in operands for d in carrying_axes(lay)}
     kept = []
-    for lay, spread in operands:
+    for lay, spread, vshape in operands:
         if any(d in carrying for d in spread):
             ctx.freeze(lay, f"broadcast across channels at node {node.name}")
             continue
+        if fixed_extent(lay, vshape, carrying):
+            ctx.freeze(lay, f"{ctx.where()}: fixed size on a channel axis")
+            lay = filled(UNKNOWN, nd)  # so the channels it meets are frozen too
         kept.append((lay, spread))
     if not kept:
         return filled(NONE, nd)

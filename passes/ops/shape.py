@@ -12,7 +12,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from ..atoms import NONE, UNKNOWN, along, carrying_axes, filled, on_axis, reshape_layout
+from ..atoms import NONE, UNKNOWN, along, carrying_axes, filled, fixed_extent, on_axis, reshape_layout
 from ..flow_types import ChannelCount, Grid
 from ..registry import register
 
@@ -110,19 +110,48 @@ def reshape_rule(ctx, node):
     new = reshape_layout(lay, tuple(v.shape), tuple(out.shape))
     if new is None:
         return ctx.unknown(f"{ctx.where()}: reshape not followed")
-    for d, count in _size_counts(ctx, node, out.dim()).items():
-        _check_count(ctx, new, d, out.shape[d], count)
+    sizes = _axis_sizes(ctx, node, out.dim())
+    for d, src in sizes.items():
+        if isinstance(src, ChannelCount):
+            _check_count(ctx, new, d, out.shape[d], src)
+    # the axis that shrinks (a Grid's columns run along the last carrying axis) must be sized
+    # by a value that follows it: a run-time number read from elsewhere stays as traced
+    for d in carrying_axes(new)[-1:]:
+        if d in sizes and sizes[d] is None and (new >= 0).any():
+            ctx.freeze(new, f"{ctx.where()}: axis {d} is sized by a run-time value that does not "
+                            "follow its channels")
     if len(carrying_axes(new)) > 1 and (new >= 0).any():
         ctx.constrain(Grid(new.copy(), f"{ctx.where()}"))
         ctx.table.tag(new, "shuffle")
     return new
 
 
-def _size_counts(ctx, node, nd: int) -> dict:
-    """Output axis -> ChannelCount for the sizes of view/reshape/unflatten read from a shape."""
+_CONSTANT = "constant"
+
+
+def _axis_sizes(ctx, node, nd: int) -> dict:
+    """Output axis -> where a view/reshape/unflatten takes its size from: ``_CONSTANT`` (an
+    int, or a constant item of a concatenated size: surgery re-emits it), a ChannelCount (read
+    from a channel axis: it follows that axis), or None (another run-time value, which stays as
+    traced). Axes sized by -1 or not named are left out."""
     _, first, sizes, _ = reshape_sizes(node, nd)
-    counts = {first + i: ctx.layout(s) for i, s in enumerate(sizes) if isinstance(s, fx.Node)}
-    return {d: c for d, c in counts.items() if isinstance(c, ChannelCount) and d < nd}
+    if len(sizes) == 1 and _concatenated_sizes(sizes[0]):
+        items = []
+        for side in sizes[0].args:
+            lay = side if isinstance(side, tuple) else ctx.flow.layouts.get(side)
+            n = len(side) if isinstance(side, tuple) else len(ctx.val(side))
+            items += [_CONSTANT] * n if isinstance(side, tuple) else (
+                list(lay) if isinstance(lay, tuple) and len(lay) == n else [None] * n)
+        named = dict(enumerate(items))
+    else:
+        named = {}
+        for i, s in enumerate(sizes):
+            if _constant_size(s) is not None:
+                named[first + i] = _CONSTANT
+            elif isinstance(s, fx.Node) and not (isinstance(ctx.val(s), int) and ctx.val(s) == -1):
+                lay = ctx.layout(s)
+                named[first + i] = lay if isinstance(lay, ChannelCount) else None
+    return {d: src for d, src in named.items() if d < nd}
 
 
 def _check_count(ctx, new: np.ndarray, d: int, extent: int, count: ChannelCount) -> None:
@@ -182,14 +211,18 @@ def expand_rule(ctx, node):
     grown = [d for d in range(nd) if vshape[d] == 1 and out.shape[d] > 1]
     if not grown:
         return lay
+    if node.target != "expand_as":
+        sizes = node.args[1:] if node.target == "expand" else (node.args[1],)
+        sizes = list(sizes[0]) if len(sizes) == 1 and isinstance(sizes[0], (tuple, list)) else list(sizes)
+        sizes = [None] * (nd - len(sizes)) + sizes
+        if carrying_axes(lay) and all(sizes[d] == -1 for d in carrying_axes(lay)) and not any(
+                isinstance(ctx.layout(sizes[d]), ChannelCount) for d in grown if isinstance(sizes[d], fx.Node)):
+            return lay  # channel vectors copied along other axes (a ViT's class token over the batch)
     ctx.freeze(lay, f"{ctx.where()}: one channel expanded over many")
     if node.target == "expand_as":
         source = ctx.layout(node.args[1])
         follow = {d: along(source, d, out.shape[d]) for d in grown} if isinstance(source, np.ndarray) else {}
     else:
-        sizes = node.args[1:] if node.target == "expand" else (node.args[1],)
-        sizes = list(sizes[0]) if len(sizes) == 1 and isinstance(sizes[0], (tuple, list)) else list(sizes)
-        sizes = [None] * (nd - len(sizes)) + sizes
         follow = {}
         for d in grown:
             count = ctx.layout(sizes[d]) if isinstance(sizes[d], fx.Node) else None
@@ -219,10 +252,11 @@ def cat_rule(ctx, node):
     if any(lay is None for lay, _ in items):
         return ctx.unknown()
     lays = [lay for lay, _ in items]
-    if not any(lay.shape[dim] > 1 for lay in lays) and all(v.shape[dim] == 1 for _, v in items):
-        return ctx.unify(*lays)
-    if not any(lay.shape[dim] > 1 for lay in lays) and all((lay < 0).all() for lay in lays):
-        return ctx.unify(*lays)
+    if not any(lay.shape[dim] > 1 for lay in lays):  # along tokens or space (a ViT's class token)
+        axes = {d for lay in lays for d in carrying_axes(lay)}
+        fixed = [fixed_extent(lay, v.shape, axes) for lay, v in items]
+        ctx.freeze([lay for lay, f in zip(lays, fixed) if f], f"{ctx.where()}: fixed size on a channel axis")
+        return ctx.unify(*[filled(UNKNOWN, nd) if f else lay for lay, f in zip(lays, fixed)])
     if any(d != dim for lay in lays for d in carrying_axes(lay)):
         return ctx.unknown(f"{ctx.where()}: inputs carry channels on another axis")
     parts = [along(lay, dim, v.shape[dim]) for lay, v in items]

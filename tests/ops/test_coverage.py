@@ -21,6 +21,7 @@ def covered() -> set:
     keys = set(QUALIFIED) | {"is_contiguous"}  # test_python_value_key
     for module in (test_elementwise, test_norm_mixing, test_reduce, test_shape_slicing):
         keys.update(case[0] for case in module.CASES)
+    keys.update(case[0] for case in test_elementwise.NEW_TENSORS)
     return keys
 
 

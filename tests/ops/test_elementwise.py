@@ -119,11 +119,38 @@ CASES += [
 ]
 
 
+def masked_attention(s, x):
+    """Tokens viewed as 2 heads x 4 dims, with a padding mask made by ``x.new_zeros``."""
+    t = x.flatten(2).transpose(1, 2).reshape(2, -1, 2, 4).transpose(1, 2)
+    o = F.scaled_dot_product_attention(t, t, t, attn_mask=x.new_zeros((64, 64)))
+    return o.transpose(1, 2).reshape(2, 64, 8).transpose(1, 2)
+
+
+# fresh tensors from x.new_*: no channels; one sized like the channels is a fixed-size tensor
+NEW_TENSORS = [
+    ("new_zeros", masked_attention, True),
+    ("new_full", lambda s, x: x + x.new_full((1, 1, 8, 8), 2.0), True),
+    ("new_empty", lambda s, x: x + x.new_empty(()).fill_(1.0), True),
+    ("new_tensor", lambda s, x: x * x.new_tensor(2.0), True),
+    ("new_ones", lambda s, x: x * x.new_ones((1, 8, 1, 1)), "cannot follow"),
+    ("new_zeros", lambda s, x: x + x.new_zeros(x.shape), "cannot follow"),
+    # channels copied along space, then moved onto the channel axis: a fixed 8 there
+    (operator.add, lambda s, x: x + x.mean((2, 3), keepdim=True).expand(-1, -1, 8, 8).transpose(1, 2),
+     "fixed size on a channel axis"),
+]
+
+
 
 @pytest.mark.parametrize("case", CASES, ids=case_ids(CASES))
 def test_elementwise_key(case):
     key, op, module = case
     check(key, op, True, module)
+
+
+@pytest.mark.parametrize("case", NEW_TENSORS, ids=case_ids(NEW_TENSORS))
+def test_new_tensor_key(case):
+    key, op, expect = case
+    check(key, op, expect)
 
 
 def test_stochastic_depth_by_qualified_name():

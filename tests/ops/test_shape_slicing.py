@@ -27,6 +27,11 @@ CASES = [
     ("unsqueeze", lambda s, x: x.unsqueeze(2), None, True),
     ("view_as", lambda s, x: x.flatten(2).view_as(x), None, True),
     ("reshape_as", lambda s, x: x.flatten(2).reshape_as(x), None, True),
+    # sizes: Hugging Face's shape + tuple follows the channel count it holds; a split sized by
+    # a number read from another axis (CaiT's C // heads of an untracked stream) stays as traced
+    ("reshape", lambda s, x: x.reshape(x.size()[:2] + (64,)), None, True),
+    ("reshape", lambda s, x: x.reshape(2, 2, x.shape[2] // 2, 8, 8).reshape(2, 8, 8, 8), None,
+     "sized by a run-time value"),
     # permutes
     ("permute", lambda s, x: x.permute(0, 2, 3, 1).permute(0, 3, 1, 2), None, True),
     ("transpose", lambda s, x: x.transpose(1, 3).transpose(1, 3), None, True),
@@ -42,6 +47,8 @@ CASES = [
     ("expand", lambda s, x: x.mean(1, keepdim=True).expand(-1, x.size(1), -1, -1) * x, None, True),
     ("expand", lambda s, x: x.mean(1, keepdim=True).expand(-1, 8, -1, -1) * x, None, "expanded to a constant size"),
     ("expand_as", lambda s, x: x.mean(1, keepdim=True).expand_as(x) + x, None, True),
+    # a ViT's class token, copied over the batch: -1 keeps the channel axis as it is
+    ("expand", lambda s, x: torch.cat([x.mean((2, 3), keepdim=True).expand(-1, -1, 1, 8), x], 2), None, True),
     # a spatial broadcast to a constant shape is frozen: the constant would not follow pruning
     (torch.broadcast_to, lambda s, x: torch.broadcast_to(x.mean((2, 3), keepdim=True), (2, 8, 8, 8)) + x, None,
      "expanded over many"),
@@ -49,7 +56,9 @@ CASES = [
     (torch.cat, lambda s, x: torch.cat([x, x.relu()], 1), None, True),
     (torch.concat, lambda s, x: torch.concat([x.relu(), x], 1), None, True),
     (torch.concatenate, lambda s, x: torch.concatenate([x.relu(), x], 1), None, True),
-    (torch.cat, lambda s, x: torch.cat([x, x], 2), None, "inputs carry channels on another axis"),  # conservative
+    (torch.cat, lambda s, x: torch.cat([x, x.relu()], 2), None, True),  # along space: layouts unify
+    (torch.cat, lambda s, x: torch.cat([x, x.new_zeros((2, 8, 1, 8))], 2), None, "cannot follow"),  # fixed size
+    (torch.cat, lambda s, x: torch.cat([x, x.flip(1)], 2), None, "no rule for Tensor.flip"),  # unknown piece
     (torch.stack, lambda s, x: torch.stack([x, x * 2], 0).mean(0), None, True),
     # shuffles and GLU
     (nn.PixelShuffle, M, nn.PixelShuffle(2), True),
@@ -79,6 +88,7 @@ CASES = [
     ("split_with_sizes", lambda s, x: torch.cat(x.split_with_sizes([3, 5], 1)[::-1], 1), None, True),
     (torch.unbind, lambda s, x: torch.stack(torch.unbind(x, 2), 2), None, True),
     ("unbind", lambda s, x: x.unbind(1)[0].unsqueeze(1) + x, None, "unbinds the channel axis"),
+    ("unbind", lambda s, x: torch.cat(x.view(2, 2, 4, 8, 8).unbind(1), 1), None, True),  # timm's qkv
     (torch.narrow, lambda s, x: torch.narrow(x, 1, 2, 4), None, True),
     ("narrow", lambda s, x: x.narrow(1, 0, 6) + x.narrow(1, 2, 6), None, True),
     (operator.getitem, lambda s, x: x[:, 2:7], None, True),
