@@ -113,19 +113,24 @@ class FlowContext:
             return self.param_layout(lay)
         return lay
 
-    def param_layout(self, ref: ParamRef) -> np.ndarray:
-        """A parameter with one channel axis owns atoms on it; otherwise UNKNOWN."""
+    def param_layout(self, ref: ParamRef, channel_axes: set = frozenset()) -> np.ndarray:
+        """A parameter with one channel axis owns atoms on it. One varying along several
+        axes (a ViT's (1, tokens, C) position embedding) owns atoms on the one of them where
+        the tensor its first reader combines it with carries channels (``channel_axes``,
+        counted from the right), when there is exactly one; otherwise it is UNKNOWN."""
         if ref.target not in self.flow.param_layouts:
-            self.flow.param_layouts[ref.target] = self._param_layout(ref)
+            self.flow.param_layouts[ref.target] = self._param_layout(ref, channel_axes)
         return self.flow.param_layouts[ref.target]
 
-    def _param_layout(self, ref: ParamRef) -> np.ndarray:
+    def _param_layout(self, ref: ParamRef, channel_axes: set) -> np.ndarray:
         shape = tuple(ref.value.shape)
         varying = [d for d, s in enumerate(shape) if s > 1]
         if not varying:
             return filled(NONE, len(shape))
         if len(varying) > 1:
-            return filled(UNKNOWN, len(shape))
+            varying = [d for d in varying if d - len(shape) in channel_axes]
+            if len(varying) != 1:
+                return filled(UNKNOWN, len(shape))
         atoms, _ = self.table.owner(ref.target, "param", shape[varying[0]])
         return on_axis(atoms, varying[0], len(shape))
 

@@ -17,7 +17,7 @@ import torch.fx as fx
 from torch import nn
 
 from .analysis import graph_targets
-from .atoms import NONE, UNKNOWN, along
+from .atoms import NONE, UNKNOWN, along, carrying_axes
 from .capture import MetaShapeProp
 from .errors import SurgeryError
 from .flow import ChannelFlow, ParamRef, Site, run_flow
@@ -121,8 +121,7 @@ def _slice_params(sctx: SurgeryContext) -> None:
         idx = table.owner_index.get(node.target)
         if idx is None or table.owners[idx].kind != "param" or not sctx.first_call(node, key=("param", node.target)):
             continue
-        value = sctx.flow.layouts[node].value
-        axis = next(d for d, s in enumerate(value.shape) if s > 1)
+        axis = carrying_axes(sctx.flow.param_layouts[node.target])[0]
         keep = sctx.plan.keep_layout(table.owners[idx].atoms) & _chain_keep(sctx, users[node.target])
         if keep.all():
             continue

@@ -6,8 +6,8 @@ separate q/k/v projections; Hugging Face ViT's explicit ``scale`` and its contex
 query attention (fewer k/v heads, ``enable_gqa``); value dim != query dim; the context view unpacked from a
 concatenated size (``view(*(size()[:-2] + (c,)))``); timm's fused qkv, unbound from a (3, heads, dim) view; timm CaiT's class attention, whose
 head sizes come from ``x.shape`` of a stream that carries no channels (the class token's
-cat), so they do not follow the projections' pruning; a patch-embed conv + BN stem and a
-pre-norm residual stream.
+cat), so they do not follow the projections' pruning; a patch-embed conv + BN stem, a
+(1, tokens, C) position embedding and a pre-norm residual stream.
 """
 from __future__ import annotations
 
@@ -119,12 +119,13 @@ class TinyViT(nn.Module):
         self.embed, self.bn = nn.Conv2d(3, c, 4, 4), nn.BatchNorm2d(c)
         self.blocks = nn.Sequential(Block(c, HFSelfAttention(c, 4)), Block(c, GQAttention(c)),
                                     Block(c, TimmAttention(c)))
+        self.pos_embed = nn.Parameter(torch.randn(1, 16, c))
         self.cls_token = nn.Parameter(torch.randn(1, 1, c))
         self.cls_norm, self.cls_attn = nn.LayerNorm(c), ClassAttention(c)
         self.norm, self.head = nn.LayerNorm(c), nn.Linear(c, 5)
 
     def forward(self, x):
-        x = self.bn(self.embed(x)).flatten(2).transpose(1, 2)
+        x = self.bn(self.embed(x)).flatten(2).transpose(1, 2) + self.pos_embed
         x = self.blocks(x)
         cls = self.cls_token.expand(x.shape[0], -1, -1)
         u = torch.cat((cls, x), dim=1)

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..atoms import NONE, UNKNOWN, carrying_axes, filled, fixed_extent
-from ..flow_types import ChannelCount
+from ..flow_types import ChannelCount, ParamRef
 from ..registry import SmallTail, ZeroBelow, annotate, node_arg, register, register_name
 from .tensors import empty, same_shape_function, same_shape_module
 
@@ -121,10 +121,26 @@ def _items(ctx, a) -> tuple:
     return tuple(lay) if isinstance(lay, tuple) and len(lay) == n else (None,) * n
 
 
+def _place_params(ctx, args: list) -> None:
+    """Parameters read here for the first time find their channel axis among the axes on
+    which the activations beside them carry channels (``x + pos_embed``)."""
+    params = [a for a in args if isinstance(a, fx.Node) and isinstance(ctx.flow.layouts.get(a), ParamRef)]
+    if not params:
+        return
+    axes = set()
+    for a in args:
+        lay = ctx.layout(a) if isinstance(a, fx.Node) and a not in params else None
+        if isinstance(lay, np.ndarray):
+            axes.update(d - lay.ndim for d in carrying_axes(lay))
+    for p in params:
+        ctx.param_layout(ctx.flow.layouts[p], axes)
+
+
 def broadcast_rule(ctx, node):
     """n-ary element-wise ops: operands unify position by position; an operand broadcast
     across another's channels (a (N,1,H,W) map) unifies nothing and freezes its own atoms."""
     out = ctx.out()
+    _place_params(ctx, list(node.args) + list(node.kwargs.values()))
     counts = [c for c in map(ctx.layout, list(node.args) + list(node.kwargs.values())) if isinstance(c, ChannelCount)]
     if isinstance(out, tuple) and node.target is operator.add:  # sizes joined: x.size()[:-2] + (c,)
         return sum((_items(ctx, a) for a in node.args), ())

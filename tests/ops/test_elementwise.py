@@ -153,6 +153,27 @@ def test_new_tensor_key(case):
     check(key, op, expect)
 
 
+class PosEmbed(nn.Module):
+    """A ViT position embedding: one (1, tokens, C)-shaped parameter, varying on two axes."""
+
+    def __init__(self, shape):
+        super().__init__()
+        self.pos = nn.Parameter(torch.randn(shape))
+
+
+@pytest.mark.parametrize("key, op, shape, expect", [
+    (operator.add, lambda s, x: (x.flatten(2).transpose(1, 2) + s.m.pos).transpose(1, 2), (1, 64, 8), True),
+    (operator.mul, lambda s, x: ((s.m.pos + x.flatten(2).transpose(1, 2)) * s.m.pos).transpose(1, 2), (1, 64, 8), True),
+    (operator.mul, lambda s, x: x.flatten(2) * s.m.pos, (1, 8, 64), True),                  # C x tokens
+    (operator.add, lambda s, x: x + s.m.pos, (8, 8, 8), True),                   # C x H x W: C owns
+    (operator.add, lambda s, x: (x.view(2, 2, 4, 64) + s.m.pos).view(2, 8, 64), (2, 4, 64), "combined"),
+])
+def test_parameter_varying_on_several_axes(key, op, shape, expect):
+    """The parameter owns atoms on the axis where the activation beside it carries channels,
+    and surgery slices it there; where that axis is ambiguous it is UNKNOWN (frozen)."""
+    check(key, op, expect, PosEmbed(shape))
+
+
 def test_stochastic_depth_by_qualified_name():
     """register_name: torchvision's stochastic_depth, found by module and name (a stand-in
     with that qualified name, wrapped as a leaf as fx wraps the real one)."""
