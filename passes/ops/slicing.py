@@ -1,5 +1,5 @@
-"""Ops that address channel positions: split/chunk/tensor_split, unbind, narrow,
-slicing and indexing, and pad on the channel axis; each surgery re-emits the op with
+"""Ops that address channel positions: split/chunk/tensor_split, unbind, roll and flip,
+narrow, slicing and indexing, and pad on the channel axis; each surgery re-emits the op with
 the pruned sizes or selects the kept positions with a constant ``index_select``.
 """
 from __future__ import annotations
@@ -150,6 +150,38 @@ def unbind_rule(ctx, node):
     for i, piece in enumerate(pieces):
         ctx.constrain(NonEmpty(piece.reshape(-1).copy(), f"slice {i} of {ctx.where()}"))
     return type(ctx.out())(pieces)
+
+
+def _axes_arg(ctx, index: int, name: str, nd: int) -> list[int] | None:
+    dims = ctx.arg(index, name, None)
+    if dims is None:
+        return None
+    return [d % nd for d in ([dims] if isinstance(dims, int) else dims)]
+
+
+@register(torch.roll, "roll")
+def roll_rule(ctx, node):
+    """``roll`` along axes that carry no channels (Swin's shifted windows) moves positions
+    only. Along a channel axis, or flattened, the shift would reach other channels once
+    some are pruned: not followed."""
+    lay = ctx.layout(node.args[0])
+    dims = _axes_arg(ctx, 2, "dims", ctx.val(node.args[0]).dim())
+    carried = (lay >= 0).any() if dims is None else any(lay.shape[d] > 1 for d in dims)
+    if carried:
+        return ctx.unknown(f"{ctx.where()}: rolls the channel axis")
+    return lay
+
+
+@register(torch.flip, "flip")
+def flip_rule(ctx, node):
+    """``flip`` reverses positions: a channel axis keeps its atoms, reversed (the kept
+    channels of a flip are the flip of the kept channels)."""
+    x = node.args[0]
+    dims = _axes_arg(ctx, 1, "dims", ctx.val(x).dim())
+    if node.target == "flip" and len(node.args) > 2:  # x.flip(1, 2)
+        dims = [d % ctx.val(x).dim() for d in node.args[1:]]
+    lay = ctx.layout(x)
+    return np.flip(lay, [d for d in dims if lay.shape[d] > 1]).copy()
 
 
 @register(torch.narrow, "narrow", surgery=narrow_surgery)

@@ -58,7 +58,7 @@ CASES = [
     (torch.concatenate, lambda s, x: torch.concatenate([x.relu(), x], 1), None, True),
     (torch.cat, lambda s, x: torch.cat([x, x.relu()], 2), None, True),  # along space: layouts unify
     (torch.cat, lambda s, x: torch.cat([x, x.new_zeros((2, 8, 1, 8))], 2), None, "cannot follow"),  # fixed size
-    (torch.cat, lambda s, x: torch.cat([x, x.flip(1)], 2), None, "no rule for Tensor.flip"),  # unknown piece
+    (torch.cat, lambda s, x: torch.cat([x, x.roll(1, 1)], 2), None, "rolls the channel axis"),  # unknown piece
     (torch.stack, lambda s, x: torch.stack([x, x * 2], 0).mean(0), None, True),
     # shuffles and GLU
     (nn.PixelShuffle, M, nn.PixelShuffle(2), True),
@@ -89,6 +89,12 @@ CASES = [
     (torch.unbind, lambda s, x: torch.stack(torch.unbind(x, 2), 2), None, True),
     ("unbind", lambda s, x: x.unbind(1)[0].unsqueeze(1) + x, None, "unbinds the channel axis"),
     ("unbind", lambda s, x: torch.cat(x.view(2, 2, 4, 8, 8).unbind(1), 1), None, True),  # timm's qkv
+    (torch.roll, lambda s, x: torch.roll(x, (1, -2), (2, 3)), None, True),  # Swin's shifted windows
+    (torch.roll, lambda s, x: torch.roll(x, 3), None, "rolls the channel axis"),  # flattened
+    ("roll", lambda s, x: x.roll(1, dims=1), None, "rolls the channel axis"),
+    (torch.flip, lambda s, x: torch.flip(x, (1, 3)) + x, None, True),
+    ("flip", lambda s, x: x.flip(1, 2), None, True),
+    ("flip", lambda s, x: torch.cat([x, x.flip(-1)], 1), None, True),
     (torch.narrow, lambda s, x: torch.narrow(x, 1, 2, 4), None, True),
     ("narrow", lambda s, x: x.narrow(1, 0, 6) + x.narrow(1, 2, 6), None, True),
     (operator.getitem, lambda s, x: x[:, 2:7], None, True),
