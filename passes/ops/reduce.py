@@ -1,5 +1,6 @@
 """Ops that reduce or resample axes: pooling, upsampling and spatial pads (channels pass
-through), and reductions (sum, mean, max, min over channels made exact mask sites).
+through), and reductions (sum, mean, max, min, p-norms and ``F.normalize`` over channels
+made exact mask sites).
 """
 from __future__ import annotations
 
@@ -147,3 +148,22 @@ def reduce_rule(ctx, node):
 
 
 register(*REDUCTIONS, *(getattr(torch, n) for n in REDUCTIONS), *NORMS, surgery=reduce_surgery)(reduce_rule)
+
+
+@register(F.normalize)
+def normalize_rule(ctx, node):
+    """``F.normalize(x, p, dim)``: ``x`` over its p-norm along ``dim``. Along an axis without
+    channels the layout passes through; along the channel axis, for p > 0, dropped channels
+    (zeros) add nothing to the norm, so it is an exact mask site (Swin V2's cosine attention,
+    CLIP-style embeddings)."""
+    x = node.args[0] if node.args else node.kwargs["input"]
+    lay, v = ctx.layout(x), ctx.val(x)
+    p, dim = ctx.arg(1, "p", 2.0), ctx.arg(2, "dim", 1) % v.dim()
+    if lay.shape[dim] == 1:
+        return lay
+    axes = carrying_axes(lay)
+    if isinstance(p, (int, float)) and p > 0 and axes == [dim]:
+        ctx.site(0, along(lay, dim, v.shape[dim]), dim, "reduce", 0.0)
+    else:
+        ctx.inexact(lay, f"a p-norm with p = {p} over channels")
+    return lay

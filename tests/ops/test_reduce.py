@@ -85,6 +85,10 @@ CASES += [(key, op, None, expect) for key, op, expect in [
     ("norm", lambda s, x: x * x.norm(2, (2, 3), True), True),
     (torch.linalg.vector_norm, lambda s, x: x * torch.linalg.vector_norm(x, 2, (2, 3), True), True),
     (torch.linalg.vector_norm, lambda s, x: x * torch.linalg.vector_norm(x, dim=1, keepdim=True), True),
+    (F.normalize, lambda s, x: F.normalize(x, dim=1), True),                 # over channels: a site
+    (F.normalize, lambda s, x: F.normalize(x.flatten(2), dim=-1), True),     # over tokens
+    (F.normalize, lambda s, x: F.normalize(x, 1.0, 1) + x.relu(), True),
+    (F.normalize, lambda s, x: F.normalize(x, -1.0, 1), "inexact: a p-norm with p = -1.0"),
     (torch.logsumexp, lambda s, x: torch.logsumexp(x, 3), True),
     (torch.nansum, lambda s, x: torch.nansum(x, 1, keepdim=True) * x, True),
     (torch.nanmean, lambda s, x: torch.nanmean(x, 2), True),
