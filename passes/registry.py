@@ -96,7 +96,8 @@ class OpEntry:
 
     - ``rule(ctx, node)``: channel rule; ``surgery(sctx, node)``: rewrite once channels go;
     - ``shape(callee, args, kwargs)``: fast analytic output shape (a meta tensor) or None;
-    - ``flops(node, modules, has_site) -> FlopsTerm | tuple | None``: its FLOPs term(s) (mixing ops);
+    - ``flops(node, modules, site, layout) -> FlopsTerm | tuple | None``: its FLOPs term(s) (mixing
+      ops), given its first mask site (or None) and its output layout;
     - ``dead``: where an activation's output is (nearly) zero (``ZeroBelow``/``SmallTail``);
     - ``chain``: role in a site group's chain: "norm" (per-channel parameters) or "pass"
       (channel-wise, no parameters of its own), or ``chain(module, node) -> role | None``

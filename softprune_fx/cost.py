@@ -73,7 +73,7 @@ class CostModel:
         lay = cg.flow.layouts.get(node)
         if not isinstance(out, torch.Tensor) or not isinstance(lay, np.ndarray):
             return []
-        specs = entry.flops(node, modules, site is not None)
+        specs = entry.flops(node, modules, site, lay)
         specs = () if specs is None else specs if isinstance(specs, tuple) else (specs,)
         terms = []
         for spec in specs:

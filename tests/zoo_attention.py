@@ -4,7 +4,7 @@ Couplings: ``F.scaled_dot_product_attention`` on ``(batch, heads, tokens, dim)``
 separate q/k/v projections; Hugging Face ViT's explicit ``scale`` and its context reshape
 ``size()[:-2] + (all_head_size,)``; the default scale (surgery must write it out); grouped
 query attention (fewer k/v heads, ``enable_gqa``); value dim != query dim; the context view unpacked from a
-concatenated size (``view(*(size()[:-2] + (c,)))``); timm's fused qkv, unbound from a (3, heads, dim) view; timm CaiT's class attention, whose
+concatenated size (``view(*(size()[:-2] + (c,)))``); timm's fused qkv, unbound from a (3, heads, dim) view; attention by ``torch.einsum`` and by ``@`` with heads; timm CaiT's class attention, whose
 head sizes come from ``x.shape`` of a stream that carries no channels (the class token's
 cat), so they do not follow the projections' pruning; a patch-embed conv + BN stem, a
 (1, tokens, C) position embedding and a pre-norm residual stream.
@@ -81,6 +81,38 @@ class TimmAttention(nn.Module):
         return self.proj(o.transpose(1, 2).reshape(B, N, C))
 
 
+class MatmulAttention(nn.Module):
+    """timm's attention without the fused kernel: ``(q * scale) @ k.transpose(-2, -1)``,
+    softmax, ``@ v``, on (batch, heads, tokens, dim) views of one qkv projection."""
+
+    def __init__(self, c, heads=2):
+        super().__init__()
+        self.h, self.d = heads, c // heads
+        self.qkv, self.proj = nn.Linear(c, 3 * c), nn.Linear(c, c)
+
+    def forward(self, x):
+        B, N, C = x.shape
+        q, k, v = self.qkv(x).reshape(B, N, 3, self.h, self.d).permute(2, 0, 3, 1, 4).unbind(0)
+        attn = ((q * self.d ** -0.5) @ k.transpose(-2, -1)).softmax(dim=-1)
+        return self.proj((attn @ v).transpose(1, 2).reshape(B, N, C))
+
+
+class EinsumAttention(nn.Module):
+    """Attention written with ``torch.einsum`` (heads x dim views, the dim contracted in the
+    scores and carried by the values), the context flattened with constants."""
+
+    def __init__(self, c, heads=2):
+        super().__init__()
+        self.h, self.d = heads, c // heads
+        self.q, self.k, self.v, self.proj = (nn.Linear(c, c) for _ in range(4))
+
+    def forward(self, x):
+        b, n, _ = x.shape
+        q, k, v = (f(x).reshape(b, n, self.h, self.d) for f in (self.q, self.k, self.v))
+        att = torch.einsum("bnhd,bmhd->bhnm", q, k).mul(self.d ** -0.5).softmax(-1)
+        return self.proj(torch.einsum("bhnm,bmhd->bnhd", att, v).reshape(b, n, self.h * self.d))
+
+
 class ClassAttention(nn.Module):
     """timm CaiT's ClassAttn: the class token alone queries, and every head size is
     ``C // heads`` with ``C`` read from the input's shape at run time."""
@@ -118,7 +150,8 @@ class TinyViT(nn.Module):
         super().__init__()
         self.embed, self.bn = nn.Conv2d(3, c, 4, 4), nn.BatchNorm2d(c)
         self.blocks = nn.Sequential(Block(c, HFSelfAttention(c, 4)), Block(c, GQAttention(c)),
-                                    Block(c, TimmAttention(c)))
+                                    Block(c, TimmAttention(c)), Block(c, EinsumAttention(c)),
+                                    Block(c, MatmulAttention(c)))
         self.pos_embed = nn.Parameter(torch.randn(1, 16, c))
         self.cls_token = nn.Parameter(torch.randn(1, 1, c))
         self.cls_norm, self.cls_attn = nn.LayerNorm(c), ClassAttention(c)

@@ -1,7 +1,7 @@
 """The op registry's entries, by family; importing this package loads every entry.
 
 Families: ``elementwise`` (activations, arithmetic), ``norm``, ``mixing`` (conv, linear,
-matmul), ``attention`` (scaled dot-product attention), ``shape`` (reshape, permute, cat, shuffles, shape queries), ``slicing`` (split,
+matmul), ``attention`` (scaled dot-product attention), ``einsum``, ``shape`` (reshape, permute, cat, shuffles, shape queries), ``slicing`` (split,
 narrow, indexing, channel pad), ``reduce`` (pooling, reductions), and ``params`` where
 present. Adding an op is one entry in one of them. Registry functions are re-exported::
 
@@ -9,7 +9,7 @@ present. Adding an op is one entry in one of them. Registry functions are re-exp
 """
 import importlib.util
 
-from . import attention, elementwise, mixing, norm, reduce, shape, slicing  # noqa: F401  (they fill the registry)
+from . import attention, einsum, elementwise, mixing, norm, reduce, shape, slicing  # noqa: F401  (they fill the registry)
 from ..registry import (FlopsTerm, OpEntry, SmallTail, ZeroBelow, annotate, dead_threshold,  # noqa: F401
                         describe, entry_of, exact_entry, exact_zero_threshold, lookup, node_arg,
                         register, register_name, register_op, registered_keys)

@@ -24,6 +24,7 @@ from torch import fx
 
 from ..atoms import on_axis
 from ..registry import FlopsTerm, node_arg, register
+from .einsum import columns
 
 _ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
 
@@ -39,11 +40,7 @@ def _head_columns(ctx, t) -> np.ndarray | None:
     heads = nd - 3 if nd >= 3 else None
     if any(lay.shape[d] > 1 for d in range(nd) if d not in (heads, nd - 1)):
         return None
-    rows = lay.reshape(-1, lay.shape[-1]) if heads is not None else lay.reshape(1, -1)
-    rows = np.broadcast_to(rows, (rows.shape[0], v.shape[-1]))
-    if rows.shape[0] > 1:
-        ctx.unify(rows.copy(), np.broadcast_to(rows[0], rows.shape).copy())
-    return rows[0].copy()
+    return columns(ctx, lay, nd - 1, v.shape[-1])
 
 
 def sdpa_surgery(sctx, node) -> None:
@@ -58,12 +55,12 @@ def sdpa_surgery(sctx, node) -> None:
         node.kwargs = {**node.kwargs, "scale": scale}
 
 
-def sdpa_flops(node, modules, has_site: bool):
+def sdpa_flops(node, modules, site, layout=None):
     """FlopCounterMode's ``2*B*H*L*S*Eq + 2*B*H*L*S*Ev``: one term per contracted (query/key)
     dim at the mask site, one per value dim on the output's last axis."""
     q, k = node_arg(node, 0, "query").meta["val"], node_arg(node, 1, "key").meta["val"]
     scores = 2.0 * math.prod(q.shape[:-1]) * k.shape[-2]
-    terms = [FlopsTerm(scores, True, None)] if has_site else []
+    terms = [FlopsTerm(scores, True, None)] if site is not None else []
     return tuple(terms) + (FlopsTerm(scores, False, -1),)
 
 

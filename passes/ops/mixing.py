@@ -13,9 +13,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..atoms import NONE, UNKNOWN, along, filled, fixed, on_axis
+from ..atoms import NONE, UNKNOWN, along, carrying_axes, filled, fixed, on_axis
 from ..flow_types import Balance, NonEmpty
 from ..registry import FlopsTerm, annotate, node_arg, register
+from .einsum import columns
 from .params import adopt_params, erase_unused, evaluate, param_source, still_read
 from .tensors import empty, idx, one_tensor, set_tensor, take
 
@@ -116,7 +117,7 @@ def _numel(shape) -> int:
     return int(math.prod(shape))
 
 
-def conv_flops(node, modules, has_site: bool) -> FlopsTerm:
+def conv_flops(node, modules, site, layout=None) -> FlopsTerm:
     """FlopCounterMode's conv count ``2 * spatial * Cin * Cout / groups * kernel`` as
     ``coef * I * O``; without a mask site (depthwise) it follows the outputs alone."""
     out, x = node.meta["val"], node_arg(node, 0, "input").meta["val"]
@@ -129,21 +130,28 @@ def conv_flops(node, modules, has_site: bool) -> FlopsTerm:
     cin, cout = x.shape[1], out.shape[1]
     spatial = _numel(x.shape) // cin if transposed else _numel(out.shape) // cout
     flops = 2.0 * spatial * cin * cout // groups * _numel(w.shape[2:])
-    return FlopsTerm(flops / (cin * cout), True, 1) if has_site else FlopsTerm(flops / cout, False, 1)
+    return FlopsTerm(flops / (cin * cout), True, 1) if site is not None else FlopsTerm(flops / cout, False, 1)
 
 
-def linear_flops(node, modules, has_site: bool) -> FlopsTerm:
+def linear_flops(node, modules, site, layout=None) -> FlopsTerm:
     """``2 * rows * I * O``."""
     return FlopsTerm(2.0 * _numel(node.meta["val"].shape[:-1]), True, -1)
 
 
-def functional_flops(node, modules, has_site: bool) -> FlopsTerm:
-    return (linear_flops if node.target is F.linear else conv_flops)(node, modules, has_site)
+def functional_flops(node, modules, site, layout=None) -> FlopsTerm:
+    return (linear_flops if node.target is F.linear else conv_flops)(node, modules, site, layout)
 
 
-def matmul_flops(node, modules, has_site: bool) -> FlopsTerm | None:
-    """``2 * numel(out) * K``, K the contracted extent (its mask site); none without one."""
-    return FlopsTerm(2.0 * _numel(node.meta["val"].shape), True, None) if has_site else None
+def matmul_flops(node, modules, site, layout=None) -> FlopsTerm | None:
+    """``2 * numel(out) * K``: per kept K at the mask site, per kept output channel when the
+    output carries channels (``attn @ v``); none when neither is pruned."""
+    out = node.meta["val"].shape
+    k = node_arg(node, 0, "input").meta["val"].shape[-1]
+    axes = carrying_axes(layout) if isinstance(layout, np.ndarray) else []
+    if site is None and not axes:
+        return None
+    coef = 2.0 * _numel(out) * (1 if site is not None else k)
+    return FlopsTerm(coef / out[axes[0]], site is not None, axes[0]) if axes else FlopsTerm(coef, True, None)
 
 
 def weight_l1(node, modules) -> np.ndarray | None:
@@ -286,6 +294,18 @@ def _contracted_atoms(lay: np.ndarray, axis: int, extent: int) -> np.ndarray:
     return np.full(extent, value, dtype=np.int64)
 
 
+def _over_heads(ctx, lay: np.ndarray, v) -> np.ndarray:
+    """Channels on batch (head) axes and on one matrix axis, as ``q @ k.transpose(-2, -1)``
+    with q of shape (batch, heads, tokens, dim): the dim's columns are unified across heads
+    (the same positions in every head, as attention prunes), leaving one channel axis."""
+    lay = lay.reshape((1,) * (v.dim() - lay.ndim) + lay.shape)
+    axes = carrying_axes(lay)
+    own = [d for d in axes if d >= v.dim() - 2]
+    if len(own) == 1 and len(axes) > 1 and (lay >= 0).all():
+        return on_axis(columns(ctx, lay, own[0], v.shape[own[0]]), own[0], v.dim())
+    return lay
+
+
 @register(torch.matmul, operator.matmul, "matmul", torch.bmm, "bmm", flops=matmul_flops)
 def matmul_rule(ctx, node):
     """``a @ b`` between activations: the contracted axes unify and are a mask site on
@@ -295,6 +315,7 @@ def matmul_rule(ctx, node):
     if va.dim() < 2 or vb.dim() < 2 or getattr(b, "op", None) == "get_attr":
         return ctx.unknown()
     nd = ctx.out().dim()
+    la, lb = _over_heads(ctx, la, va), _over_heads(ctx, lb, vb)
     if any(s > 1 for s in la.shape[:-2]) or any(s > 1 for s in lb.shape[:-2]) or \
             (la.shape[-1] > 1 and la.shape[-2] > 1) or (lb.shape[-1] > 1 and lb.shape[-2] > 1) or \
             (la.shape[-2] > 1 and lb.shape[-1] > 1):

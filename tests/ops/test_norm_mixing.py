@@ -1,5 +1,5 @@
 """One test per registry key of the norm (passes/ops/norm.py), mixing
-(passes/ops/mixing.py) and attention (passes/ops/attention.py) families."""
+(passes/ops/mixing.py, passes/ops/einsum.py) and attention (passes/ops/attention.py) families."""
 import operator
 
 import pytest
@@ -25,6 +25,14 @@ def attention(mm):
         att = torch.softmax(mm(q, k) / 8.0, dim=-1)
         return x + (att @ q).transpose(1, 2).reshape(n, c, h, w) * 0.1
     return op
+
+
+def einsum_attention(s, x):
+    """Tokens as 2 heads x 4 dims: the dim contracted in the scores, carried by the values."""
+    n, c = x.shape[:2]
+    t = x.flatten(2).transpose(1, 2).reshape(n, -1, 2, c // 2)
+    att = torch.softmax(torch.einsum("bnhd,bmhd->bhnm", t, t * 0.5), dim=-1)
+    return torch.einsum("bhnm,bmhd->bnhd", att, t).reshape(n, -1, c).transpose(1, 2)
 
 
 def sdpa(**kw):
@@ -97,6 +105,12 @@ CASES = [
     ("matmul", attention(lambda a, b: a.matmul(b)), None, True),
     (torch.bmm, attention(torch.bmm), None, True),
     ("bmm", attention(lambda a, b: a.bmm(b)), None, True),
+    (torch.einsum, einsum_attention, None, True),
+    (torch.einsum, lambda s, x: torch.einsum("...chw,c->...chw", x, s.m.weight), nn.BatchNorm2d(8), True),
+    (torch.einsum, lambda s, x: torch.einsum("bchw,bc->bhw", x, x.mean((2, 3))).unsqueeze(1) * x, None, True),
+    (torch.einsum, lambda s, x: x + torch.einsum("bchw->bhwc", x).permute(0, 3, 1, 2), None, True),
+    (torch.einsum, lambda s, x: torch.einsum("bccw->bcw", x), None, "repeated letters"),
+    (torch.einsum, lambda s, x: torch.einsum("bchw,bdhw->bcd", x, x).flatten(1, 2), None, "several letters"),
     # attention family: the head dim, per column in every head, with the scale written out
     (F.scaled_dot_product_attention, sdpa(), None, True),
     (F.scaled_dot_product_attention, sdpa(scale=0.3, is_causal=True), None, True),
