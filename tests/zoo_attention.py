@@ -166,9 +166,61 @@ class TinyViT(nn.Module):
         return self.head(self.norm(torch.cat((cls, x), dim=1)).mean(1))
 
 
+class AreaAttention(nn.Module):
+    """ultralytics YOLO12's AAttn: a 1x1 qkv conv viewed per token as heads x [q | k | v] and
+    split, ``q^T @ k``, ``v @ attn^T``, a depthwise positional conv on v; ``area`` > 1
+    folds areas of the image into the batch."""
+
+    def __init__(self, c, heads=2, area=2):
+        super().__init__()
+        self.num_heads, self.head_dim, self.area, self.all_head_dim = heads, c // heads, area, c
+        self.qkv = nn.Sequential(nn.Conv2d(c, 3 * c, 1, bias=False), nn.BatchNorm2d(3 * c))
+        self.proj = nn.Sequential(nn.Conv2d(c, c, 1, bias=False), nn.BatchNorm2d(c))
+        self.pe = nn.Sequential(nn.Conv2d(c, c, 5, 1, 2, groups=c, bias=False), nn.BatchNorm2d(c))
+
+    def forward(self, x):
+        B, _, H, W = x.shape
+        N = H * W
+        qkv = self.qkv(x).flatten(2).transpose(1, 2)
+        if self.area > 1:
+            qkv = qkv.reshape(B * self.area, N // self.area, self.all_head_dim * 3)
+            B, N, _ = qkv.shape
+        q, k, v = (qkv.view(B, N, self.num_heads, self.head_dim * 3).permute(0, 2, 3, 1)
+                   .split([self.head_dim, self.head_dim, self.head_dim], dim=2))
+        attn = ((q * (self.head_dim ** -0.5)).transpose(-2, -1) @ k).softmax(dim=-1)
+        x = (v @ attn.transpose(-2, -1)).permute(0, 3, 1, 2)
+        v = v.permute(0, 3, 1, 2)
+        if self.area > 1:
+            x = x.reshape(B // self.area, N * self.area, self.all_head_dim)
+            v = v.reshape(B // self.area, N * self.area, self.all_head_dim)
+            B, N, _ = x.shape
+        x = x.reshape(B, H, W, self.all_head_dim).permute(0, 3, 1, 2).contiguous()
+        v = v.reshape(B, H, W, self.all_head_dim).permute(0, 3, 1, 2).contiguous()
+        return self.proj(x + self.pe(v))
+
+
+class AreaNet(nn.Module):
+    def __init__(self, c=16):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, c, 3, 2, 1, bias=False), nn.BatchNorm2d(c), nn.SiLU())
+        self.attn = AreaAttention(c)
+        self.mix = nn.Sequential(nn.Conv2d(c, 24, 3, 1, 1, bias=False), nn.BatchNorm2d(24), nn.SiLU())
+        self.head = nn.Linear(24, 5)
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = x + self.attn(x)
+        return self.head(self.mix(x).mean((2, 3)))
+
+
+def area_attention():
+    seeded()
+    return finish(AreaNet(), (BATCH, 3, 16, 16))
+
+
 def vit_sdpa():
     seeded()
     return finish(TinyViT(), (BATCH, 3, 16, 16))
 
 
-ZOO_ATTENTION = {"vit_sdpa": vit_sdpa}
+ZOO_ATTENTION = {"vit_sdpa": vit_sdpa, "area_attention": area_attention}

@@ -40,8 +40,8 @@ ACTIVATION_FUNCTIONS = (
 ACTIVATION_METHODS = (
     "relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_", "exp", "log", "abs", "neg", "sqrt",
     "rsqrt", "square", "clamp", "clamp_", "clip", "clamp_min", "clamp_max", "sign", "erf", "pow",
-    "reciprocal", "contiguous", "clone", "detach", "to", "type", "float", "double", "half",
-    "bfloat16", "type_as", "requires_grad_", "zero_", "fill_", "sin", "cos",
+    "reciprocal", "contiguous", "clone", "detach", "type", "float", "double", "half",
+    "bfloat16", "requires_grad_", "zero_", "fill_", "sin", "cos",
     "nan_to_num",
 )
 
@@ -55,6 +55,13 @@ def same_rule(ctx, node):
 
 
 register(*ACTIVATION_MODULES, *ACTIVATION_FUNCTIONS, *ACTIVATION_METHODS, chain="pass")(same_rule)
+
+
+@register("to", "type_as", chain="pass")
+def cast_rule(ctx, node):
+    """``x.to(other)`` / ``x.type_as(other)``: ``other`` lends its dtype and device, not its
+    values, so only ``x``'s layout passes (YOLO's anchors cast like a feature map)."""
+    return ctx.layout(node.args[0])
 # torchvision's stochastic depth: identity in eval, a per-sample (N,1,1,1) scale in training
 register_name("torchvision.ops.stochastic_depth.stochastic_depth", same_rule, chain="pass")
 annotate(nn.ReLU, nn.ReLU6, nn.SiLU, nn.GELU, nn.Hardswish, nn.Hardsigmoid, nn.Sigmoid, nn.Tanh,

@@ -26,8 +26,15 @@ def split_surgery(sctx, node):
     dim %= x.meta["val"].dim()
     if all(p.shape[dim] == 1 for p in pieces):
         return
-    sizes = [int(sctx.keep(p).reshape(-1).sum()) for p in pieces]
+    sizes = [_kept_along(sctx.keep(p), dim) for p in pieces]
     node.op, node.target, node.args, node.kwargs = "call_function", torch.split, (x, sizes, dim), {}
+
+
+def _kept_along(keep: np.ndarray, dim: int) -> int:
+    """Kept positions along ``dim`` of a piece's keep mask (a position of a multi-axis piece
+    is kept whole or dropped whole: a Grid keeps whole columns)."""
+    keep = np.moveaxis(np.atleast_1d(keep), dim, 0)
+    return int(keep.reshape(keep.shape[0], -1).any(1).sum())
 
 
 def narrow_surgery(sctx, node):
@@ -116,7 +123,7 @@ def _pieces_rule(ctx, node, dim):
         return type(out)(lay for _ in out)
     atoms = along(lay, dim, v.shape[dim])
     if atoms is None:
-        return ctx.unknown(f"{ctx.where()}: channels on several axes")
+        return _grid_pieces(ctx, lay, dim, out)
     pieces, start = [], 0
     for piece in out:
         width = piece.shape[dim]
@@ -125,6 +132,22 @@ def _pieces_rule(ctx, node, dim):
         ctx.table.tag(part, "split")
         pieces.append(on_axis(part, dim, v.dim()))
         start += width
+    return type(out)(pieces)
+
+
+def _grid_pieces(ctx, lay, dim, out):
+    """Blocks of a channel grid split along one of its axes (YOLO12's area attention views
+    one projection as heads x [q | k | v] and splits the second axis): each piece keeps its
+    rows and columns; none may empty."""
+    if len(carrying_axes(lay)) < 2 or not (lay >= 0).all():
+        return ctx.unknown(f"{ctx.where()}: channels on several axes")
+    pieces, start = [], 0
+    for piece in out:
+        part = np.take(lay, range(start, start + piece.shape[dim]), axis=dim)
+        ctx.constrain(NonEmpty(part.reshape(-1).copy(), f"piece of {ctx.where()}"))
+        ctx.table.tag(part, "split")
+        pieces.append(part)
+        start += piece.shape[dim]
     return type(out)(pieces)
 
 

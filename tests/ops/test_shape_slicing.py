@@ -83,6 +83,9 @@ CASES = [
     (torch.chunk, lambda s, x: torch.chunk(x, 2, 1)[0] * torch.chunk(x, 2, 1)[1], None, True),
     (torch.tensor_split, lambda s, x: torch.cat(torch.tensor_split(x, [3, 5], dim=1)[::-1], 1), None, True),
     ("split", lambda s, x: torch.cat(x.split(4, 1)[::-1], 1), None, True),
+    # a grid of channel blocks (2 heads x [q | k]) split along its second axis (YOLO12's area attention)
+    ("split", lambda s, x: torch.cat([p.flatten(1, 2) for p in x.view(2, 2, 4, 8, 8).split([3, 1], 2)], 1), None, True),
+    ("chunk", lambda s, x: (lambda q, k: q * k)(*x.view(2, 2, 4, 8, 8).chunk(2, 2)).reshape(2, 4, 8, 8), None, True),
     ("chunk", lambda s, x: x.chunk(2, 1)[1], None, True),
     ("tensor_split", lambda s, x: torch.cat(x.tensor_split(2, 1)[::-1], 1), None, True),
     ("split_with_sizes", lambda s, x: torch.cat(x.split_with_sizes([3, 5], 1)[::-1], 1), None, True),
