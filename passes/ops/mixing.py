@@ -261,7 +261,7 @@ def functional_weight_rule(ctx, node):
     w = ctx.arg(1, "weight")
     b = ctx.arg(2, "bias")
     src = param_source(w)  # the parameter itself, or the one a parameter-only computation reads
-    if src is None or (b is not None and getattr(b, "op", None) != "get_attr"):
+    if src is None:
         return ctx.unknown(f"{ctx.where()}: weight is computed, not a parameter")
     wv = ctx.val(w)
     if node.target is F.linear:
@@ -274,11 +274,18 @@ def functional_weight_rule(ctx, node):
         out = conv_like(ctx, node, src.target, node.args[0], wv.shape[1] * groups, wv.shape[0], groups, False,
                         wv.dim())
         axis = 1
-    if b is not None:
-        ctx.unify(along(out, axis, wv.shape[0]), along(ctx.layout(b), 0, wv.shape[0]))
+    if b is not None:  # a parameter, or computed from some (BEiT's cat of q, zero k and v biases)
+        ctx.unify(along(out, axis, wv.shape[0]), _bias_atoms(ctx, b, wv.shape[0]))
     if w is not src:
         adopt_params(ctx, w, src, along(out, axis, wv.shape[0]))
     return out
+
+
+def _bias_atoms(ctx, b, n: int) -> np.ndarray:
+    """The bias's atoms, one per output channel; UNKNOWN (so the outputs freeze) where the
+    flow did not follow its computation to a 1-D vector of channels."""
+    vec = along(ctx.layout(b), 0, n) if isinstance(ctx.layout(b), np.ndarray) else None
+    return vec if vec is not None and ctx.val(b).dim() == 1 else np.full(n, UNKNOWN, dtype=np.int64)
 
 
 def _contracted_atoms(lay: np.ndarray, axis: int, extent: int) -> np.ndarray:

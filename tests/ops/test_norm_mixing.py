@@ -123,3 +123,27 @@ CASES = [
 def test_norm_mixing_key(case):
     key, op, module, expect = case
     check(key, op, expect, module)
+
+
+class CatBias(nn.Module):
+    """timm BEiT's attention projection: the bias is computed, a cat of a q bias, a zero
+    buffer for k and a v bias."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(6, 8))
+        self.q_bias, self.v_bias = nn.Parameter(torch.randn(2)), nn.Parameter(torch.randn(2))
+        self.register_buffer("k_bias", torch.zeros(2), persistent=False)
+
+    def bias(self):
+        return torch.cat((self.q_bias, self.k_bias, self.v_bias))
+
+
+def test_linear_with_a_computed_bias():
+    """The bias's pieces are sliced with the outputs; where the flow cannot follow the bias's
+    computation (``repeat`` has no rule) the outputs are frozen."""
+    def outputs(cg):
+        return next(g for g in cg.groups if "m.weight" in g.producers)
+    assert outputs(check(F.linear, cl(lambda s, x: F.linear(x, s.m.weight, s.m.bias())), True, CatBias())).prunable
+    cg = check(F.linear, cl(lambda s, x: F.linear(x, s.m.weight, s.m.q_bias.repeat(3))), True, CatBias())
+    assert not outputs(cg).prunable

@@ -89,6 +89,7 @@ CASES += [(key, op, None, expect) for key, op, expect in [
     (F.normalize, lambda s, x: F.normalize(x.flatten(2), dim=-1), True),     # over tokens
     (F.normalize, lambda s, x: F.normalize(x, 1.0, 1) + x.relu(), True),
     (F.normalize, lambda s, x: F.normalize(x, -1.0, 1), "inexact: a p-norm with p = -1.0"),
+    (F.normalize, lambda s, x: F.normalize(x.view(2, 2, 4, 8, 8), dim=2).view(2, 8, 8, 8), True),  # per head
     (torch.logsumexp, lambda s, x: torch.logsumexp(x, 3), True),
     (torch.nansum, lambda s, x: torch.nansum(x, 1, keepdim=True) * x, True),
     (torch.nanmean, lambda s, x: torch.nanmean(x, 2), True),
