@@ -67,34 +67,22 @@ class GQAttention(nn.Module):
 
 class TimmAttention(nn.Module):
     """timm's Attention: one fused qkv projection viewed as (3, heads, dim) and unbound, the
-    context reshaped back to the stream's ``C`` read from its shape."""
+    context reshaped back to the stream's ``C`` read from its shape; with the fused kernel,
+    or without it (``(q * scale) @ k.transpose(-2, -1)``, softmax, ``@ v``), as timm has."""
 
-    def __init__(self, c, heads=2):
+    def __init__(self, c, heads=2, fused=True):
         super().__init__()
-        self.h, self.d = heads, c // heads
+        self.h, self.d, self.fused = heads, c // heads, fused
         self.qkv, self.proj = nn.Linear(c, 3 * c), nn.Linear(c, c)
 
     def forward(self, x):
         B, N, C = x.shape
         q, k, v = self.qkv(x).reshape(B, N, 3, self.h, self.d).permute(2, 0, 3, 1, 4).unbind(0)
-        o = F.scaled_dot_product_attention(q, k, v)
+        if self.fused:
+            o = F.scaled_dot_product_attention(q, k, v)
+        else:
+            o = ((q * self.d ** -0.5) @ k.transpose(-2, -1)).softmax(dim=-1) @ v
         return self.proj(o.transpose(1, 2).reshape(B, N, C))
-
-
-class MatmulAttention(nn.Module):
-    """timm's attention without the fused kernel: ``(q * scale) @ k.transpose(-2, -1)``,
-    softmax, ``@ v``, on (batch, heads, tokens, dim) views of one qkv projection."""
-
-    def __init__(self, c, heads=2):
-        super().__init__()
-        self.h, self.d = heads, c // heads
-        self.qkv, self.proj = nn.Linear(c, 3 * c), nn.Linear(c, c)
-
-    def forward(self, x):
-        B, N, C = x.shape
-        q, k, v = self.qkv(x).reshape(B, N, 3, self.h, self.d).permute(2, 0, 3, 1, 4).unbind(0)
-        attn = ((q * self.d ** -0.5) @ k.transpose(-2, -1)).softmax(dim=-1)
-        return self.proj((attn @ v).transpose(1, 2).reshape(B, N, C))
 
 
 class EinsumAttention(nn.Module):
@@ -151,7 +139,7 @@ class TinyViT(nn.Module):
         self.embed, self.bn = nn.Conv2d(3, c, 4, 4), nn.BatchNorm2d(c)
         self.blocks = nn.Sequential(Block(c, HFSelfAttention(c, 4)), Block(c, GQAttention(c)),
                                     Block(c, TimmAttention(c)), Block(c, EinsumAttention(c)),
-                                    Block(c, MatmulAttention(c)))
+                                    Block(c, TimmAttention(c, fused=False)))
         self.pos_embed = nn.Parameter(torch.randn(1, 16, c))
         self.cls_token = nn.Parameter(torch.randn(1, 1, c))
         self.cls_norm, self.cls_attn = nn.LayerNorm(c), ClassAttention(c)
