@@ -56,10 +56,13 @@ class ChannelCount:
 
     Shape arguments (view sizes, split sizes) may use it: they follow the pruned extent.
     Arithmetic on tensors may not: the number would change after pruning, so the atoms
-    of that axis are frozen there.
+    of that axis are frozen there. ``pure``: it derives from channel extents and constants
+    alone (``C // heads``, not ``B * C`` or ``numel``), so it is the same for every input and
+    surgery may write the pruned value in its place.
     """
 
     atoms: np.ndarray
+    pure: bool = True
 
 
 @dataclass

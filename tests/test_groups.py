@@ -265,14 +265,18 @@ def test_functional_layer_norm_and_per_channel_clamp_bounds_prune_exactly():
     assert rel_err(outputs(sp.masked(net, x, drop), x), outputs(pruned, x)) < 1e-12
 
 
-def test_count_sizing_other_channels_freezes_them():
-    """x.shape[1] reshaping a tensor whose channel axis is not x's channels: x's group must
-    keep its width (else the pruned reshape reads the wrong number); a tensor reshaped by a
-    count of its own channels stays prunable."""
-    _, _, cg = groups_of("count_sized")
+def test_count_sizing_other_channels_is_written_out():
+    """x.shape[1] reshaping a tensor whose channel axis is not x's channels: the count is a
+    model constant, so surgery writes the reshape's pruned extent in its place and x's
+    group stays prunable; a tensor reshaped by a count of its own channels too."""
+    model, inputs, cg = groups_of("count_sized")
     stem = containing(cg, "stem.0")
-    assert not stem.prunable and "channel count sizes an axis" in stem.frozen_reason
-    assert containing(cg, "mix.0").prunable
+    assert stem.prunable and containing(cg, "mix.0").prunable
+    model, inputs = model.double(), tuple(t.double() for t in inputs)
+    drop = {stem.id: [0, 3, 7], containing(cg, "mix.0").id: [1]}
+    pruned = sp.prune_channels(model, inputs, drop)
+    assert pruned.get_submodule(stem.producers[0]).out_channels == 13
+    assert rel_err(outputs(sp.masked(model, inputs, drop), inputs), outputs(pruned, inputs)) < 1e-12
 
 
 def test_functional_bn_in_a_site_group_chain_is_sliced_by_position():

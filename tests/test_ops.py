@@ -211,9 +211,10 @@ def test_global_context_attention_keeps_its_single_channel_apart():
     assert pruned.conv_attn.out_channels == 1 and abs(result.achieved_ratio - 0.25) <= 0.01
 
 
-def test_count_sizing_other_channels_of_the_same_width_couples_them():
-    """``c(x).view(n, x.shape[1], -1)``: the size follows x's pruned width at run time, so c's
-    output channels (the same width, another group) must be pruned with x's, not apart."""
+def test_count_sizing_other_channels_of_the_same_width_is_written_out():
+    """``c(x).view(n, x.shape[1], -1)``: the size would follow x's pruned width at run time,
+    but it is a model constant, so surgery writes c's pruned width in its place and c's
+    output channels (the same width, another group) prune apart from x's."""
     class Sized(nn.Module):
         def __init__(self):
             super().__init__()
@@ -227,8 +228,8 @@ def test_count_sizing_other_channels_of_the_same_width_couples_them():
     torch.manual_seed(0)
     net, x = Sized().double().eval(), (torch.randn(2, 3, 8, 8, dtype=torch.float64),)
     cg = sp.analyze(net, x)
-    a = next(g for g in cg.groups if "a" in g.producers)
-    assert a.prunable and "c" in a.producers
+    a, c = (next(g for g in cg.groups if p in g.producers) for p in "ac")
+    assert a.prunable and c.prunable and a is not c
     for seed in range(3):
         drop = random_drop(cg, seed)
         assert rel_err(outputs(sp.masked(net, x, drop), x), outputs(sp.prune_channels(net, x, drop), x)) <= 1e-12

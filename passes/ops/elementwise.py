@@ -152,7 +152,10 @@ def broadcast_rule(ctx, node):
     if isinstance(out, tuple) and node.target is operator.add:  # sizes joined: x.size()[:-2] + (c,)
         return sum((_items(ctx, a) for a in node.args), ())
     if not isinstance(out, torch.Tensor):  # arithmetic on sizes: the result still derives from them
-        return ChannelCount(np.concatenate([c.atoms for c in counts])) if counts else None
+        if not counts:
+            return None
+        other = [a for a in node.all_input_nodes if not isinstance(ctx.layout(a), ChannelCount)]
+        return ChannelCount(np.concatenate([c.atoms for c in counts]), pure=not other and all(c.pure for c in counts))
     for c in counts:
         ctx.freeze(c.atoms, f"the channel count is used as a number at node {node.name}")
     nd = out.dim()

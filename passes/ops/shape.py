@@ -20,11 +20,14 @@ from ..registry import register
 
 
 def reshape_surgery(sctx, node):
-    """Re-emit integer size constants of view/reshape/unflatten with the pruned extents."""
+    """Re-emit integer size constants of view/reshape/unflatten, and sizes that are pure
+    channel counts, with the pruned extents (a pure count of pruned channels sizing an axis
+    of other channels, or of none, must not follow its own)."""
     layout = sctx.layout(node)
-    if not isinstance(layout, np.ndarray) or not (layout >= 0).any():
+    pruned = isinstance(layout, np.ndarray) and (layout >= 0).any()
+    if not pruned and not any(_pure_count(sctx, s) for s in reshape_sizes(node, node.meta["val"].dim())[2]):
         return
-    extents = sctx.kept_extents(node)
+    extents = sctx.kept_extents(node) if pruned else list(node.meta["val"].shape)
     if node.op == "call_module":
         m = sctx.module(node)
         if isinstance(m, nn.Unflatten):
@@ -37,11 +40,24 @@ def reshape_surgery(sctx, node):
     if kind == "view" and len(sizes) == 1 and _concatenated_sizes(sizes[0]):
         _reemit_concatenated(sctx, node, extents)
         return
-    new = [extents[first + i] if _constant_size(s) not in (None, -1) else s for i, s in enumerate(sizes)]
+    new = [extents[first + i] if _constant_size(s) not in (None, -1) or _pure_count(sctx, s) else s
+           for i, s in enumerate(sizes)]
     if kind == "unflatten":
         node.args = (node.args[0], node.args[1], tuple(new))
     else:
         node.args = (node.args[0], tuple(new)) if packed or node.target is torch.reshape else (node.args[0], *new)
+
+
+def _pure_count(sctx, s) -> bool:
+    """A size node that is a pure channel count (a model constant): re-emitted as an int."""
+    lay = sctx.flow.layouts.get(s) if isinstance(s, fx.Node) else None
+    return isinstance(lay, ChannelCount) and lay.pure
+
+
+def _joined(node, nd: int) -> bool:
+    """Whether a view's sizes come as one concatenated tuple (``x.size()[:-2] + (c,)``)."""
+    _, _, sizes, _ = reshape_sizes(node, nd)
+    return len(sizes) == 1 and _concatenated_sizes(sizes[0])
 
 
 def _concatenated_sizes(arg) -> bool:
@@ -111,9 +127,10 @@ def reshape_rule(ctx, node):
     if new is None:
         return ctx.unknown(f"{ctx.where()}: reshape not followed")
     sizes = _axis_sizes(ctx, node, out.dim())
+    direct = not _joined(node, out.dim())
     for d, src in sizes.items():
         if isinstance(src, ChannelCount):
-            _check_count(ctx, new, d, out.shape[d], src)
+            _check_count(ctx, new, d, out.shape[d], src, direct)
     # the axis that shrinks (a Grid's columns run along the last carrying axis) must be sized
     # by a value that follows it: a run-time number read from elsewhere stays as traced
     for d in carrying_axes(new)[-1:]:
@@ -154,14 +171,15 @@ def _axis_sizes(ctx, node, nd: int) -> dict:
     return {d: src for d, src in named.items() if d < nd}
 
 
-def _check_count(ctx, new: np.ndarray, d: int, extent: int, count: ChannelCount) -> None:
+def _check_count(ctx, new: np.ndarray, d: int, extent: int, count: ChannelCount, direct: bool) -> None:
     """A size read from a channel axis follows that axis's pruned extent at run time, so the
-    output axis it sizes must carry those channels. Where it carries other channels of the
-    same extent they are pruned alike (unified); where it carries none (attention heads x
-    head dim sized by the stream's width, as in EdgeNeXt's XCA) the count must not change,
-    and its channels are frozen."""
+    output axis it sizes must carry those channels. A pure count given directly (timm's
+    ``C // heads`` sizing a head dim, not the stream) is a model constant: surgery writes the
+    axis's pruned extent in its place, so nothing is coupled. Otherwise, where the axis
+    carries other channels of the same extent they are pruned alike (unified); where it
+    carries none the count must not change, and its channels are frozen."""
     carried = np.unique(new[new >= 0]) if new.shape[d] > 1 else np.zeros(0, np.int64)
-    if carried.size and np.isin(carried, count.atoms).all():
+    if (carried.size and np.isin(carried, count.atoms).all()) or (count.pure and direct):
         return
     vec = along(new, d, extent)
     if carried.size and vec is not None and len(vec) == len(count.atoms) and (vec >= 0).all():
@@ -382,7 +400,7 @@ def size_rule(ctx, node):
 def numel_rule(ctx, node):
     lay = ctx.layout(node.args[0])
     if isinstance(lay, np.ndarray) and (lay >= 0).any():
-        return ChannelCount(np.unique(lay[lay >= 0]))
+        return ChannelCount(np.unique(lay[lay >= 0]), pure=False)  # counts the batch too
     return None
 
 

@@ -32,6 +32,11 @@ CASES = [
     ("reshape", lambda s, x: x.reshape(x.size()[:2] + (64,)), None, True),
     ("reshape", lambda s, x: x.reshape(2, 2, x.shape[2] // 2, 8, 8).reshape(2, 8, 8, 8), None,
      "sized by a run-time value"),
+    # a count of a's channels sizing another axis: pure (C // 4) is written out by surgery;
+    # mixed with the batch size (B * C // 8) it is not a constant, and a is frozen
+    ("reshape", lambda s, x: x * x.amax(1).reshape(x.shape[1] // 4, 1, 8, 8), None, True),
+    ("reshape", lambda s, x: x * x.amax(1).reshape(x.shape[0] * x.shape[1] // 8, 1, 8, 8), None,
+     "a channel count sizes an axis"),
     # permutes
     ("permute", lambda s, x: x.permute(0, 2, 3, 1).permute(0, 3, 1, 2), None, True),
     ("transpose", lambda s, x: x.transpose(1, 3).transpose(1, 3), None, True),
