@@ -271,7 +271,7 @@ def getitem_rule(ctx, node):
             np_index.append(0 if isinstance(item, int) else slice(None))
         else:
             if isinstance(item, int):
-                ctx.freeze(lay, f"{ctx.where()}: picks single channels")
+                lay = _pick_block(ctx, lay, d)
             np_index.append(item)
         d += 1
     out = lay[tuple(np_index)]
@@ -280,6 +280,22 @@ def getitem_rule(ctx, node):
         ctx.constrain(NonEmpty(out.reshape(-1), f"{ctx.where()}"))
         ctx.table.tag(out, "split")
     return np.ascontiguousarray(out)
+
+
+def _pick_block(ctx, lay: np.ndarray, d: int) -> np.ndarray:
+    """An int index on a channel axis. Of a grid of channel blocks (segformer's ``kv[0]``,
+    ``kv[1]`` of a (2, heads, dim) view) it picks a block: the blocks are unified position by
+    position, so every block keeps the same positions and the index still picks the same
+    block after pruning (a Grid dropping columns across the blocks costs nothing more). Of a
+    plain channel vector it picks single channels: frozen."""
+    if len(carrying_axes(lay)) < 2 or not (lay >= 0).all():
+        ctx.freeze(lay, f"{ctx.where()}: picks single channels")
+        return lay
+    blocks = [np.take(lay, i, axis=d) for i in range(lay.shape[d])]
+    for b in blocks[1:]:
+        ctx.unify(blocks[0], b)
+    ctx.constrain(NonEmpty(blocks[0].reshape(-1).copy(), f"block of {ctx.where()}"))
+    return lay
 
 
 @register(F.pad, surgery=pad_surgery)

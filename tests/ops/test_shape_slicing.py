@@ -108,6 +108,9 @@ CASES = [
     (operator.getitem, lambda s, x: x[:, 2:7], None, True),
     (operator.getitem, lambda s, x: x[:, ::2, 1:], None, True),
     (operator.getitem, lambda s, x: x[:, 3:4] * x, None, True),
+    # blocks of a (2, 4) channel grid picked by int (segformer's kv[0], kv[1]); single channels frozen
+    (operator.getitem, lambda s, x: (lambda kv: kv[:, 0] * kv[:, 1])(x.view(2, 2, 4, 8, 8)), None, True),
+    (operator.getitem, lambda s, x: x[:, 2:3] * x[:, 5].unsqueeze(1), None, "picks single channels"),
     (F.pad, lambda s, x: F.pad(x, (1, 1, 1, 1)), None, True),
     (F.pad, lambda s, x: F.pad(x, (0, 0, 0, 0, 2, 1)), None, True),  # channel pad: owned channels
 ]
@@ -118,3 +121,16 @@ CASES = [
 def test_shape_slicing_key(case):
     key, op, module, expect = case
     check(key, op, expect, module)
+
+
+def test_an_int_pick_unifies_the_blocks_position_by_position():
+    """``x.view(n, 2, 4, h, w)[:, 1]`` picks a row of a (2, 4) channel grid: the rows are
+    unified column by column (4 classes), so no column can move. ``[:, :, 1]`` picks a column:
+    each row becomes one class (2), which the grid's whole-column rule then keeps together."""
+    from harness import build
+
+    import softprune_fx as sp
+    for pick, classes in ((lambda v: v[:, 1], 4), (lambda v: v[:, :, 1], 2)):
+        net, x = build(lambda s, x, pick=pick: pick(x.view(2, 2, 4, 8, 8)))
+        group = next(g for g in sp.analyze(net, x).groups if "a" in g.producers)
+        assert len(group.classes) == classes, group
