@@ -25,7 +25,7 @@ def reshape_surgery(sctx, node):
     of other channels, or of none, must not follow its own)."""
     layout = sctx.layout(node)
     pruned = isinstance(layout, np.ndarray) and (layout >= 0).any()
-    if not pruned and not any(_pure_count(sctx, s) for s in reshape_sizes(node, node.meta["val"].dim())[2]):
+    if not pruned and not any(_pure_count(sctx, s, layout, None) for s in reshape_sizes(node, node.meta["val"].dim())[2]):
         return
     extents = sctx.kept_extents(node) if pruned else list(node.meta["val"].shape)
     if node.op == "call_module":
@@ -40,18 +40,25 @@ def reshape_surgery(sctx, node):
     if kind == "view" and len(sizes) == 1 and _concatenated_sizes(sizes[0]):
         _reemit_concatenated(sctx, node, extents)
         return
-    new = [extents[first + i] if _constant_size(s) not in (None, -1) or _pure_count(sctx, s) else s
-           for i, s in enumerate(sizes)]
+    new = [extents[first + i] if _constant_size(s) not in (None, -1) or _pure_count(sctx, s, layout, first + i)
+           else s for i, s in enumerate(sizes)]
     if kind == "unflatten":
         node.args = (node.args[0], node.args[1], tuple(new))
     else:
         node.args = (node.args[0], tuple(new)) if packed or node.target is torch.reshape else (node.args[0], *new)
 
 
-def _pure_count(sctx, s) -> bool:
-    """A size node that is a pure channel count (a model constant): re-emitted as an int."""
+def _pure_count(sctx, s, layout, d: int | None) -> bool:
+    """A size node that is a pure channel count (a model constant) sizing axis ``d`` of
+    ``layout`` that does not carry those channels: re-emitted as an int. One that sizes its
+    own channels follows them at run time and stays (exporters keep its shape arithmetic)."""
     lay = sctx.flow.layouts.get(s) if isinstance(s, fx.Node) else None
-    return isinstance(lay, ChannelCount) and lay.pure
+    if not (isinstance(lay, ChannelCount) and lay.pure):
+        return False
+    if d is None or not isinstance(layout, np.ndarray) or layout.shape[d] == 1:
+        return True
+    carried = np.unique(layout[layout >= 0])
+    return not (carried.size and np.isin(carried, lay.atoms).all())
 
 
 def _joined(node, nd: int) -> bool:
@@ -383,9 +390,11 @@ def size_layout(ctx, x, dim):
         if lay.shape[d] == 1 or not (lay >= 0).any():
             return None
         vec = along(lay, d, v.shape[d])  # in position order where the axis is one channel axis
+        # pure only on one channel axis that is not axis 0: at batch 1 a batch merged into the
+        # channels (timm's B * heads) looks like channels, and its count would not be a constant
         if vec is not None and (vec >= 0).all() and len(np.unique(vec)) == len(vec):
-            return ChannelCount(vec)
-        return ChannelCount(np.unique(lay[lay >= 0]))
+            return ChannelCount(vec, pure=d != 0)
+        return ChannelCount(np.unique(lay[lay >= 0]), pure=False)
     if dim is not None:
         return count(dim % v.dim())
     return tuple(count(d) for d in range(v.dim()))

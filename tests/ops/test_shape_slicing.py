@@ -37,6 +37,8 @@ CASES = [
     ("reshape", lambda s, x: x * x.amax(1).reshape(x.shape[1] // 4, 1, 8, 8), None, True),
     ("reshape", lambda s, x: x * x.amax(1).reshape(x.shape[0] * x.shape[1] // 8, 1, 8, 8), None,
      "a channel count sizes an axis"),
+    ("reshape", lambda s, x: x * x.amax(1).reshape(x.transpose(0, 1).shape[0] // 4, 1, 8, 8), None,
+     "a channel count sizes an axis"),  # read from axis 0, where a merged batch would look alike
     # permutes
     ("permute", lambda s, x: x.permute(0, 2, 3, 1).permute(0, 3, 1, 2), None, True),
     ("transpose", lambda s, x: x.transpose(1, 3).transpose(1, 3), None, True),
