@@ -1,9 +1,11 @@
 """The op registry's entries, by family; importing this package loads every entry.
 
 Families: ``elementwise`` (activations, arithmetic), ``norm``, ``mixing`` (conv, linear,
-matmul), ``attention`` (scaled dot-product attention), ``einsum``, ``shape`` (reshape, permute, cat, shuffles, shape queries), ``slicing`` (split,
-narrow, indexing, channel pad), ``reduce`` (pooling, reductions), and ``params`` where
-present. Adding an op is one entry in one of them. Registry functions are re-exported::
+matmul), ``attention`` (scaled dot-product attention), ``einsum``, ``shape`` (reshape,
+permute, cat, shuffles, shape queries; ``sizes`` reads and re-emits reshape sizes),
+``slicing`` (split, unbind, roll, flip, narrow, indexing, channel pad), ``reduce``
+(pooling, reductions, normalize), and ``params`` where present. Adding an op is one entry
+in one of them. Registry functions are re-exported::
 
     from softprune_fx.passes.ops import dead_threshold, lookup
 """

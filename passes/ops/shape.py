@@ -4,8 +4,6 @@ queries (``x.shape``, ``size``, ``numel``) whose results follow pruning.
 """
 from __future__ import annotations
 
-import operator
-
 import numpy as np
 import torch
 import torch.fx as fx
@@ -15,6 +13,8 @@ from torch import nn
 from ..atoms import NONE, UNKNOWN, along, carrying_axes, filled, fixed_extent, on_axis, reshape_layout
 from ..flow_types import ChannelCount, Grid
 from ..registry import register
+from .sizes import (axis_sizes, concatenated_sizes, constant_size, joined_sizes, pure_count, reemit_concatenated,
+                    reshape_sizes)
 
 # ----------------------------------------------------------------------------- reshapes
 
@@ -25,7 +25,7 @@ def reshape_surgery(sctx, node):
     of other channels, or of none, must not follow its own)."""
     layout = sctx.layout(node)
     pruned = isinstance(layout, np.ndarray) and (layout >= 0).any()
-    if not pruned and not any(_pure_count(sctx, s, layout, None) for s in reshape_sizes(node, node.meta["val"].dim())[2]):
+    if not pruned and not any(pure_count(sctx, s, layout, None) for s in reshape_sizes(node, node.meta["val"].dim())[2]):
         return
     extents = sctx.kept_extents(node) if pruned else list(node.meta["val"].shape)
     if node.op == "call_module":
@@ -37,92 +37,15 @@ def reshape_surgery(sctx, node):
     kind, first, sizes, packed = reshape_sizes(node, len(extents))
     if kind is None:
         return
-    if kind == "view" and len(sizes) == 1 and _concatenated_sizes(sizes[0]):
-        _reemit_concatenated(sctx, node, extents)
+    if kind == "view" and len(sizes) == 1 and concatenated_sizes(sizes[0]):
+        reemit_concatenated(sctx, node, extents)
         return
-    new = [extents[first + i] if _constant_size(s) not in (None, -1) or _pure_count(sctx, s, layout, first + i)
+    new = [extents[first + i] if constant_size(s) not in (None, -1) or pure_count(sctx, s, layout, first + i)
            else s for i, s in enumerate(sizes)]
     if kind == "unflatten":
         node.args = (node.args[0], node.args[1], tuple(new))
     else:
         node.args = (node.args[0], tuple(new)) if packed or node.target is torch.reshape else (node.args[0], *new)
-
-
-def _pure_count(sctx, s, layout, d: int | None) -> bool:
-    """A size node that is a pure channel count (a model constant) sizing axis ``d`` of
-    ``layout`` that does not carry those channels: re-emitted as an int. One that sizes its
-    own channels follows them at run time and stays (exporters keep its shape arithmetic)."""
-    lay = sctx.flow.layouts.get(s) if isinstance(s, fx.Node) else None
-    if not (isinstance(lay, ChannelCount) and lay.pure):
-        return False
-    if d is None or not isinstance(layout, np.ndarray) or layout.shape[d] == 1:
-        return True
-    carried = np.unique(layout[layout >= 0])
-    return not (carried.size and np.isin(carried, lay.atoms).all())
-
-
-def _joined(node, nd: int) -> bool:
-    """Whether a view's sizes come as one concatenated tuple (``x.size()[:-2] + (c,)``)."""
-    _, _, sizes, _ = reshape_sizes(node, nd)
-    return len(sizes) == 1 and _concatenated_sizes(sizes[0])
-
-
-def _concatenated_sizes(arg) -> bool:
-    """``x.size()[:-2] + (all_head_size,)`` (Hugging Face's attention): a shape node plus a
-    tuple of int constants, on either side."""
-    if not isinstance(arg, fx.Node) or arg.target is not operator.add or len(arg.args) != 2:
-        return False
-    return sum(isinstance(a, tuple) and all(isinstance(i, int) for i in a) for a in arg.args) == 1
-
-
-def _constant_size(s) -> int | None:
-    """An int size, or an item of a concatenated size that is one of its constants
-    (``view(*(x.size()[:-2] + (768,)))`` traces to ``getitem(add, 2)``); else None."""
-    if isinstance(s, int):
-        return s
-    if not (isinstance(s, fx.Node) and s.target is operator.getitem and _concatenated_sizes(s.args[0])):
-        return None
-    add, i = s.args
-    whole = add.meta.get("val")
-    if not isinstance(i, int) or not isinstance(whole, (tuple, list)):
-        return None
-    left, right = add.args
-    at = len(whole) - len(right) if isinstance(right, tuple) else 0
-    const = right if isinstance(right, tuple) else left
-    i = i % len(whole)
-    return const[i - at] if at <= i < at + len(const) else None
-
-
-def _reemit_concatenated(sctx, node, extents: list[int]) -> None:
-    """Re-emit the constant side of a concatenated size with the pruned extents of the output
-    axes it sizes (the last ones when it comes second), as a new node: the old one may have
-    other users."""
-    add = node.args[1]
-    left, right = add.args
-    const = right if isinstance(right, tuple) else left
-    at = len(extents) - len(const) if const is right else 0
-    new = tuple(extents[at + i] if s != -1 else s for i, s in enumerate(const))
-    if new == const:
-        return
-    with sctx.graph.inserting_before(node):
-        joined = sctx.graph.call_function(operator.add, (left, new) if const is right else (new, right))
-    node.args = (node.args[0], joined, *node.args[2:])
-
-
-def reshape_sizes(node, ndim: int) -> tuple:
-    """``(kind, first output axis, size arguments, packed)`` of a view/reshape (kind "view")
-    or unflatten call, ``packed`` when the sizes came as one tuple; kind None otherwise.
-    The flow rule reads the sizes that come from shapes, the surgery rule re-emits them."""
-    if node.op == "call_module":
-        return None, 0, [], False
-    name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
-    if name in ("view", "reshape"):
-        sizes = node.args[1:]
-        packed = len(sizes) == 1 and isinstance(sizes[0], (tuple, list))
-        return "view", 0, list(sizes[0]) if packed else list(sizes), packed
-    if name == "unflatten" and len(node.args) > 2:
-        return "unflatten", node.args[1] % ndim, list(node.args[2]), True
-    return None, 0, [], False
 
 
 def reshape_rule(ctx, node):
@@ -133,8 +56,8 @@ def reshape_rule(ctx, node):
     new = reshape_layout(lay, tuple(v.shape), tuple(out.shape))
     if new is None:
         return ctx.unknown(f"{ctx.where()}: reshape not followed")
-    sizes = _axis_sizes(ctx, node, out.dim())
-    direct = not _joined(node, out.dim())
+    sizes = axis_sizes(ctx, node, out.dim())
+    direct = not joined_sizes(node, out.dim())
     for d, src in sizes.items():
         if isinstance(src, ChannelCount):
             _check_count(ctx, new, d, out.shape[d], src, direct)
@@ -148,34 +71,6 @@ def reshape_rule(ctx, node):
         ctx.constrain(Grid(new.copy(), f"{ctx.where()}"))
         ctx.table.tag(new, "shuffle")
     return new
-
-
-_CONSTANT = "constant"
-
-
-def _axis_sizes(ctx, node, nd: int) -> dict:
-    """Output axis -> where a view/reshape/unflatten takes its size from: ``_CONSTANT`` (an
-    int, or a constant item of a concatenated size: surgery re-emits it), a ChannelCount (read
-    from a channel axis: it follows that axis), or None (another run-time value, which stays as
-    traced). Axes sized by -1 or not named are left out."""
-    _, first, sizes, _ = reshape_sizes(node, nd)
-    if len(sizes) == 1 and _concatenated_sizes(sizes[0]):
-        items = []
-        for side in sizes[0].args:
-            lay = side if isinstance(side, tuple) else ctx.flow.layouts.get(side)
-            n = len(side) if isinstance(side, tuple) else len(ctx.val(side))
-            items += [_CONSTANT] * n if isinstance(side, tuple) else (
-                list(lay) if isinstance(lay, tuple) and len(lay) == n else [None] * n)
-        named = dict(enumerate(items))
-    else:
-        named = {}
-        for i, s in enumerate(sizes):
-            if _constant_size(s) is not None:
-                named[first + i] = _CONSTANT
-            elif isinstance(s, fx.Node) and not (isinstance(ctx.val(s), int) and ctx.val(s) == -1):
-                lay = ctx.layout(s)
-                named[first + i] = lay if isinstance(lay, ChannelCount) else None
-    return {d: src for d, src in named.items() if d < nd}
 
 
 def _check_count(ctx, new: np.ndarray, d: int, extent: int, count: ChannelCount, direct: bool) -> None:
