@@ -144,6 +144,12 @@ def carrying_axes(layout: np.ndarray) -> list[int]:
     return [d for d in range(layout.ndim) if layout.shape[d] > 1]
 
 
+def known_grid(layout: np.ndarray) -> bool:
+    """A grid of channel blocks: channels on several axes (a (heads, dim) or (3, heads, dim)
+    view of one projection), every position a known channel."""
+    return len(carrying_axes(layout)) > 1 and bool((layout >= 0).all())
+
+
 def fixed_extent(layout: np.ndarray, shape: tuple, axes) -> bool:
     """True when a tensor of ``shape`` has no channels (layout extent 1) on one of ``axes``
     (where other tensors carry channels) but a real extent there: its size on that axis is

@@ -153,6 +153,15 @@ class FlowContext:
             out = self.table.unify(out, other, f"combined at node {self.node.name} with {why}")
         return out
 
+    def unify_columns(self, layout: np.ndarray, axis: int, extent: int) -> np.ndarray:
+        """The atoms along ``axis``, unified across every other axis: the rows of a (heads x
+        dim) grid are pruned alike, the same positions in every head (attention's rule)."""
+        rows = np.moveaxis(layout, axis, -1)
+        rows = np.broadcast_to(rows.reshape(-1, rows.shape[-1]), (rows.size // rows.shape[-1], extent))
+        if rows.shape[0] > 1:
+            self.unify(rows.copy(), np.broadcast_to(rows[0], rows.shape).copy())
+        return rows[0].copy()
+
     def freeze(self, layout: Any, reason: str) -> None:
         for lay in _leaves(layout):
             self.table.freeze(lay, reason)

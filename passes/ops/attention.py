@@ -24,7 +24,6 @@ from torch import fx
 
 from ..atoms import on_axis
 from ..registry import FlopsTerm, node_arg, register
-from .einsum import columns
 
 _ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
 
@@ -40,7 +39,7 @@ def _head_columns(ctx, t) -> np.ndarray | None:
     heads = nd - 3 if nd >= 3 else None
     if any(lay.shape[d] > 1 for d in range(nd) if d not in (heads, nd - 1)):
         return None
-    return columns(ctx, lay, nd - 1, v.shape[-1])
+    return ctx.unify_columns(lay, nd - 1, v.shape[-1])
 
 
 def sdpa_surgery(sctx, node) -> None:

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import fx
 
-from ..atoms import NONE, along, carrying_axes, filled, on_axis
+from ..atoms import NONE, along, carrying_axes, filled, known_grid, on_axis
 from ..registry import FlopsTerm, register
 
 
@@ -47,16 +47,6 @@ def parse(equation: str, ndims: list[int]) -> tuple[list[str], str] | None:
     else:
         rhs = rhs.replace("...", "".join(ell))
     return full, rhs
-
-
-def columns(ctx, lay: np.ndarray, axis: int, extent: int) -> np.ndarray:
-    """The atoms along ``axis``, unified across every other axis: the rows of a (heads x dim)
-    grid are pruned alike, the same positions in every head."""
-    rows = np.moveaxis(lay, axis, -1)
-    rows = np.broadcast_to(rows.reshape(-1, rows.shape[-1]), (rows.size // rows.shape[-1], extent))
-    if rows.shape[0] > 1:
-        ctx.unify(rows.copy(), np.broadcast_to(rows[0], rows.shape).copy())
-    return rows[0].copy()
 
 
 def _operands(node) -> list | None:
@@ -83,9 +73,9 @@ def einsum_rule(ctx, node):
         axes = carrying_axes(lay)
         if len(axes) > 1:  # (heads x dim): the same dim positions in every head, as attention prunes
             own = [d for d in axes if t[d] not in batch]
-            if len(own) != 1 or not (lay >= 0).all():
+            if len(own) != 1 or not known_grid(lay):
                 return ctx.unknown(f"{ctx.where()}: an operand carries channels on several axes")
-            lays[i] = on_axis(columns(ctx, lay, own[0], v.shape[own[0]]), own[0], v.dim())
+            lays[i] = on_axis(ctx.unify_columns(lay, own[0], v.shape[own[0]]), own[0], v.dim())
     letters = {t[carrying_axes(lay)[0]] for t, lay in zip(terms, lays) if carrying_axes(lay) and (lay >= 0).any()}
     kept, contracted = [c for c in letters if c in out], [c for c in letters if c not in out]
     if len(kept) > 1 or len(contracted) > 1:

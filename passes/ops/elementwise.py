@@ -56,12 +56,6 @@ def same_rule(ctx, node):
 
 register(*ACTIVATION_MODULES, *ACTIVATION_FUNCTIONS, *ACTIVATION_METHODS, chain="pass")(same_rule)
 
-
-@register("to", "type_as", chain="pass")
-def cast_rule(ctx, node):
-    """``x.to(other)`` / ``x.type_as(other)``: ``other`` lends its dtype and device, not its
-    values, so only ``x``'s layout passes (YOLO's anchors cast like a feature map)."""
-    return ctx.layout(node.args[0])
 # torchvision's stochastic depth: identity in eval, a per-sample (N,1,1,1) scale in training
 register_name("torchvision.ops.stochastic_depth.stochastic_depth", same_rule, chain="pass")
 annotate(nn.ReLU, nn.ReLU6, nn.SiLU, nn.GELU, nn.Hardswish, nn.Hardsigmoid, nn.Sigmoid, nn.Tanh,
@@ -105,6 +99,15 @@ DEAD_REGIONS = {
 }
 for _target, _dead in DEAD_REGIONS.items():
     annotate(_target, dead=_dead)
+
+# ----------------------------------------------------------------------------- casts, new tensors
+
+
+@register("to", "type_as", chain="pass")
+def cast_rule(ctx, node):
+    """``x.to(other)`` / ``x.type_as(other)``: ``other`` lends its dtype and device, not its
+    values, so only ``x``'s layout passes (YOLO's anchors cast like a feature map)."""
+    return ctx.layout(node.args[0])
 
 
 @register("new_zeros", "new_ones", "new_full", "new_empty", "new_tensor")

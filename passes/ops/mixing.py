@@ -13,10 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..atoms import NONE, UNKNOWN, along, carrying_axes, filled, fixed, on_axis
+from ..atoms import NONE, UNKNOWN, along, carrying_axes, filled, fixed, known_grid, on_axis
 from ..flow_types import Balance, NonEmpty
 from ..registry import FlopsTerm, annotate, node_arg, register
-from .einsum import columns
 from .params import adopt_params, erase_unused, evaluate, param_source, still_read
 from .tensors import empty, idx, one_tensor, set_tensor, take
 
@@ -308,8 +307,8 @@ def _over_heads(ctx, lay: np.ndarray, v) -> np.ndarray:
     lay = lay.reshape((1,) * (v.dim() - lay.ndim) + lay.shape)
     axes = carrying_axes(lay)
     own = [d for d in axes if d >= v.dim() - 2]
-    if len(own) == 1 and len(axes) > 1 and (lay >= 0).all():
-        return on_axis(columns(ctx, lay, own[0], v.shape[own[0]]), own[0], v.dim())
+    if len(own) == 1 and known_grid(lay):
+        return on_axis(ctx.unify_columns(lay, own[0], v.shape[own[0]]), own[0], v.dim())
     return lay
 
 

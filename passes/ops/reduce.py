@@ -11,9 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..atoms import NONE, along, carrying_axes, on_axis
+from ..atoms import NONE, along, carrying_axes, known_grid, on_axis
 from ..registry import annotate, register
-from .einsum import columns
 from .elementwise import broadcast_rule
 from .tensors import empty, one_tensor
 
@@ -163,10 +162,10 @@ def normalize_rule(ctx, node):
     if lay.shape[dim] == 1:
         return lay
     axes = carrying_axes(lay)
-    if not (isinstance(p, (int, float)) and p > 0) or (len(axes) > 1 and not (lay >= 0).all()):
+    if not (isinstance(p, (int, float)) and p > 0) or (len(axes) > 1 and not known_grid(lay)):
         ctx.inexact(lay, f"a p-norm with p = {p} over channels")
         return lay
     if len(axes) > 1:  # (heads x dim), as Swin V2 normalizes q and k: the same dims in every head
-        lay = on_axis(columns(ctx, lay, dim, v.shape[dim]), dim, v.dim())
+        lay = on_axis(ctx.unify_columns(lay, dim, v.shape[dim]), dim, v.dim())
     ctx.site(0, along(lay, dim, v.shape[dim]), dim, "reduce", 0.0)
     return lay

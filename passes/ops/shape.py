@@ -25,7 +25,8 @@ def reshape_surgery(sctx, node):
     of other channels, or of none, must not follow its own)."""
     layout = sctx.layout(node)
     pruned = isinstance(layout, np.ndarray) and (layout >= 0).any()
-    if not pruned and not any(pure_count(sctx, s, layout, None) for s in reshape_sizes(node, node.meta["val"].dim())[2]):
+    kind, first, sizes, packed = reshape_sizes(node, node.meta["val"].dim())
+    if not pruned and not any(pure_count(sctx, s, layout, None) for s in sizes):
         return
     extents = sctx.kept_extents(node) if pruned else list(node.meta["val"].shape)
     if node.op == "call_module":
@@ -34,7 +35,6 @@ def reshape_surgery(sctx, node):
             dim = m.dim % len(extents)
             m.unflattened_size = tuple(extents[dim:dim + len(m.unflattened_size)])
         return
-    kind, first, sizes, packed = reshape_sizes(node, len(extents))
     if kind is None:
         return
     if kind == "view" and len(sizes) == 1 and concatenated_sizes(sizes[0]):

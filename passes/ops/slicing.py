@@ -11,7 +11,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from ..atoms import along, carrying_axes, on_axis
+from ..atoms import along, known_grid, on_axis
 from ..flow_types import NonEmpty
 from ..registry import node_arg, register
 
@@ -139,7 +139,7 @@ def _grid_pieces(ctx, lay, dim, out):
     """Blocks of a channel grid split along one of its axes (YOLO12's area attention views
     one projection as heads x [q | k | v] and splits the second axis): each piece keeps its
     rows and columns; none may empty."""
-    if len(carrying_axes(lay)) < 2 or not (lay >= 0).all():
+    if not known_grid(lay):
         return ctx.unknown(f"{ctx.where()}: channels on several axes")
     pieces, start = [], 0
     for piece in out:
@@ -165,7 +165,7 @@ def unbind_rule(ctx, node):
     dim = ctx.arg(1, "dim", 0) % ctx.val(x).dim()
     if lay.shape[dim] == 1:
         return type(ctx.out())(np.squeeze(lay, dim) for _ in ctx.out())
-    if len(carrying_axes(lay)) < 2 or not (lay >= 0).all():
+    if not known_grid(lay):
         return ctx.unknown(f"{ctx.where()}: unbinds the channel axis")
     # a stacked axis of channel blocks (timm's qkv: (3, heads, dim) from one projection): each
     # slice keeps its own channels; none may empty, or the number of slices would change
@@ -288,7 +288,7 @@ def _pick_block(ctx, lay: np.ndarray, d: int) -> np.ndarray:
     position, so every block keeps the same positions and the index still picks the same
     block after pruning (a Grid dropping columns across the blocks costs nothing more). Of a
     plain channel vector it picks single channels: frozen."""
-    if len(carrying_axes(lay)) < 2 or not (lay >= 0).all():
+    if not known_grid(lay):
         ctx.freeze(lay, f"{ctx.where()}: picks single channels")
         return lay
     blocks = [np.take(lay, i, axis=d) for i in range(lay.shape[d])]
