@@ -134,7 +134,8 @@ def build(name: str) -> tuple[nn.Module, tuple, int]:
     model, px = MODELS[name]()
     randomize_norms(model, 0)
     model.eval()
-    return model, (torch.randn(1, 3, px, px, generator=torch.Generator().manual_seed(0)),), px
+    shape = (1, 3, px, px) if isinstance(px, int) else px  # a builder may give the whole shape (video)
+    return model, (torch.randn(*shape, generator=torch.Generator().manual_seed(0)),), px
 
 
 def fcm_flops(model: nn.Module, x: tuple) -> int:
@@ -324,6 +325,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", nargs="+", default=None, help="default: every model of the chosen list")
     ap.add_argument("--extra", action="store_true", help="the models of ecosystem_extra.py (section 13)")
+    ap.add_argument("--torchvision", action="store_true", help="the models of ecosystem_torchvision.py")
     ap.add_argument("--no-largest-cut", action="store_true", help="skip the ratio-0.99 run per model")
     ap.add_argument("--no-torch-pruning", action="store_true", help="skip the Torch-Pruning columns")
     ap.add_argument("--tag", default="", help="write bench_ecosystem_TAG.json")
@@ -332,7 +334,11 @@ def main() -> None:
         from ecosystem_extra import extra_models
         extra = extra_models(yolo, hf, smp_model, timm_model)
         MODELS.update(extra)
-    names = args.models or list(extra if args.extra else MODELS)
+    if args.torchvision:
+        from ecosystem_torchvision import torchvision_models
+        extra = torchvision_models()
+        MODELS.update(extra)
+    names = args.models or list(extra if args.extra or args.torchvision else MODELS)
     warnings.filterwarnings("ignore")
     torch.set_num_threads(1)
     signal.signal(signal.SIGALRM, _alarm)

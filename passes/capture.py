@@ -134,6 +134,7 @@ def _defaults_after(model: nn.Module, n_inputs: int | None) -> dict | None:
 
 
 _MODULE_INTERNALS = frozenset(vars(nn.Module()))
+_HOOK_DICTS = tuple(k for k, v in vars(nn.Module()).items() if "hook" in k and isinstance(v, dict))
 
 
 class python_state_kept:
@@ -144,7 +145,10 @@ class python_state_kept:
     Proxy, which a later trace would read from an old graph and which the user's model
     would keep. Dicts, lists and sets are restored in place, attributes the forward
     added are removed, buffers and parameters it reassigned (a recomputed table, YOLO's
-    anchors) are put back; submodules are not touched.
+    anchors) are put back, and hooks it registered are removed (Hugging Face installs its
+    output-recording hooks on the first forward and marks the model: with the mark
+    removed but the hooks kept, the next forward installed them twice and recorded every
+    hidden state twice); submodules are not touched.
 
     Example::
 
@@ -158,7 +162,8 @@ class python_state_kept:
             d = vars(m)
             attrs = {k: v for k, v in d.items() if k not in _MODULE_INTERNALS}
             containers = {k: copy.copy(v) for k, v in attrs.items() if isinstance(v, (dict, list, set))}
-            self.saved.append((m, attrs, containers, dict(m._buffers), dict(m._parameters), frozenset(d)))
+            hooks = tuple(tuple(d[k]) for k in _HOOK_DICTS)  # the handle ids of each hook dict
+            self.saved.append((m, attrs, containers, dict(m._buffers), dict(m._parameters), frozenset(d), hooks))
 
     def __enter__(self):
         return self
@@ -166,8 +171,12 @@ class python_state_kept:
     def __exit__(self, *exc):
         # set and map(is_not) comparisons: this runs over every module of every capture
         # (MobileNetV2: 5 ms of a 37 ms capture as per-key Python loops)
-        for m, attrs, containers, buffers, params, keys in self.saved:
+        for m, attrs, containers, buffers, params, keys, hooks in self.saved:
             d = vars(m)
+            for k, ids in zip(_HOOK_DICTS, hooks):
+                if len(d[k]) != len(ids):
+                    for added in d[k].keys() - set(ids):
+                        del d[k][added]
             for k in d.keys() - keys - _MODULE_INTERNALS:  # attributes the trace added
                 object.__delattr__(m, k)
             for store, saved in ((m._buffers, buffers), (m._parameters, params)):

@@ -58,18 +58,40 @@ class Specialisation:
         return f"specialised at {self.where}: `{self.code}` ({self.kind}: {self.value!r})"
 
 
-def _is_internal(filename: str) -> bool:
+def is_internal(filename: str) -> bool:
     """Frames of torch, softprune-fx, generated code and the standard library (not site-packages)."""
     if filename.startswith(("<", _TORCH_DIR, _PASSES_DIR, _PKG_DIR)):
         return True
     return filename.startswith(_STDLIB_DIR) and "site-packages" not in filename
 
 
+_USER_FILES: dict[str, bool] = {}
+
+
+def user_code(frame) -> bool:
+    """Whether ``frame`` runs the user's code (what the model would run for real), not torch,
+    fx, softprune-fx or the standard library. Code given as a string (``python -c``, exec) is
+    the user's; fx's generated code is not."""
+    name = frame.f_code.co_filename
+    known = _USER_FILES.get(name)
+    if known is None:
+        known = _USER_FILES[name] = not is_internal(name) or (
+            name.startswith("<") and not name.startswith(("<eval_with_key", "<frozen")))
+    return known
+
+
+def traced_tensor(proxy) -> bool:
+    """Whether a Proxy stands for a tensor (its recorded meta value is one); an attribute
+    proxy not yet recorded (``x.shape`` before use) is not looked at, so it stays lazy."""
+    node = proxy.__dict__.get("node") or proxy.__dict__.get("_node")
+    return node is not None and isinstance(node.meta.get("val"), torch.Tensor)
+
+
 def user_frame(frame=None) -> tuple[str, str]:
     """``("file:line", source text)`` of the innermost frame outside torch, softprune-fx
     and the standard library, from the current stack (or from ``frame`` outwards)."""
     f = frame or sys._getframe(1)
-    while f is not None and _is_internal(f.f_code.co_filename):
+    while f is not None and is_internal(f.f_code.co_filename):
         f = f.f_back
     if f is None:
         return "?", ""
@@ -80,7 +102,7 @@ def traceback_line(exc: BaseException) -> str:
     """``file:line`` of the innermost user frame of an exception's traceback ('' if none)."""
     tb, found = exc.__traceback__, ""
     while tb is not None:
-        if not _is_internal(tb.tb_frame.f_code.co_filename):
+        if not is_internal(tb.tb_frame.f_code.co_filename):
             found = _place(tb.tb_frame.f_code.co_filename, tb.tb_lineno)[0]
         tb = tb.tb_next
     return found

@@ -1,18 +1,22 @@
 """What the specialising tracer patches while it runs: torch's factories (sizes given as
-proxies record a node) and ``nn.Module.__setattr__`` (a traced value assigned to a buffer).
+proxies record a node), ``nn.Module.__setattr__`` (a traced value assigned to a buffer) and
+``torch.is_tensor`` (a traced tensor is one, in the model's own code).
 
 Example::
 
-    with factories_patched(tracer), proxy_buffer_writes():
+    with factories_patched(tracer), proxy_buffer_writes(), TensorChecks(proxy_types):
         graph = fx.Tracer.trace(tracer, model)
 """
 from __future__ import annotations
 
 import contextlib
+import sys
 
 import torch
 import torch.fx as fx
 from torch import nn
+
+from .specialise import is_internal, traced_tensor, user_code
 
 #: torch factories patched while tracing so that sizes given as proxies record a node
 #: (``torch.zeros(h, w)`` takes sizes as varargs, which plain fx cannot see)
@@ -69,3 +73,61 @@ def proxy_buffer_writes():
         yield
     finally:
         nn.Module.__setattr__ = orig
+
+
+class TensorChecks:
+    """``isinstance(x, torch.Tensor)`` and ``torch.is_tensor(x)`` in the model's own code are
+    True for a traced tensor, as in the real run: a Proxy is no Tensor, so the trace took the
+    other branch silently (``tuple(v for v in out.values() if isinstance(v, torch.Tensor))``
+    traced to ``()``).
+
+    ``isinstance`` is answered in the globals of the user's modules whose code the tracer
+    runs (``answer_in``, for the root's forward and each traced submodule's): torch, fx and
+    the standard library keep the builtin, so the trace pays nothing for their many calls,
+    and no ``__class__`` trick is used (torch's C++ argument parsing honours ``__class__``
+    and would read a Proxy as a tensor). Everything is restored on exit.
+
+    Example::
+
+        with TensorChecks((SpecProxy, SpecAttribute)) as checks:
+            checks.answer_in(type(model).forward.__globals__)
+    """
+
+    def __init__(self, proxy_types: tuple):
+        self.proxy_types = proxy_types
+        self.touched: list[dict] = []
+        self.seen: set[int] = set()
+
+    def isinstance(self, obj, cls) -> bool:
+        if type(obj) in self.proxy_types and traced_tensor(obj):
+            return _isinstance(obj, cls) or _isinstance(obj.node.meta["val"], cls)
+        return _isinstance(obj, cls)
+
+    def is_tensor(self, obj) -> bool:
+        if type(obj) in self.proxy_types and user_code(sys._getframe(1)):
+            return traced_tensor(obj)
+        return _is_tensor(obj)
+
+    def answer_in(self, module_globals: dict) -> None:
+        """Answer ``isinstance`` for the code of the module owning ``module_globals``."""
+        if id(module_globals) in self.seen:
+            return
+        self.seen.add(id(module_globals))
+        if "isinstance" in module_globals or is_internal(module_globals.get("__file__") or ""):
+            return  # a module's own ``isinstance`` is left alone; torch and the stdlib keep theirs
+        module_globals["isinstance"] = self.isinstance
+        self.touched.append(module_globals)
+
+    def __enter__(self):
+        torch.is_tensor = self.is_tensor
+        return self
+
+    def __exit__(self, *exc):
+        torch.is_tensor = _is_tensor
+        for g in self.touched:
+            if g.get("isinstance") == self.isinstance:
+                del g["isinstance"]
+        self.touched.clear()
+
+
+_isinstance, _is_tensor = isinstance, torch.is_tensor

@@ -17,8 +17,10 @@ Example::
 from __future__ import annotations
 
 import copy
+import inspect
 import math
 import operator
+import sys
 import types
 from typing import Any, Iterable
 
@@ -30,7 +32,7 @@ from torch.utils._pytree import tree_leaves, tree_map_only
 
 from .specialise import (META, DataDependentError, Specialisation, batch_bound, flat_reads, meta_call,
                          meta_like, node_reads, render, traceback_line, user_frame)
-from .trace_patches import FACTORIES, factories_patched, proxy_buffer_writes
+from .trace_patches import FACTORIES, TensorChecks, factories_patched, proxy_buffer_writes
 
 
 
@@ -174,6 +176,8 @@ class SpecialisingTracer(ChannelTracer):
             self._from_input.add(p.node)
             proxies.append(p)
 
+        self._checks.answer_in(_code_globals(root_fn))
+
         def exact(*args):
             return root_fn(*args)
         # the user's globals, so fx still autowraps what their module imported
@@ -255,6 +259,7 @@ class SpecialisingTracer(ChannelTracer):
     def call_module(self, m, forward, args, kwargs):
         if self._in_meta:
             return forward(*args, **kwargs)
+        self._checks.answer_in(_code_globals(type(m).forward))
         return super().call_module(m, forward, args, kwargs)
 
     def getattr(self, attr, attr_val, parameter_proxy_cache):
@@ -344,7 +349,8 @@ class SpecialisingTracer(ChannelTracer):
 
     # ------------------------------------------------------------------ tracing
     def trace(self, root, concrete_args=None):
-        with factories_patched(self), proxy_buffer_writes():
+        with factories_patched(self), proxy_buffer_writes(), TensorChecks((SpecProxy, SpecAttribute)) as checks:
+            self._checks = checks
             return super().trace(root, concrete_args)
 
 
@@ -356,6 +362,13 @@ def _has_tensor(value: Any) -> bool:
     if isinstance(value, (int, float, bool, str, type(None), torch.Size, torch.dtype, torch.device)):
         return False
     return any(isinstance(v, torch.Tensor) for v in tree_leaves(value))
+
+
+def _code_globals(fn) -> dict:
+    """The globals of the module that defines ``fn`` (through decorators such as HF's
+    ``can_return_tuple``, which keep ``__wrapped__``)."""
+    fn = inspect.unwrap(getattr(fn, "__func__", fn))
+    return getattr(fn, "__globals__", None) or {}
 
 
 def _input_names(root_fn, n: int, is_module: bool) -> list[str]:

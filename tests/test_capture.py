@@ -191,3 +191,66 @@ def test_captured_module_generates_its_code_on_first_use_and_then_runs_the_model
         assert "def forward" in gm.code and "def forward" in str(gm)
         assert torch.equal(twin(*inputs), want)
         assert torch.equal(pickle.loads(pickle.dumps(gm))(*inputs), want)
+
+
+class TypeChecked(nn.Module):
+    """Python that asks whether a value is a tensor, as HF output filtering and many
+    forwards do: traced, the answer must be the real run's (a Proxy is no Tensor)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.bn, self.b = nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        y = torch.relu(self.bn(self.a(x)))
+        y = y * 2 if isinstance(y, torch.Tensor) else y  # taken in the real run
+        outs = {"logits": self.b(y), "count": 3, "none": None}
+        tensors = tuple(v for v in outs.values() if isinstance(v, torch.Tensor))
+        return tensors + tuple(v for v in outs.values() if torch.is_tensor(v))
+
+
+def test_type_checks_in_the_models_code_answer_as_the_real_run():
+    model, x = TypeChecked().eval(), torch.randn(1, 3, 12, 12)
+    gm = capture(model, (x,))
+    want, got = model(x), gm(x)
+    assert len(got) == len(want) == 2  # a Proxy answered "no tensor": () was traced
+    assert all(torch.allclose(w, g) for w, g in zip(want, got))
+    assert not isinstance(torch.fx.Proxy(gm.graph.output_node()), torch.Tensor)  # outside a trace: as before
+    cg = sp.analyze(model, (x,))
+    drop = {g.id: [0, 1] for g in cg.groups if g.prunable}
+    assert drop
+    ref, out = sp.masked(model, (x,), drop)(x), sp.prune_channels(model, (x,), drop)(x)
+    assert all(torch.allclose(r, o, atol=1e-6) for r, o in zip(ref, out))
+
+
+class HooksOnFirstCall(nn.Module):
+    """As Hugging Face's output recording: the first forward registers hooks that collect
+    every block's output and marks the model; later forwards read what they collected."""
+
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList(nn.Sequential(nn.Conv2d(c, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+                                    for c in (3, 8))
+        self.head = nn.Conv2d(16, 4, 1)
+
+    def forward(self, x):
+        if not getattr(self, "_hooked", False):
+            for b in self.blocks:
+                b.register_forward_hook(lambda m, args, out: self._seen.append(out))
+            self._hooked = True
+        self._seen = []
+        for b in self.blocks:
+            x = b(x)
+        return self.head(torch.cat(self._seen, 1))
+
+
+def test_hooks_a_forward_registers_are_removed_with_the_state_it_wrote():
+    model, x = HooksOnFirstCall().eval(), torch.randn(1, 3, 8, 8)
+    hooks = [len(b._forward_hooks) for b in model.blocks]
+    for _ in range(2):  # a second analysis traces the same model as the first did
+        cg = sp.analyze(model, (x,))
+        assert [len(b._forward_hooks) for b in model.blocks] == hooks and not hasattr(model, "_hooked")
+        assert torch.allclose(cg.gm(x), model(x))
+        del model._hooked, model._seen  # the real forward above hooked the model: back to unhooked
+        for b in model.blocks:
+            b._forward_hooks.clear()

@@ -233,3 +233,26 @@ def test_count_sizing_other_channels_of_the_same_width_is_written_out():
     for seed in range(3):
         drop = random_drop(cg, seed)
         assert rel_err(outputs(sp.masked(net, x, drop), x), outputs(sp.prune_channels(net, x, drop), x)) <= 1e-12
+
+
+def test_a_whole_shape_sizing_other_channels_is_written_out():
+    """DPT's neck: ``proj(x.flatten(2).mT).mT.reshape(x.shape)``: the projection's output takes
+    the stream's whole shape; the stream's count is written as the projection's pruned width,
+    the batch and spatial sizes stay read from the shape, and both groups prune apart."""
+    class Readout(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.proj, self.b = nn.Conv2d(3, 8, 3, padding=1), nn.Linear(8, 8), nn.Conv2d(8, 4, 1)
+
+        def forward(self, x):
+            x = torch.relu(self.a(x))
+            y = self.proj(x.flatten(2).transpose(1, 2)).transpose(1, 2).reshape(x.shape)
+            return self.b(torch.relu(y))
+
+    torch.manual_seed(0)
+    net, x = Readout().double().eval(), (torch.randn(2, 3, 8, 8, dtype=torch.float64),)
+    cg = sp.analyze(net, x)
+    a, proj = (next(g for g in cg.groups if p in g.producers) for p in ("a", "proj"))
+    assert a.prunable and proj.prunable and a is not proj
+    for drop in ({a.id: [0, 1, 2], proj.id: [5]}, {a.id: [7]}, {proj.id: [0, 3]}, random_drop(cg, 0)):
+        assert rel_err(outputs(sp.masked(net, x, drop), x), outputs(sp.prune_channels(net, x, drop), x)) <= 1e-12

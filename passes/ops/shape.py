@@ -14,7 +14,7 @@ from ..atoms import NONE, UNKNOWN, along, carrying_axes, filled, fixed_extent, o
 from ..flow_types import ChannelCount, Grid
 from ..registry import register
 from .sizes import (axis_sizes, concatenated_sizes, constant_size, joined_sizes, pure_count, reemit_concatenated,
-                    reshape_sizes)
+                    reemit_whole_shape, reshape_sizes, whole_shape)
 
 # ----------------------------------------------------------------------------- reshapes
 
@@ -26,7 +26,8 @@ def reshape_surgery(sctx, node):
     layout = sctx.layout(node)
     pruned = isinstance(layout, np.ndarray) and (layout >= 0).any()
     kind, first, sizes, packed = reshape_sizes(node, node.meta["val"].dim())
-    if not pruned and not any(pure_count(sctx, s, layout, None) for s in sizes):
+    whole = kind == "view" and len(sizes) == 1 and whole_shape(sizes[0])
+    if not pruned and not whole and not any(pure_count(sctx, s, layout, None) for s in sizes):
         return
     extents = sctx.kept_extents(node) if pruned else list(node.meta["val"].shape)
     if node.op == "call_module":
@@ -39,6 +40,9 @@ def reshape_surgery(sctx, node):
         return
     if kind == "view" and len(sizes) == 1 and concatenated_sizes(sizes[0]):
         reemit_concatenated(sctx, node, extents)
+        return
+    if whole:
+        reemit_whole_shape(sctx, node, extents, layout)
         return
     new = [extents[first + i] if constant_size(s) not in (None, -1) or pure_count(sctx, s, layout, first + i)
            else s for i, s in enumerate(sizes)]

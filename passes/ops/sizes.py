@@ -1,6 +1,6 @@
 """The size arguments of view/reshape/unflatten: where each output axis takes its size
 from (an int, a channel count, another run-time value), and how surgery re-emits them
-(Hugging Face's ``x.size()[:-2] + (all_head_size,)`` included).
+(Hugging Face's ``x.size()[:-2] + (all_head_size,)`` and whole shapes included).
 
 Example::
 
@@ -21,7 +21,11 @@ def pure_count(sctx, s, layout, d: int | None) -> bool:
     """A size node that is a pure channel count (a model constant) sizing axis ``d`` of
     ``layout`` that does not carry those channels: re-emitted as an int. One that sizes its
     own channels follows them at run time and stays (exporters keep its shape arithmetic)."""
-    lay = sctx.flow.layouts.get(s) if isinstance(s, fx.Node) else None
+    return constant_count(sctx.flow.layouts.get(s) if isinstance(s, fx.Node) else None, layout, d)
+
+
+def constant_count(lay, layout, d: int | None) -> bool:
+    """``pure_count`` for the layout ``lay`` of a size (a node's, or an item of a shape's)."""
     if not (isinstance(lay, ChannelCount) and lay.pure):
         return False
     if d is None or not isinstance(layout, np.ndarray) or layout.shape[d] == 1:
@@ -78,6 +82,29 @@ def reemit_concatenated(sctx, node, extents: list[int]) -> None:
     node.args = (node.args[0], joined, *node.args[2:])
 
 
+def whole_shape(arg) -> bool:
+    """A view's sizes given as one traced shape (``x.reshape(y.shape)``, DPT's
+    ``reshape(feature_shape)``): each item sizes the output axis of its position."""
+    return isinstance(arg, fx.Node) and isinstance(arg.meta.get("val"), (tuple, list))
+
+
+def reemit_whole_shape(sctx, node, extents: list[int], layout) -> None:
+    """A whole shape whose items include pure counts sizing other channels (the readout
+    projection's output reshaped to the stream's shape): the size becomes a tuple of its
+    items, those counts written as the pruned extents, the rest read from the shape."""
+    shape = node.args[1]
+    items = sctx.flow.layouts.get(shape)
+    items = items if isinstance(items, tuple) else (None,) * len(extents)
+    if not any(constant_count(lay, layout, d) for d, lay in enumerate(items)):
+        return
+    new = []
+    with sctx.graph.inserting_before(node):
+        for d, lay in enumerate(items):
+            new.append(extents[d] if constant_count(lay, layout, d)
+                       else sctx.graph.call_function(operator.getitem, (shape, d)))
+    node.args = (node.args[0], tuple(new), *node.args[2:])
+
+
 def reshape_sizes(node, ndim: int) -> tuple:
     """``(kind, first output axis, size arguments, packed)`` of a view/reshape (kind "view")
     or unflatten call, ``packed`` when the sizes came as one tuple; kind None otherwise.
@@ -103,9 +130,9 @@ def axis_sizes(ctx, node, nd: int) -> dict:
     from a channel axis: it follows that axis), or None (another run-time value, which stays as
     traced). Axes sized by -1 or not named are left out."""
     _, first, sizes, _ = reshape_sizes(node, nd)
-    if len(sizes) == 1 and concatenated_sizes(sizes[0]):
+    if len(sizes) == 1 and (concatenated_sizes(sizes[0]) or whole_shape(sizes[0])):
         items = []
-        for side in sizes[0].args:
+        for side in (sizes[0].args if concatenated_sizes(sizes[0]) else sizes):
             lay = side if isinstance(side, tuple) else ctx.flow.layouts.get(side)
             n = len(side) if isinstance(side, tuple) else len(ctx.val(side))
             items += [CONSTANT] * n if isinstance(side, tuple) else (
