@@ -29,6 +29,7 @@ from typing import Any, Iterable
 import torch
 import torch.fx as fx
 from torch import nn
+from torch.fx.immutable_collections import immutable_dict, immutable_list
 from torch.utils._pytree import tree_leaves, tree_map_only
 
 from .errors import CaptureError
@@ -38,6 +39,7 @@ from .specialise import traceback_line
 from .tracer import ChannelTracer, SpecialisingTracer, one_line as _one_line  # noqa: F401 (re-exported)
 
 MAX_LEAF_RETRIES = 64
+_IMMUTABLE = (immutable_list, immutable_dict)
 
 try:  # code generated on first use: the analysis interprets its graph and every pass forks it,
     # so an eager compile of the captured graph was a fifth to a third of capture (MobileNetV2:
@@ -212,6 +214,16 @@ def _meta_twin(module: nn.Module) -> nn.Module:
     return copy.deepcopy(module, memo)
 
 
+def plain_containers(args):
+    """fx hands node arguments over as immutable lists and dicts; the generated code passes
+    fresh ones, and a function that edits its list argument (torchvision's Swin3D window
+    sizes) fails on the immutable copy: interpreters pass plain ones, as the code does."""
+    if not any(type(a) in _IMMUTABLE for a in args):
+        return args
+    return type(args)(list(a) if type(a) is immutable_list else dict(a) if type(a) is immutable_dict else a
+                      for a in args)
+
+
 class MetaShapeProp(fx.Interpreter):
     """Runs a GraphModule on meta tensors and stores each node's value in ``node.meta["val"]``.
 
@@ -237,7 +249,7 @@ class MetaShapeProp(fx.Interpreter):
                 value = _to_meta(self.fetch_attr(n.target))
             else:
                 try:
-                    value = getattr(self, n.op)(n.target, args, kwargs)
+                    value = getattr(self, n.op)(n.target, plain_containers(args), kwargs)
                 except Exception:  # noqa: BLE001 - no meta kernel: run on zeros instead
                     value = self._run_on_zeros(n, args, kwargs)
             n.meta["val"] = value

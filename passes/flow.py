@@ -249,12 +249,19 @@ def _node_layout(ctx: FlowContext, node: fx.Node) -> Any:
     entry = lookup(node, ctx.modules)
     if entry is not None:
         try:
-            return entry.rule(ctx, node)
+            layout = entry.rule(ctx, node)
         except Exception as exc:  # noqa: BLE001 - a rule that cannot follow the op freezes
             if strict_mode():
                 exc.add_note(f"in the channel rule of {ctx.where()} (strict mode: SOFTPRUNE_STRICT)")
                 raise
             return ctx.unknown(f"{ctx.where()}: rule failed ({type(exc).__name__}: {exc})")
+        if layout is None and _has_tensor(value):
+            # no layout for a tensor: its readers could not see the channels it carries,
+            # which would then be pruned under them (a leaf fed through nn.Identity(tuple))
+            if strict_mode():
+                raise AssertionError(f"the channel rule of {ctx.where()} gave no layout for a tensor output")
+            return ctx.unknown(f"{ctx.where()}: the rule gave no layout for its output")
+        return layout
     if not any(_has_tensor(ctx.val(a)) for a in node.all_input_nodes) and not _has_tensor(value):
         return None  # plain Python arithmetic on sizes
     return ctx.unknown()

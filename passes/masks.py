@@ -15,6 +15,7 @@ import torch
 import torch.fx as fx
 from torch.fx.node import map_arg
 
+from .capture import plain_containers
 from .flow import ChannelFlow, Site
 from .plan import Plan
 
@@ -89,7 +90,7 @@ class HardMaskedRun(fx.Interpreter):
             op = node.op
             if op == "output":
                 return self.graph.process_outputs(map_arg(node.args[0], get))
-            args, kwargs = map_arg(node.args, get), map_arg(node.kwargs, get)
+            args, kwargs = plain_containers(map_arg(node.args, get)), map_arg(node.kwargs, get)
             masks = masks_of.get(node)
             if masks is not None:
                 args, kwargs = list(args), dict(kwargs)

@@ -80,11 +80,15 @@ def user_code(frame) -> bool:
     return known
 
 
+def traced_value(proxy, missing=None):
+    """The recorded meta value a Proxy stands for (``missing`` when it has none); an
+    attribute proxy (``x.shape``) is recorded first."""
+    return proxy.node.meta.get("val", missing)
+
+
 def traced_tensor(proxy) -> bool:
-    """Whether a Proxy stands for a tensor (its recorded meta value is one); an attribute
-    proxy not yet recorded (``x.shape`` before use) is not looked at, so it stays lazy."""
-    node = proxy.__dict__.get("node") or proxy.__dict__.get("_node")
-    return node is not None and isinstance(node.meta.get("val"), torch.Tensor)
+    """Whether a Proxy stands for a tensor (its recorded meta value is one)."""
+    return isinstance(traced_value(proxy), torch.Tensor)
 
 
 def user_frame(frame=None) -> tuple[str, str]:

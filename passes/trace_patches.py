@@ -16,7 +16,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from .specialise import is_internal, traced_tensor, user_code
+from .specialise import is_internal, traced_tensor, traced_value, user_code
 
 #: torch factories patched while tracing so that sizes given as proxies record a node
 #: (``torch.zeros(h, w)`` takes sizes as varargs, which plain fx cannot see)
@@ -76,10 +76,11 @@ def proxy_buffer_writes():
 
 
 class TensorChecks:
-    """``isinstance(x, torch.Tensor)`` and ``torch.is_tensor(x)`` in the model's own code are
-    True for a traced tensor, as in the real run: a Proxy is no Tensor, so the trace took the
-    other branch silently (``tuple(v for v in out.values() if isinstance(v, torch.Tensor))``
-    traced to ``()``).
+    """``isinstance(x, ...)`` and ``torch.is_tensor(x)`` in the model's own code answer for the
+    value a Proxy stands for, as in the real run: a Proxy is no Tensor and no tuple, so the
+    trace took the other branch silently (``tuple(v for v in out.values() if isinstance(v,
+    torch.Tensor))`` traced to ``()``; ZoeDepth's neck raised on ``isinstance(hidden_states,
+    (tuple, list))`` and became a leaf).
 
     ``isinstance`` is answered in the globals of the user's modules whose code the tracer
     runs (``answer_in``, for the root's forward and each traced submodule's): torch, fx and
@@ -99,8 +100,9 @@ class TensorChecks:
         self.seen: set[int] = set()
 
     def isinstance(self, obj, cls) -> bool:
-        if type(obj) in self.proxy_types and traced_tensor(obj):
-            return _isinstance(obj, cls) or _isinstance(obj.node.meta["val"], cls)
+        if type(obj) in self.proxy_types:  # the real run's value: a tensor, a tuple of them, a size
+            value = traced_value(obj, _MISSING)
+            return _isinstance(obj, cls) or (value is not _MISSING and _isinstance(value, cls))
         return _isinstance(obj, cls)
 
     def is_tensor(self, obj) -> bool:
@@ -131,3 +133,4 @@ class TensorChecks:
 
 
 _isinstance, _is_tensor = isinstance, torch.is_tensor
+_MISSING = object()

@@ -11,6 +11,15 @@ from softprune_fx.passes.capture import capture
 from softprune_fx.passes.errors import CaptureError
 
 
+def _window(x, size):
+    """Edits its list argument, as torchvision's Swin3D ``_get_window_and_shift_size``."""
+    size[0] = min(size[0], x.shape[-1])
+    return x * size[0]
+
+
+torch.fx.wrap("_window")
+
+
 def state(model):
     return {k: v.clone() for k, v in model.state_dict().items()}
 
@@ -254,3 +263,21 @@ def test_hooks_a_forward_registers_are_removed_with_the_state_it_wrote():
         del model._hooked, model._seen  # the real forward above hooked the model: back to unhooked
         for b in model.blocks:
             b._forward_hooks.clear()
+
+
+def test_a_wrapped_function_may_edit_its_list_argument():
+    """fx stores a call's list arguments immutably; the generated code passes fresh lists,
+    and so must every interpreter of the graph (shapes after surgery, the masked reference)."""
+    class Windowed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.bn, self.b = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.Conv2d(8, 4, 1)
+
+        def forward(self, x):
+            return self.b(torch.relu(self.bn(self.a(x)))) * _window(x.new_ones(1), [16, 7])
+
+    model, x = Windowed().eval(), torch.randn(1, 3, 8, 8)
+    cg = sp.analyze(model, (x,))
+    assert any(n.target is _window for n in cg.gm.graph.nodes)
+    pruned, result = sp.prune_one_shot(model, (x,), 0.3, round_to=None)
+    assert result.achieved_ratio > 0 and torch.allclose(cg.gm(x), model(x))

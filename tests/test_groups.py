@@ -151,6 +151,40 @@ def test_unknown_op_freezes_with_reason():
     assert containing(cg, "a").prunable
 
 
+class PairLeaf(nn.Module):
+    """A user leaf that reads a tuple of feature maps (ZoeDepth's neck behind ``nn.Identity``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Conv2d(16, 4, 1)
+
+    def forward(self, pair):
+        return self.proj(torch.cat(list(pair), 1))
+
+
+class IdentityOverPair(nn.Module):
+    def __init__(self, leaf: bool):
+        super().__init__()
+        self.a, self.b, self.ident = nn.Conv2d(3, 8, 3), nn.Conv2d(3, 8, 3), nn.Identity()
+        self.head = PairLeaf() if leaf else nn.Conv2d(16, 4, 1)
+        self.leaf = leaf
+
+    def forward(self, x):
+        pair = self.ident((torch.relu(self.a(x)), torch.relu(self.b(x))))
+        return self.head(pair if self.leaf else torch.cat(pair, 1))
+
+
+@pytest.mark.parametrize("leaf", [False, True])
+def test_identity_over_a_tuple_passes_each_layout_and_a_leaf_behind_it_freezes_them(leaf):
+    net, x = IdentityOverPair(leaf).eval(), (torch.randn(1, 3, 10, 10),)
+    cg = sp.analyze(net, x, leaf_modules=(PairLeaf,) if leaf else ())
+    a, b = containing(cg, "a"), containing(cg, "b")
+    assert a.prunable != leaf and b.prunable != leaf  # a leaf's inputs are frozen, tuple items too
+    if not leaf:
+        drop = random_drop(cg, 0)
+        assert drop and rel_err(outputs(sp.masked(net, x, drop), x), outputs(sp.prune_channels(net, x, drop), x)) <= 1e-5
+
+
 def my_act(x):
     return x * torch.sigmoid(x)
 

@@ -49,9 +49,12 @@ ACTIVATION_METHODS = (
 def same_rule(ctx, node):
     """Per-element ops: the layout of the first argument passes through (tensor
     arguments beside it, such as per-channel clamp bounds, are unified with it)."""
+    x = node.args[0] if node.args else node.kwargs.get("input")
+    if isinstance(x, (tuple, list)):  # nn.Identity over a structure: each item's layout passes
+        return type(x)(ctx.layout(item) for item in x)
     if len(node.all_input_nodes) > 1:
         return broadcast_rule(ctx, node)
-    return ctx.layout(node.args[0]) if node.args else ctx.layout(node.kwargs.get("input"))
+    return ctx.layout(x)
 
 
 register(*ACTIVATION_MODULES, *ACTIVATION_FUNCTIONS, *ACTIVATION_METHODS, chain="pass")(same_rule)
