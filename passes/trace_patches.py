@@ -1,6 +1,7 @@
 """What the specialising tracer patches while it runs: torch's factories (sizes given as
 proxies record a node), ``nn.Module.__setattr__`` (a traced value assigned to a buffer) and
-``torch.is_tensor`` (a traced tensor is one, in the model's own code).
+``torch.is_tensor``/``isinstance``/``torch.finfo`` (answered for the traced value, as in the
+real run).
 
 Example::
 
@@ -110,6 +111,13 @@ class TensorChecks:
             return traced_tensor(obj)
         return _is_tensor(obj)
 
+    def finfo(self, dtype=None):
+        """``torch.finfo(x.dtype)`` (RT-DETR's anchors): the dtype a traced ``.dtype`` stands for."""
+        return _finfo(traced_value(dtype) if type(dtype) in self.proxy_types else dtype)
+
+    def iinfo(self, dtype):
+        return _iinfo(traced_value(dtype) if type(dtype) in self.proxy_types else dtype)
+
     def answer_in(self, module_globals: dict) -> None:
         """Answer ``isinstance`` for the code of the module owning ``module_globals``."""
         if id(module_globals) in self.seen:
@@ -121,16 +129,16 @@ class TensorChecks:
         self.touched.append(module_globals)
 
     def __enter__(self):
-        torch.is_tensor = self.is_tensor
+        torch.is_tensor, torch.finfo, torch.iinfo = self.is_tensor, self.finfo, self.iinfo
         return self
 
     def __exit__(self, *exc):
-        torch.is_tensor = _is_tensor
+        torch.is_tensor, torch.finfo, torch.iinfo = _is_tensor, _finfo, _iinfo
         for g in self.touched:
             if g.get("isinstance") == self.isinstance:
                 del g["isinstance"]
         self.touched.clear()
 
 
-_isinstance, _is_tensor = isinstance, torch.is_tensor
+_isinstance, _is_tensor, _finfo, _iinfo = isinstance, torch.is_tensor, torch.finfo, torch.iinfo
 _MISSING = object()

@@ -136,6 +136,11 @@ class SpecProxy(fx.Proxy):
     def keys(self):
         return self.tracer.spec_keys(self)
 
+    def __setitem__(self, index, value):
+        """``t[index] = v``: recorded as ``operator.setitem`` (side-effectful, kept in order),
+        which the channel analysis freezes; fx's own Proxy cannot be written to."""
+        self.tracer.create_proxy("call_function", operator.setitem, (self, index, value), {})
+
 
 class SpecAttribute(SpecProxy, fx.proxy.Attribute):
     """``x.shape``, ``x.size``...: a lazy attribute node, with SpecProxy's conversions."""

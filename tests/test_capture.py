@@ -281,3 +281,20 @@ def test_a_wrapped_function_may_edit_its_list_argument():
     assert any(n.target is _window for n in cg.gm.graph.nodes)
     pruned, result = sp.prune_one_shot(model, (x,), 0.3, round_to=None)
     assert result.achieved_ratio > 0 and torch.allclose(cg.gm(x), model(x))
+
+
+def test_dtype_limits_of_a_traced_value_are_read_as_in_the_real_run():
+    class Clamped(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Conv2d(3, 8, 3), nn.Conv2d(8, 4, 1)
+
+        def forward(self, x):
+            y = self.a(x)
+            big = torch.finfo(y.dtype).max - torch.iinfo(torch.int8).max  # RT-DETR's anchors, HF's clamps
+            return self.b(torch.where(y > 0, y, torch.full((), big, dtype=y.dtype)).clamp(max=1.0))
+
+    model, x = Clamped().eval(), torch.randn(1, 3, 8, 8)
+    gm = capture(model, (x,))
+    assert not gm.meta["untraced"] and torch.allclose(gm(x), model(x))
+    assert torch.finfo is torch.finfo(torch.float32).__class__  # restored after the trace

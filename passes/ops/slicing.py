@@ -282,6 +282,16 @@ def getitem_rule(ctx, node):
     return np.ascontiguousarray(out)
 
 
+@register(operator.setitem)
+def setitem_rule(ctx, node):
+    """``t[index] = v`` (RT-DETR's table of level shapes, BEiT's relative coordinates): an
+    in-place write that the layouts of ``t``'s readers do not see, so the channels of ``t``
+    and of ``v`` are frozen (a table without channels loses nothing). Its value is None."""
+    for arg in node.all_input_nodes:
+        ctx.freeze(ctx.layout(arg), f"{ctx.where()}: written in place")
+    return None
+
+
 def _pick_block(ctx, lay: np.ndarray, d: int) -> np.ndarray:
     """An int index on a channel axis. Of a grid of channel blocks (segformer's ``kv[0]``,
     ``kv[1]`` of a (2, heads, dim) view) it picks a block: the blocks are unified position by

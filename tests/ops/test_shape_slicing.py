@@ -9,6 +9,19 @@ from harness import case_ids, check
 from torch import nn
 
 M = lambda s, x: s.m(x)  # noqa: E731
+def _level_table(s, x):
+    """RT-DETR's table of level shapes, written in place: it carries no channels."""
+    table = x.new_zeros(2, 2)
+    table[0, 1] = x.shape[3]
+    return x + table.sum()
+
+
+def _overwrite_channel(s, x):
+    y = x * 2
+    y[:, 0] = 0.0  # the readers of y would not see the write
+    return y
+
+
 CASES = [
     # reshapes (the head reads the result: 3-d -> conv1d, 5-d -> conv3d, 2-d -> linear)
     (torch.reshape, lambda s, x: torch.reshape(x, (2, 8, 64)), None, True),
@@ -113,6 +126,8 @@ CASES = [
     # blocks of a (2, 4) channel grid picked by int (segformer's kv[0], kv[1]); single channels frozen
     (operator.getitem, lambda s, x: (lambda kv: kv[:, 0] * kv[:, 1])(x.view(2, 2, 4, 8, 8)), None, True),
     (operator.getitem, lambda s, x: x[:, 2:3] * x[:, 5].unsqueeze(1), None, "picks single channels"),
+    (operator.setitem, _level_table, None, True),
+    (operator.setitem, _overwrite_channel, None, "written in place"),
     (F.pad, lambda s, x: F.pad(x, (1, 1, 1, 1)), None, True),
     (F.pad, lambda s, x: F.pad(x, (0, 0, 0, 0, 2, 1)), None, True),  # channel pad: owned channels
 ]
