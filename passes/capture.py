@@ -36,6 +36,7 @@ from .errors import CaptureError
 from .inputs import as_inputs as as_input_tuple  # noqa: F401 (one normaliser for both)
 from .shapes import fast_function_shape, fast_module_shape
 from .specialise import traceback_line
+from .trace_patches import FACTORIES
 from .tracer import ChannelTracer, SpecialisingTracer, one_line as _one_line  # noqa: F401 (re-exported)
 
 MAX_LEAF_RETRIES = 64
@@ -256,6 +257,8 @@ class MetaShapeProp(fx.Interpreter):
             return value
 
     def call_function(self, target, args, kwargs):
+        if target in FACTORIES:  # torch.rand & co. on the meta device too: no memory, no random numbers drawn
+            kwargs = {**kwargs, "device": "meta"}
         fast = fast_function_shape(target, args, kwargs) if self.fast else None
         return fast if fast is not None else super().call_function(target, args, kwargs)
 

@@ -75,6 +75,7 @@ def cmd_deps(args, out: Console, rep: Reporter) -> int:
         model, inputs = prepare(args)
     with rep.step("analysing channel dependencies"):
         cg = analyze(model, inputs, **analysis_options(args))
+        cg.check_capture(model)
         totals = dependency_totals(model, inputs, cg)
     out.print(cg.summary())
     out.print(f"[bold]{totals['groups']}[/] groups ({totals['prunable_groups']} prunable, "

@@ -156,6 +156,7 @@ def cmd_prune(args, out: Console, rep: Reporter) -> int:
         stderr_line("warning", warnings[-1])
     with rep.step("analysing channel dependencies"):
         cg = analyze(model, inputs, **analysis_options(args))
+        cg.check_capture(model)  # every artifact derives from the captured graph
     if not any(g.prunable for g in cg.groups):
         reasons = sorted({g.frozen_reason for g in cg.groups if g.frozen_reason})[:3]
         raise SoftpruneError(f"no prunable channel group ({'; '.join(reasons)}); run "

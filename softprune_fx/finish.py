@@ -8,6 +8,7 @@ Example::
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 from dataclasses import dataclass, field, fields
 from typing import Any, Optional
@@ -91,8 +92,9 @@ def finish(cg, index, cost, scores, keep0, ratio, *, min_width, round_to, how, p
     pruned = cg.prune(drop)
     inputs = cg.inputs
     with torch.no_grad():
-        ref = cg.run_masked(drop)  # what masked(drop) computes, on the analysis's own graph
-        with FlopTotal() as counter:  # the check's forward counts the FLOPs too
+        with same_randomness(inputs):
+            ref = cg.run_masked(drop)  # what masked(drop) computes, on the analysis's own graph
+        with FlopTotal() as counter, same_randomness(inputs):  # the check's forward counts the FLOPs too
             out = pruned.eval()(*inputs)
     diff = exact_or_raise(cg, ref, out, drop, pruned)
     flops_after = int(counter.get_total_flops())
@@ -110,6 +112,17 @@ def finish(cg, index, cost, scores, keep0, ratio, *, min_width, round_to, how, p
                          decision.rounding_dropped, list(cg.flow.inexact), how)
     result.analysis = cg
     return pruned, result
+
+
+@contextlib.contextmanager
+def same_randomness(inputs, seed: int = 0):
+    """Both forwards of the check draw the same random numbers (ViTMAE shuffles its tokens by
+    ``torch.rand`` in eval mode too); the caller's generator state is restored afterwards."""
+    devices = sorted({t.device.index or 0 for t in torch.utils._pytree.tree_leaves(inputs)
+                      if isinstance(t, torch.Tensor) and t.device.type == "cuda"})
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
 
 
 MASKED_REL = 1e-4  # float32 summation order moves pruned vs masked by ~1e-6 of an output's scale
@@ -166,8 +179,10 @@ def _in_float64(cg, drop, pruned):
     with eval_mode(modules):
         run = HardMaskedRun(cg.gm, cg.flow, cg.plan(drop))
         run.module, run.submodules = modules, dict(modules.named_modules())
-        ref = run.run(*inputs)
-        out = copy.deepcopy(pruned).double().eval()(*inputs)
+        with same_randomness(inputs):
+            ref = run.run(*inputs)
+        with same_randomness(inputs):
+            out = copy.deepcopy(pruned).double().eval()(*inputs)
     return ref, out
 
 

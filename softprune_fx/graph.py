@@ -94,6 +94,32 @@ class ChannelGraph:
             own_tensors(pruned, self.gm)
         return plain(pruned)
 
+    def check_capture(self, model) -> float:
+        """Run ``model`` and its captured graph on the example inputs (eval mode, the same
+        random numbers) and raise CaptureError when they differ: Python in the forward took
+        another path while tracing than when the model runs (a test on a global flag, on an
+        object's identity, ``type(x) is torch.Tensor``). Every pass reads the captured graph,
+        so a pruned model is only as right as its capture. Returns max|diff|; a capture made
+        in training mode is not compared (its branches are the training ones)."""
+        from softprune_fx.onnx_check import compare
+        from softprune_fx.passes.errors import CaptureError
+        from softprune_fx.passes.flops import eval_mode
+
+        from .finish import MASKED_REL, same_randomness
+        if self.gm.training:
+            return 0.0
+        with eval_mode(model):
+            with same_randomness(self.inputs):
+                want = model(*self.inputs)
+            with same_randomness(self.inputs):
+                got = self.gm(*self.inputs)
+        diff, ok = compare(want, got, MASKED_REL)
+        if not ok:
+            raise CaptureError(f"the traced graph does not compute what {type(model).__name__} computes (max|diff| "
+                               f"{diff:.3g}): Python in its forward took another path while tracing; mark the part "
+                               "that differs as a leaf (leaf_modules=...) and report it")
+        return diff
+
     @property
     def constraints(self) -> list:
         return self.flow.constraints

@@ -298,3 +298,21 @@ def test_dtype_limits_of_a_traced_value_are_read_as_in_the_real_run():
     gm = capture(model, (x,))
     assert not gm.meta["untraced"] and torch.allclose(gm(x), model(x))
     assert torch.finfo is torch.finfo(torch.float32).__class__  # restored after the trace
+
+
+def test_check_capture_compares_the_trace_with_the_model():
+    class Diverging(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Conv2d(3, 4, 3)
+
+        def forward(self, x):
+            y = self.a(x)
+            return y * 2 if type(y) is torch.Tensor else y - 1  # a Proxy's type is not Tensor
+
+    x = torch.randn(1, 3, 8, 8)
+    model = TypeChecked().eval()
+    assert sp.analyze(model, (x,)).check_capture(model) <= 1e-6
+    model = Diverging().eval()
+    with pytest.raises(CaptureError, match="does not compute what Diverging computes"):
+        sp.analyze(model, (x,)).check_capture(model)

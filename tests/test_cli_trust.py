@@ -59,6 +59,12 @@ class Unscriptable(nn.Module):
         return x - 1
 
 
+class Diverging(nn.Module):
+    """Python the tracer cannot answer as the real run does: a Proxy's type is not Tensor."""
+    def forward(self, x):
+        return x * 2 if type(x) is torch.Tensor else x - 1
+
+
 class Net(nn.Module):
     def __init__(self, leaf=None, dict_out=False):
         super().__init__()
@@ -93,6 +99,10 @@ def branchy():
 def unscriptable():
     torch.manual_seed(0)
     return _bn_init(Net(Unscriptable()))
+
+def diverging():
+    torch.manual_seed(0)
+    return _bn_init(Net(Diverging()))
 
 def dict_model():
     torch.manual_seed(0)
@@ -297,3 +307,12 @@ def test_one_shot_prune_traces_once(models, tmp_path, monkeypatch):
     assert main(["prune", f"{models}/trustmodels.py:build", "--ratio", "0.3", "--out", str(tmp_path / "o"),
                  "-q"]) == 0
     assert len(calls) == 1
+
+
+def test_a_capture_that_computes_something_else_is_refused(models, tmp_path, capsys):
+    spec, out = f"{models}/trustmodels.py:diverging", tmp_path / "o"
+    for argv in (["deps", spec, "-q"], ["prune", spec, "--ratio", "0.2", "--out", str(out), "-q"]):
+        assert main(argv) == 1
+        err = capsys.readouterr().err
+        assert "does not compute what Net computes" in err and len(err.strip().splitlines()) == 1, err
+    assert not out.exists()
