@@ -157,6 +157,10 @@ def check(name: str, model: nn.Module, x: tuple, px: int, largest: bool = True) 
     cg = sp.analyze(model, x)
     row["analyze_s"] = time.perf_counter() - start
     row["leaves"] = dict(cg.gm.meta.get("untraced_why", {}))
+    try:  # the captured graph computes what the model computes (softprune-fx prune checks it too)
+        row["capture_diff"] = cg.check_capture(model)
+    except Exception as exc:  # noqa: BLE001 - recorded, and the rest still runs
+        row["capture_diff"], row["capture_error"] = None, _short(exc)
     row["specs"] = len(cg.specialisations)
     row["static_batch"] = bool(cg.gm.meta.get("static_batch"))
     row["groups"], row["prunable"] = len(cg.groups), sum(g.prunable for g in cg.groups)
@@ -273,20 +277,22 @@ def tp_cell(tp: dict | None) -> str:
 
 
 def markdown(rows: list[dict]) -> str:
-    head = ("| model | px | traced (leaves) | specialisations | analyze s | prunable/groups | "
+    head = ("| model | px | traced (leaves) | capture == model | specialisations | analyze s | prunable/groups | "
             "invariant f64 | one-shot 0.4 cut (FCM) | ORT == torch | largest cut | other frozen | "
             "TP build s | TP cut (FCM) | TP pruned runs |")
-    lines = [head, "|" + "---|" * 14]
+    lines = [head, "|" + "---|" * 15]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['model']} | | FAIL: {r['error'][:80]} |" + " |" * 8 + f" {tp_cell(r.get('tp'))} |")
+            lines.append(f"| {r['model']} | | FAIL: {r['error'][:80]} |" + " |" * 9 + f" {tp_cell(r.get('tp'))} |")
             continue
         leaves = "yes (0)" if not r["leaves"] else f"{len(r['leaves'])} leaves: " + "; ".join(
             f"{k}: {v[:60]}" for k, v in r["leaves"].items())
         cut = "-" if r.get("cut") is None else f"{r['cut']:.3f}" + (f" ({r['cut_fcm']:.3f})" if r.get("cut_fcm") is not None else "")
         big = "-" if r.get("largest_cut") is None else f"{r['largest_cut']:.3f}"
         other = "; ".join(f"{k} (x{v})" for k, v in sorted(r["frozen"].items(), key=lambda kv: -kv[1])[:2])
-        lines.append(f"| {r['model']} | {r['input']} | {leaves} | {r['specs']}{' (batch)' if r['static_batch'] else ''}"
+        same = "-" if "capture_diff" not in r else ("no: " + r["capture_error"][:60] if r["capture_diff"] is None
+                                                    else f"yes ({r['capture_diff']:.0e})")
+        lines.append(f"| {r['model']} | {r['input']} | {leaves} | {same} | {r['specs']}{' (batch)' if r['static_batch'] else ''}"
                      f" | {r['analyze_s']:.2f} | {r['prunable']}/{r['groups']} | {r['invariant_rel']:.0e} | {cut} | "
                      f"{r.get('onnx_ok', '-')} | {big} | {other or '-'} | {tp_cell(r.get('tp'))} |")
     return "\n".join(lines)

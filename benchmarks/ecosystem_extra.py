@@ -3,6 +3,9 @@ task heads and versions, Hugging Face and smp architectures, timm families beyon
 Builders are ``bench_ecosystem``'s own (configs only, no weights)."""
 from __future__ import annotations
 
+import torch
+from torch import nn
+
 YOLO = {
     "yolov5n": ("yolov5n.yaml", "DetectionModel"), "yolov3-tiny": ("yolov3-tiny.yaml", "DetectionModel"),
     "yolov6n": ("yolov6n.yaml", "DetectionModel"), "yolov8n-pose": ("yolov8n-pose.yaml", "PoseModel"),
@@ -18,6 +21,32 @@ YOLO = {
 }
 HF = ("ConvNextV2", "RegNet", "MobileViT", "MobileViTV2", "MobileNetV1", "Bit", "PoolFormer", "Segformer", "Cvt",
       "FocalNet", "Dinov2", "Beit", "Levit", "Swinv2", "Data2VecVision", "ViTMSN", "DeiT")
+#: Hugging Face task heads and backbones beyond image classification: (config, model class, input px, config options)
+HF_TASKS = {
+    "Pvt": ("Pvt", "PvtForImageClassification", None, {}),
+    "PvtV2": ("PvtV2", "PvtV2ForImageClassification", None, {}),
+    "SwiftFormer": ("SwiftFormer", "SwiftFormerForImageClassification", None, {}),
+    "Hiera": ("Hiera", "HieraForImageClassification", None, {}),
+    "Dinov2WithRegisters": ("Dinov2WithRegisters", "Dinov2WithRegistersForImageClassification", None, {}),
+    "TextNet": ("TextNet", "TextNetForImageClassification", None, {}),
+    "IJepa": ("IJepa", "IJepaForImageClassification", None, {}),
+    "SiglipVision": ("SiglipVision", "SiglipVisionModel", None, {}),
+    "CLIPVision": ("CLIPVision", "CLIPVisionModel", None, {}),
+    "SegformerSeg": ("Segformer", "SegformerForSemanticSegmentation", 256, {}),
+    "UperNet": ("UperNet", "UperNetForSemanticSegmentation", 256, {}),
+    "DPT": ("DPT", "DPTForDepthEstimation", 384, {}),
+    "DepthAnything": ("DepthAnything", "DepthAnythingForDepthEstimation", 266, {}),
+    "GLPN": ("GLPN", "GLPNForDepthEstimation", 256, {}),
+    "ZoeDepth": ("ZoeDepth", "ZoeDepthForDepthEstimation", 384, {}),
+    "MobileViTSeg": ("MobileViT", "MobileViTForSemanticSegmentation", 256, {}),
+    "Yolos": ("Yolos", "YolosForObjectDetection", 224,
+              {"image_size": [224, 224], "hidden_size": 192, "num_attention_heads": 3, "intermediate_size": 768}),
+    "RTDetr": ("RTDetr", "RTDetrForObjectDetection", 320, {}),
+    "Detr": ("Detr", "DetrForObjectDetection", 320, {"use_timm_backbone": False, "use_pretrained_backbone": False}),
+    "ConditionalDetr": ("ConditionalDetr", "ConditionalDetrForObjectDetection", 320,
+                        {"use_timm_backbone": False, "use_pretrained_backbone": False}),
+    "Mask2Former": ("Mask2Former", "Mask2FormerForUniversalSegmentation", 256, {}),
+}
 SMP = (("UnetPlusPlus", "resnet18"), ("PSPNet", "resnet18"), ("PAN", "resnet18"), ("MAnet", "resnet18"),
        ("DeepLabV3", "resnet18"), ("UPerNet", "resnet18"), ("Unet", "efficientnet-b0"), ("Unet", "timm-efficientnet-b0"),
        ("Unet", "densenet121"), ("FPN", "timm-regnetx_002"), ("Segformer", "mit_b0"), ("Unet", "tu-convnext_atto"),
@@ -40,9 +69,30 @@ TIMM = (
 )
 
 
+class HFOutputs(nn.Module):
+    """The tensors of a Hugging Face task model's output, in order."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.m = model
+
+    def forward(self, x):
+        return tuple(v for v in self.m(pixel_values=x).values() if isinstance(v, torch.Tensor))
+
+
+def hf_task(config: str, model: str, px, options: dict):
+    def build():
+        import transformers as T
+        cfg = getattr(T, f"{config}Config")(**options)
+        size = px or getattr(cfg, "image_size", 224)
+        return HFOutputs(getattr(T, model)(cfg)), size[0] if isinstance(size, (list, tuple)) else size
+    return build
+
+
 def extra_models(yolo, hf, smp_model, timm_model) -> dict:
     """Name -> builder, from ``bench_ecosystem``'s builder factories."""
     return {**{name: yolo(cfg, kind) for name, (cfg, kind) in YOLO.items()},
             **{f"hf_{n}": hf(n) for n in HF},
+            **{f"hf_{n}": hf_task(*spec) for n, spec in HF_TASKS.items()},
             **{f"smp_{a}_{e}": smp_model(a, e) for a, e in SMP},
             **{f"timm_{n}": timm_model(n) for n in TIMM}}
