@@ -52,6 +52,38 @@ def spatial_rule(ctx, node):
 register(*SPATIAL_MODULES, *SPATIAL_FUNCTIONS, chain="pass")(spatial_rule)
 
 
+@register(F.grid_sample, chain="pass")
+def grid_sample_rule(ctx, node):
+    """Each channel's map sampled at the grid's points (deformable attention, RT-DETR,
+    spatial transformers): the input's channels pass through; the grid is read as
+    coordinates, so the channels it carries are frozen."""
+    grid = node.args[1] if len(node.args) > 1 else node.kwargs["grid"]
+    ctx.freeze(ctx.layout(grid), f"{ctx.where()}: read as sampling coordinates")
+    return spatial_rule(ctx, node)
+
+
+@register(F.unfold, nn.Unfold)
+def unfold_rule(ctx, node):
+    """im2col: (N, C, H, W) -> (N, C * kh * kw, L), each channel's kernel positions in a row,
+    channel-major: a channel owns its kh * kw positions, which are pruned with it."""
+    lay = spatial_rule(ctx, node)
+    if not isinstance(lay, np.ndarray) or lay.ndim != 4 or lay.shape[1] == 1:
+        return lay if not isinstance(lay, np.ndarray) or lay.ndim == 3 else ctx.unknown()
+    per = ctx.out().shape[1] // lay.shape[1]
+    return np.repeat(lay.reshape(lay.shape[0], lay.shape[1], 1), per, axis=1)
+
+
+@register("unfold")
+def sliding_windows_rule(ctx, node):
+    """``x.unfold(dim, size, step)``: windows along a non-channel axis, each a new last axis
+    (ConvMixer-style patches, timm's ``Tensor.unfold``); along a channel axis: frozen."""
+    lay = ctx.layout(node.args[0])
+    dim = node.args[1] if len(node.args) > 1 else node.kwargs["dimension"]
+    if lay.shape[dim % lay.ndim] > 1:
+        return ctx.unknown(f"{ctx.where()}: windows along the channel axis")
+    return lay.reshape(*lay.shape, 1)
+
+
 def pool_shape(m, args, kwargs):
     x = one_tensor(args, kwargs)
     if x is None or getattr(m, "ceil_mode", True) or getattr(m, "return_indices", False) or x.dim() != 4:

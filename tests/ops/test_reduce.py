@@ -93,7 +93,23 @@ CASES += [(key, op, None, expect) for key, op, expect in [
     (torch.logsumexp, lambda s, x: torch.logsumexp(x, 3), True),
     (torch.nansum, lambda s, x: torch.nansum(x, 1, keepdim=True) * x, True),
     (torch.nanmean, lambda s, x: torch.nanmean(x, 2), True),
+    # sampling at points (deformable attention): channels pass, the grid's are frozen
+    (F.grid_sample, lambda s, x: F.grid_sample(x, offsets(x), align_corners=False), True),
+    (F.grid_sample, lambda s, x: F.grid_sample(x, x[:, :2].permute(0, 2, 3, 1).tanh(), align_corners=False) + x,
+     True),  # channels 0 and 1 also steer the grid: frozen, the rest prune
+    (F.unfold, lambda s, x: F.unfold(x, 3, padding=1).view(x.shape[0], -1, x.shape[2], x.shape[3]), True),
+    (F.unfold, lambda s, x: F.unfold(x, 2, stride=2).view(x.shape[0], x.shape[1], 4, -1).mean(2), True),
+    ("unfold", lambda s, x: x.unfold(3, 2, 2).amax(-1), True),
+    ("unfold", lambda s, x: x.unfold(1, 2, 2).mean(-1), "windows along the channel axis"),
 ]]
+CASES += [(nn.Unfold, lambda s, x: s.m(x).view(x.shape[0], -1, x.shape[2] - 1, x.shape[3] - 1), nn.Unfold(2), True)]
+
+
+def offsets(x):
+    """A sampling grid from the spatial positions alone (no channels)."""
+    n, _, h, w = x.shape
+    ys, xs = torch.meshgrid(torch.linspace(-1, 1, h), torch.linspace(-1, 1, w), indexing="ij")
+    return torch.stack([xs, ys], -1).to(x.dtype).expand(n, h, w, 2) * 0.9
 
 
 
