@@ -157,9 +157,43 @@ def expand_rule(ctx, node):
         return filled(UNKNOWN, nd)
     new = np.where(lay == UNKNOWN, UNKNOWN, NONE)
     for d, atoms in follow.items():
-        new = ctx.unify(new, on_axis(atoms, d, nd)) if (new >= 0).any() else np.where(
-            new == UNKNOWN, UNKNOWN, on_axis(atoms, d, nd))
+        new = ctx.unify(new, on_axis(atoms, d, nd)) if (new >= 0).any() else spread_over(new, atoms, d, out)
     return new
+
+
+@register("repeat")
+def repeat_rule(ctx, node):
+    """``x.repeat(*reps)``: a channel axis repeated r times carries its channels r times (a
+    cat of r copies; the int stays right after pruning); an axis without channels grown by a
+    size read from a channel axis carries those channels (a gather index spread over the
+    stream: RT-DETR's and DETR's query selection), grown by a constant it carries none."""
+    reps = node.args[1:]
+    reps = list(reps[0]) if len(reps) == 1 and isinstance(reps[0], (tuple, list)) else list(reps)
+    lay, out = ctx.layout(node.args[0]), ctx.out()
+    nd = out.dim()
+    new = lay.reshape((1,) * (nd - lay.ndim) + lay.shape)
+    for d, r in enumerate(reps):
+        count = ctx.layout(r) if isinstance(r, fx.Node) else None
+        if new.shape[d] > 1:
+            if isinstance(r, fx.Node):
+                return ctx.unknown(f"{ctx.where()}: a channel axis repeated a run-time number of times")
+            new = np.concatenate([new] * r, axis=d) if r != 1 else new
+        elif isinstance(count, ChannelCount) and len(count.atoms) == out.shape[d] > 1:
+            if (new >= 0).any():
+                return ctx.unknown(f"{ctx.where()}: channels spread over a second axis")
+            new = spread_over(new, count.atoms, d, out)
+    return new
+
+
+def spread_over(lay: np.ndarray, atoms: np.ndarray, d: int, out) -> np.ndarray:
+    """``lay`` (no channels) copied along axis ``d`` of ``out`` as many times as ``atoms`` has
+    channels: the axis carries them. An integer tensor (an index from argsort or topk, whose
+    values the analysis does not follow: UNKNOWN) carries them too, since its copies are
+    positions, never channels; a float one of unknown channels stays UNKNOWN."""
+    spread = on_axis(atoms, d, lay.ndim)
+    if out.is_floating_point() or out.is_complex():
+        return np.where(lay == UNKNOWN, UNKNOWN, spread)
+    return np.broadcast_to(spread, np.broadcast_shapes(lay.shape, spread.shape)).copy()
 
 
 # ----------------------------------------------------------------------------- cat / stack

@@ -11,7 +11,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from ..atoms import along, known_grid, on_axis
+from ..atoms import along, carrying_axes, known_grid, on_axis
 from ..flow_types import NonEmpty
 from ..registry import node_arg, register
 
@@ -280,6 +280,34 @@ def getitem_rule(ctx, node):
         ctx.constrain(NonEmpty(out.reshape(-1), f"{ctx.where()}"))
         ctx.table.tag(out, "split")
     return np.ascontiguousarray(out)
+
+
+@register(torch.gather, "gather")
+def gather_rule(ctx, node):
+    """``torch.gather(x, dim, index)`` along an axis without channels (tokens picked by
+    score: DETR-style query selection, ViTMAE's masking): every other axis keeps x's
+    positions, so a channel axis passes where the index spans it with a size that follows
+    the channels (grown over it by a count read from x). An index of a constant extent
+    there, or a gather along a channel axis, freezes; the index's own channels are read as
+    positions and frozen."""
+    x, index = node.args[0], node.args[2] if len(node.args) > 2 else node.kwargs["index"]
+    lay, idx = ctx.layout(x), ctx.layout(index)
+    dim = ctx.arg(1, "dim") % lay.ndim
+    if lay.shape[dim] > 1:
+        return ctx.unknown(f"{ctx.where()}: gathers along a channel axis")
+    idx = idx.reshape((1,) * (lay.ndim - idx.ndim) + idx.shape)
+    spread = np.zeros(0, np.int64)
+    for a in carrying_axes(lay):
+        mine, theirs = along(lay, a, lay.shape[a]), along(idx, a, lay.shape[a])
+        if theirs is None or idx.shape[a] != lay.shape[a] or not np.array_equal(
+                ctx.table.find(mine), ctx.table.find(theirs)):
+            why = f"{ctx.where()}: the index does not follow the channels it spans"
+            ctx.freeze([lay, idx], why)
+            return lay
+        spread = np.concatenate([spread, theirs])
+    own = idx[(idx >= 0) & ~np.isin(idx, spread)]
+    ctx.freeze(own, f"{ctx.where()}: channels read as positions")
+    return lay
 
 
 @register(operator.setitem)

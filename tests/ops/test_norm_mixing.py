@@ -6,7 +6,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 from harness import case_ids, check
+from opaque import opaque
 from torch import nn
+
+torch.fx.wrap("opaque")
 
 
 def cl(f):
@@ -140,10 +143,14 @@ class CatBias(nn.Module):
 
 
 def test_linear_with_a_computed_bias():
-    """The bias's pieces are sliced with the outputs; where the flow cannot follow the bias's
-    computation (``repeat`` has no rule) the outputs are frozen."""
+    """The bias's pieces are sliced with the outputs (a tiled piece with every copy of its
+    channels); where the flow cannot follow the bias's computation (an op with no rule)
+    the outputs are frozen."""
     def outputs(cg):
         return next(g for g in cg.groups if "m.weight" in g.producers)
     assert outputs(check(F.linear, cl(lambda s, x: F.linear(x, s.m.weight, s.m.bias())), True, CatBias())).prunable
     cg = check(F.linear, cl(lambda s, x: F.linear(x, s.m.weight, s.m.q_bias.repeat(3))), True, CatBias())
+    assert outputs(cg).prunable and outputs(cg).width == 2  # six outputs: three copies of q_bias's two
+    cg = check(F.linear, cl(lambda s, x: F.linear(x, s.m.weight, opaque(s.m.q_bias.repeat(3).view(1, 6)).view(6))), True,
+               CatBias())
     assert not outputs(cg).prunable

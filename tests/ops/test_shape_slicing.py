@@ -22,6 +22,14 @@ def _overwrite_channel(s, x):
     return y
 
 
+def _select_tokens(s, x, width=None):
+    """DETR-style query selection: the top tokens by score, gathered with an index repeated
+    over the channels (by the stream's own width, or by a constant one)."""
+    t = x.flatten(2).transpose(1, 2)  # (N, tokens, C)
+    order = torch.argsort(t.detach().sum(-1), dim=1)[:, :40]
+    return torch.gather(t, 1, order.unsqueeze(-1).repeat(1, 1, width or t.shape[2])).transpose(1, 2)
+
+
 CASES = [
     # reshapes (the head reads the result: 3-d -> conv1d, 5-d -> conv3d, 2-d -> linear)
     (torch.reshape, lambda s, x: torch.reshape(x, (2, 8, 64)), None, True),
@@ -127,6 +135,15 @@ CASES = [
     (operator.getitem, lambda s, x: (lambda kv: kv[:, 0] * kv[:, 1])(x.view(2, 2, 4, 8, 8)), None, True),
     (operator.getitem, lambda s, x: x[:, 2:3] * x[:, 5].unsqueeze(1), None, "picks single channels"),
     (operator.setitem, _level_table, None, True),
+    (torch.gather, _select_tokens, None, True),
+    (torch.gather, lambda s, x: _select_tokens(s, x, 8), None, "does not follow the channels"),
+    ("gather", lambda s, x: x.flatten(2).gather(2, torch.argsort(x.detach().sum(1).flatten(1), 1).unsqueeze(1)
+                                                .expand(-1, x.shape[1], -1)), None, True),
+    ("gather", lambda s, x: x.gather(1, torch.arange(8).flip(0).view(1, 8, 1, 1).expand_as(x)), None,
+     "gathers along a channel axis"),
+    ("repeat", lambda s, x: x.repeat(1, 2, 1, 1), None, True),
+    ("repeat", lambda s, x: x * x.mean(1, keepdim=True).repeat(1, 1, 1, 1), None, True),
+    ("repeat", lambda s, x: x.flatten(2).repeat(2, 1, 1), None, True),
     (operator.setitem, _overwrite_channel, None, "written in place"),
     (F.pad, lambda s, x: F.pad(x, (1, 1, 1, 1)), None, True),
     (F.pad, lambda s, x: F.pad(x, (0, 0, 0, 0, 2, 1)), None, True),  # channel pad: owned channels
