@@ -213,8 +213,8 @@ def check_layouts(gm: fx.GraphModule, planned: dict, allow_inexact: bool = False
     weights_only = _weights_only(gm)
     for node, old in planned.items():
         new = flow.layouts.get(node)
-        if node not in alive or not isinstance(new, np.ndarray) or (new == UNKNOWN).all():
-            continue
+        if node not in alive or not isinstance(new, np.ndarray) or (new == UNKNOWN).all() or (old == UNKNOWN).all():
+            continue  # (the analysis did not follow the value: it froze what the value reads, planned nothing)
         if node in weights_only and (new == NONE).all():
             continue  # a parameter's channels are adopted from the value it meets; that value is checked
         try:

@@ -7,6 +7,7 @@ import torch.fx as fx
 from torch import nn
 
 import softprune_fx as sp
+from conftest import outputs, random_drop, rel_err
 from softprune_fx.passes.errors import SurgeryError
 from softprune_fx.passes.surgery import _weights_only, check_layouts, planned_classes
 
@@ -97,3 +98,32 @@ def test_weights_only_holds_parameter_chains_and_nothing_fed_by_inputs():
     names = {n.name for n in _weights_only(gm)}
     assert names == {"gamma", "reshape", "abs_1"}
     assert {"x", "conv", "mul"}.isdisjoint(names)
+
+
+class CachedAnchors(nn.Module):
+    """YOLO's pose head: anchors cached by a real forward (the trace reads them as a constant)
+    are added to keypoint channels written back in place."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.bn, self.k = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.Conv2d(8, 6, 1)
+        self.anchors = None
+
+    def forward(self, x):
+        f = torch.relu(self.bn(self.a(x)))
+        if self.anchors is None or self.anchors.shape[-1] != f.shape[2] * f.shape[3]:
+            self.anchors = torch.arange(f.shape[2] * f.shape[3], dtype=f.dtype)
+        y = self.k(f).flatten(2).clone()
+        y[:, 0::3] = y[:, 0::3] * 2.0 + (self.anchors - 0.5)
+        return y
+
+
+def test_check_layouts_skips_values_the_analysis_did_not_follow():
+    """The constant meets the keypoint channels across axes: the analysis gives up on the sum
+    (UNKNOWN, freezing what it reads), so the pruned graph's layout there is not compared."""
+    model, x = CachedAnchors().eval(), torch.randn(1, 3, 6, 6)
+    model(x)
+    cg = sp.analyze(model, (x,))
+    drop = random_drop(cg, 0)
+    assert drop and "a" in drop
+    assert rel_err(outputs(sp.masked(model, (x,), drop), (x,)), outputs(sp.prune_channels(model, (x,), drop), (x,))) <= 1e-6
