@@ -102,6 +102,7 @@ class ChannelGraph:
         so a pruned model is only as right as its capture. Returns max|diff|; a capture made
         in training mode is not compared (its branches are the training ones)."""
         from softprune_fx.onnx_check import compare
+        from softprune_fx.passes.capture import python_state_kept
         from softprune_fx.passes.errors import CaptureError
         from softprune_fx.passes.flops import eval_mode
 
@@ -109,7 +110,7 @@ class ChannelGraph:
         if self.gm.training:
             return 0.0
         with eval_mode(model):
-            with same_randomness(self.inputs):
+            with same_randomness(self.inputs), python_state_kept(model):  # what a forward caches is undone
                 want = model(*self.inputs)
             with same_randomness(self.inputs):
                 got = self.gm(*self.inputs)

@@ -316,3 +316,10 @@ def test_check_capture_compares_the_trace_with_the_model():
     model = Diverging().eval()
     with pytest.raises(CaptureError, match="does not compute what Diverging computes"):
         sp.analyze(model, (x,)).check_capture(model)
+
+
+def test_check_capture_leaves_what_a_forward_caches_as_it_was():
+    from ops.test_surgery_check import CachedAnchors
+    model, x = CachedAnchors().eval(), torch.randn(1, 3, 6, 6)
+    sp.analyze(model, (x,)).check_capture(model)
+    assert model.anchors is None  # the real forward cached them; the check undid it
