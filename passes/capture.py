@@ -63,8 +63,9 @@ def trace(model: nn.Module, leaf_modules: Iterable = (), n_inputs: int | None = 
     concrete = None if example_inputs is not None else _defaults_after(model, n_inputs)
     fallback: list[str] = []
     why: dict[str, str] = {}
+    through = True  # library functions marked torch.fx.wrap are traced through (trace_patches)
     for _ in range(MAX_LEAF_RETRIES):
-        tracer = (SpecialisingTracer(example_inputs, leaf_modules, fallback) if example_inputs is not None
+        tracer = (SpecialisingTracer(example_inputs, leaf_modules, fallback, through) if example_inputs is not None
                   else ChannelTracer(leaf_modules, fallback))
         try:
             with python_state_kept(model):  # also drops the tracer's _tensor_constant attributes
@@ -76,6 +77,9 @@ def trace(model: nn.Module, leaf_modules: Iterable = (), n_inputs: int | None = 
         except CaptureError:
             raise
         except Exception as exc:  # noqa: BLE001 - any tracing failure is retried or reported
+            if not tracer.failing and through and example_inputs is not None:
+                through = False  # outside any submodule: keep the wraps rather than fail
+                continue
             if not tracer.failing or tracer.failing in fallback:
                 line = traceback_line(exc)
                 raise CaptureError(

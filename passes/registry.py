@@ -224,6 +224,12 @@ def entry_of(obj: Any) -> OpEntry | None:
         return None
 
 
+def has_rule(fn: Any) -> bool:
+    """Whether a function has an entry (by object or by qualified name)."""
+    name = f"{getattr(fn, '__module__', '')}.{getattr(fn, '__name__', '')}"
+    return entry_of(fn) is not None or name in _BY_NAME
+
+
 def dead_threshold(node: fx.Node, modules: dict[str, nn.Module], delta: float = 0.05) -> float | None:
     """Dead threshold ``t`` of the activation a node calls: ReLU/ReLU6 0, Hardswish and
     Hardsigmoid -3, SiLU and Mish about -4.49, GELU about -1.95, sigmoid -2.94, softplus

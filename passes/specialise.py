@@ -26,10 +26,12 @@ from torch import nn
 
 from .shapes import fast_function_shape, fast_module_shape
 
-_TORCH_DIR = os.path.dirname(torch.__file__)
-_PASSES_DIR = os.path.dirname(__file__)
-_STDLIB_DIR = os.path.dirname(os.__file__)
-_PKG_DIR = os.path.join(os.path.dirname(_PASSES_DIR), "softprune_fx")
+# with a trailing separator: torchvision's files are not torch's
+_TORCH_DIR = os.path.dirname(torch.__file__) + os.sep
+_PASSES_DIR = os.path.dirname(__file__) + os.sep
+_STDLIB_DIR = os.path.dirname(os.__file__) + os.sep
+_PARENT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # installed: softprune_fx/; source: the repo
+_PKG_DIR = (_PARENT if os.path.basename(_PARENT) == "softprune_fx" else os.path.join(_PARENT, "softprune_fx")) + os.sep
 META = torch.device("meta")
 _FULL = torch.full  # the original: the tracer patches torch's factories while it runs
 

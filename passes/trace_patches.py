@@ -17,7 +17,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from .specialise import is_internal, traced_tensor, traced_value, user_code
+from .specialise import _TORCH_DIR, is_internal, traced_tensor, traced_value, user_code
 
 #: torch factories patched while tracing so that sizes given as proxies record a node
 #: (``torch.zeros(h, w)`` takes sizes as varargs, which plain fx cannot see)
@@ -142,3 +142,29 @@ class TensorChecks:
 
 _isinstance, _is_tensor, _finfo, _iinfo = isinstance, torch.is_tensor, torch.finfo, torch.iinfo
 _MISSING = object()
+
+
+@contextlib.contextmanager
+def library_wraps_traced(enabled: bool = True):
+    """``torch.fx.wrap`` marks functions plain fx cannot trace (Python on shapes:
+    torchvision's Swin window attention, timm's position-embedding resampling). The
+    specialising tracer can, so an installed library's wrapped function without a channel
+    rule is traced through, its ops each followed by their own rule, instead of becoming one
+    opaque node that freezes everything it reads. Functions of torch, of the user's own
+    code (``register_op`` targets among them) and those with a rule (torchvision's
+    ``stochastic_depth``) stay wrapped. Capture retries with every wrap kept when tracing
+    through one fails outside any submodule."""
+    from torch.fx import _symbolic_trace as st
+
+    from .registry import has_rule
+    removed = {}
+    if enabled:
+        for key, frame in list(st._wrapped_fns_to_patch.items()):
+            path = frame.get("__file__") or ""
+            installed = ("site-packages" in path or "dist-packages" in path) and not path.startswith(_TORCH_DIR)
+            if installed and not has_rule(frame.get(key[1])):
+                removed[key] = st._wrapped_fns_to_patch.pop(key)
+    try:
+        yield
+    finally:
+        st._wrapped_fns_to_patch.update(removed)

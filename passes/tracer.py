@@ -32,7 +32,7 @@ from torch.utils._pytree import tree_leaves, tree_map_only
 
 from .specialise import (META, DataDependentError, Specialisation, batch_bound, flat_reads, meta_call,
                          meta_like, node_reads, render, traceback_line, user_frame)
-from .trace_patches import FACTORIES, TensorChecks, factories_patched, proxy_buffer_writes
+from .trace_patches import FACTORIES, TensorChecks, factories_patched, library_wraps_traced, proxy_buffer_writes
 
 
 
@@ -152,9 +152,11 @@ class SpecialisingTracer(ChannelTracer):
 
     proxy_buffer_attributes = True
 
-    def __init__(self, inputs: tuple, leaf_modules: Iterable = (), fallback_leaves: Iterable[str] = ()):
+    def __init__(self, inputs: tuple, leaf_modules: Iterable = (), fallback_leaves: Iterable[str] = (),
+                 trace_library_wraps: bool = True):
         super().__init__(leaf_modules, fallback_leaves)
         self.inputs = inputs
+        self.trace_library_wraps = trace_library_wraps  # trace_patches.library_wraps_traced
         first = next((t for t in inputs if isinstance(t, torch.Tensor)), None)
         self.device = first.device if first is not None else torch.device("cpu")
         self.batch = first.shape[0] if first is not None and first.dim() >= 1 else None
@@ -354,7 +356,8 @@ class SpecialisingTracer(ChannelTracer):
 
     # ------------------------------------------------------------------ tracing
     def trace(self, root, concrete_args=None):
-        with factories_patched(self), proxy_buffer_writes(), TensorChecks((SpecProxy, SpecAttribute)) as checks:
+        with factories_patched(self), proxy_buffer_writes(), library_wraps_traced(self.trace_library_wraps), \
+                TensorChecks((SpecProxy, SpecAttribute)) as checks:
             self._checks = checks
             return super().trace(root, concrete_args)
 
