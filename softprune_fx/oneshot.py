@@ -33,7 +33,8 @@ __all__ = ["prune_one_shot", "PruneResult"]
 def prune_one_shot(model: nn.Module, example_inputs: Any, ratio: float = 0.4, *, strict: bool = False,
                    frozen=(), min_width=1, round_to="auto", allow_inexact: bool = False, leaf_modules=(),
                    scp: SCPConfig = SCPConfig(), analysis=None, target: str = "flops",
-                   ort_threads: Optional[int] = None, latency_cache=None) -> tuple[fx.GraphModule, PruneResult]:
+                   ort_threads: Optional[int] = None, latency_cache=None,
+                   check_capture: bool = False) -> tuple[fx.GraphModule, PruneResult]:
     """Prune a trained model without data: SCP deactivation probabilities of its BN
     statistics rank channels; groups without a BN-rectifier site fall back to the L1 norm
     of their consumer weights, cut by the BN-scored groups' average fraction.
@@ -44,13 +45,18 @@ def prune_one_shot(model: nn.Module, example_inputs: Any, ratio: float = 0.4, *,
     ``target="latency"``: ``ratio`` is the fraction of ONNX Runtime latency (``ort_threads``
     intra-op threads, None: ORT's default) to remove, decided on the latency model
     (``softprune_fx/latency.py``, tables cached in ``latency_cache`` or the user cache dir)
-    and checked by measuring the pruned model (re-decided at most three times, latency_loop.py)."""
+    and checked by measuring the pruned model (re-decided at most three times, latency_loop.py).
+
+    ``check_capture``: first compare the captured graph with ``model`` on the example inputs
+    (``ChannelGraph.check_capture``, two more forwards; the CLI always does)."""
     inputs = as_input_tuple(example_inputs)
     options = dict(frozen=frozen, leaf_modules=leaf_modules, allow_inexact=allow_inexact)
     was_training = model.training
     model.eval()
     try:
         cg = analysis if analysis is not None else analyze(model, inputs, **options)
+        if check_capture:
+            cg.check_capture(model)
         _prunable_or_raise(cg)
         index = cg.index
         # FLOPs mode: the original's count from the registry's terms, confirmed on the

@@ -316,6 +316,8 @@ def test_check_capture_compares_the_trace_with_the_model():
     model = Diverging().eval()
     with pytest.raises(CaptureError, match="does not compute what Diverging computes"):
         sp.analyze(model, (x,)).check_capture(model)
+    with pytest.raises(CaptureError, match="does not compute what Diverging computes"):
+        sp.prune_one_shot(model, (x,), 0.3, check_capture=True)
 
 
 def test_check_capture_leaves_what_a_forward_caches_as_it_was():
