@@ -185,6 +185,8 @@ def broadcast_rule(ctx, node):
     for lay, spread, vshape in operands:
         if any(d in carrying for d in spread):
             ctx.freeze(lay, f"broadcast across channels at node {node.name}")
+            if fixed_extent(lay, vshape, carrying - set(spread)):  # EVA-02's rotary table: across the heads,
+                kept.append((filled(UNKNOWN, nd), spread))  # but fixed along head_dim: what it meets keeps its size
             continue
         if fixed_extent(lay, vshape, carrying):
             ctx.freeze(lay, f"{ctx.where()}: fixed size on a channel axis")

@@ -175,6 +175,19 @@ def test_parameter_varying_on_several_axes(key, op, shape, expect):
     check(key, op, expect, PosEmbed(shape))
 
 
+def _rotary(s, x):
+    """EVA-02's rotary table: (tokens, head_dim), broadcast across the heads but of a fixed
+    size along head_dim, where q carries channels: q's channels keep their size."""
+    n, c, h, w = x.shape
+    q = x.view(n, 2, 4, h * w).transpose(2, 3)  # (N, heads, tokens, head_dim)
+    table = x.new_ones(h * w, 4) * 0.5
+    return (q * table).transpose(2, 3).reshape(n, c, h, w)
+
+
+def test_a_table_broadcast_across_heads_but_fixed_along_head_dim_freezes_what_it_meets():
+    check(operator.mul, _rotary, "combined at node mul")
+
+
 def test_stochastic_depth_by_qualified_name():
     """register_name: torchvision's stochastic_depth, found by module and name (a stand-in
     with that qualified name, wrapped as a leaf as fx wraps the real one)."""
