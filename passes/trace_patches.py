@@ -113,6 +113,8 @@ class TensorChecks:
 
     def finfo(self, dtype=None):
         """``torch.finfo(x.dtype)`` (RT-DETR's anchors): the dtype a traced ``.dtype`` stands for."""
+        if dtype is None:
+            return _finfo()
         return _finfo(traced_value(dtype) if type(dtype) in self.proxy_types else dtype)
 
     def iinfo(self, dtype):
