@@ -160,13 +160,15 @@ def library_wraps_traced(enabled: bool = True):
 
     from .registry import has_rule
     removed = {}
-    if enabled:
-        for key, frame in list(st._wrapped_fns_to_patch.items()):
+    table = getattr(st, "_wrapped_fns_to_patch", None)  # torch-private: a torch without it keeps every wrap
+    if enabled and isinstance(table, dict):
+        for key, frame in list(table.items()):
             path = frame.get("__file__") or ""
             installed = ("site-packages" in path or "dist-packages" in path) and not path.startswith(_TORCH_DIR)
             if installed and not has_rule(frame.get(key[1])):
-                removed[key] = st._wrapped_fns_to_patch.pop(key)
+                removed[key] = table.pop(key)
     try:
         yield
     finally:
-        st._wrapped_fns_to_patch.update(removed)
+        if removed:
+            table.update(removed)

@@ -325,3 +325,44 @@ def test_check_capture_leaves_what_a_forward_caches_as_it_was():
     model, x = CachedAnchors().eval(), torch.randn(1, 3, 6, 6)
     sp.analyze(model, (x,)).check_capture(model)
     assert model.anchors is None  # the real forward cached them; the check undid it
+
+
+LIBRARY = '''
+import torch
+import torch.nn.functional as F
+
+
+def windowed(x, size):
+    """Python on shapes, as torchvision's Swin window attention: plain fx cannot trace it."""
+    pad = (size - x.shape[-1] % size) % size
+    return F.pad(x, (0, pad)).relu()[..., :x.shape[-1]]
+
+
+torch.fx.wrap("windowed")
+'''
+
+
+def test_an_installed_librarys_wrapped_function_is_traced_through(tmp_path, monkeypatch):
+    """A library's ``torch.fx.wrap``ed function without a rule is traced through (its ops
+    have rules), so the channels it passes stay prunable; the user's own wraps stay opaque."""
+    lib = tmp_path / "site-packages" / "fakelib_wraps"
+    lib.mkdir(parents=True)
+    (lib / "__init__.py").write_text(LIBRARY)
+    monkeypatch.syspath_prepend(str(tmp_path / "site-packages"))
+    import fakelib_wraps
+
+    class UsesLibrary(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.bn, self.b = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.Conv2d(8, 4, 1)
+
+        def forward(self, x):
+            return self.b(fakelib_wraps.windowed(self.bn(self.a(x)), 3))
+
+    model, x = UsesLibrary().eval(), torch.randn(1, 3, 8, 8)
+    cg = sp.analyze(model, (x,))
+    assert not any(n.target is fakelib_wraps.windowed for n in cg.gm.graph.nodes)
+    assert next(g for g in cg.groups if "a" in g.producers).prunable
+    assert cg.check_capture(model) <= 1e-6
+    drop = {next(g for g in cg.groups if "a" in g.producers).id: [1, 5]}
+    assert torch.allclose(sp.masked(model, (x,), drop)(x), sp.prune_channels(model, (x,), drop)(x), atol=1e-6)
