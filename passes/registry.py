@@ -199,8 +199,7 @@ def lookup(node: fx.Node, modules: dict[str, nn.Module]) -> OpEntry | None:
         except TypeError:  # unhashable target
             return None
         if entry is None and _BY_NAME:
-            name = f"{getattr(node.target, '__module__', '')}.{getattr(node.target, '__name__', '')}"
-            entry = _BY_NAME.get(name)
+            entry = _BY_NAME.get(_qualified_name(node.target))
         return entry
     if node.op == "call_method":
         return _REGISTRY.get(node.target)
@@ -226,8 +225,12 @@ def entry_of(obj: Any) -> OpEntry | None:
 
 def has_rule(fn: Any) -> bool:
     """Whether a function has an entry (by object or by qualified name)."""
-    name = f"{getattr(fn, '__module__', '')}.{getattr(fn, '__name__', '')}"
-    return entry_of(fn) is not None or name in _BY_NAME
+    return entry_of(fn) is not None or _qualified_name(fn) in _BY_NAME
+
+
+def _qualified_name(fn: Any) -> str:
+    """``module.name``, the key of ``register_name`` entries."""
+    return f"{getattr(fn, '__module__', '')}.{getattr(fn, '__name__', '')}"
 
 
 def dead_threshold(node: fx.Node, modules: dict[str, nn.Module], delta: float = 0.05) -> float | None:

@@ -20,7 +20,6 @@ import copy
 import inspect
 import math
 import operator
-import sys
 import types
 from typing import Any, Iterable
 

@@ -67,8 +67,10 @@ def unfold_rule(ctx, node):
     """im2col: (N, C, H, W) -> (N, C * kh * kw, L), each channel's kernel positions in a row,
     channel-major: a channel owns its kh * kw positions, which are pruned with it."""
     lay = spatial_rule(ctx, node)
-    if not isinstance(lay, np.ndarray) or lay.ndim != 4 or lay.shape[1] == 1:
-        return lay if not isinstance(lay, np.ndarray) or lay.ndim == 3 else ctx.unknown()
+    if not isinstance(lay, np.ndarray):
+        return lay
+    if lay.ndim != 4 or lay.shape[1] == 1:  # unbatched, or no channels to own positions
+        return ctx.unknown()
     per = ctx.out().shape[1] // lay.shape[1]
     return np.repeat(lay.reshape(lay.shape[0], lay.shape[1], 1), per, axis=1)
 
