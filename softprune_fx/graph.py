@@ -139,8 +139,13 @@ class ChannelGraph:
 
     def plan(self, drop: dict | None) -> Plan:
         """A checked plan for a legal ``drop`` (raises IllegalDropError otherwise)."""
+        key = tuple(sorted((k, tuple(int(i) for i in v)) for k, v in (drop or {}).items()))
+        last = self.__dict__.get("_last_plan")
+        if last is not None and last[0] == key:  # a pipeline checks the same drop for prune and the check
+            return last[1]
         plan = Plan.from_drop(self.flow, self.groups, drop)
         check_plan(plan, self.constraints)
+        self._last_plan = (key, plan)
         return plan
 
     def legalize(self, drop: dict | None, scores: dict | None = None) -> dict[str, list[int]]:

@@ -294,6 +294,39 @@ def test_flop_total_on_random_architectures_and_attention():
     assert _flop_total(attention, (x,)) == flops(attention, (x,)) > 0
 
 
+@pytest.mark.parametrize("case", ["linear1d", "linear2d", "linear3d", "linear4d_nobias", "linear_kw", "linear_noncontig",
+                                  "conv1d", "conv3d_groups", "conv_unbatched", "conv_kw", "conv_transpose", "matmul_chain",
+                                  "bilinear", "ops_mix"])
+def test_flop_total_shortcuts_count_what_aten_counts(case):
+    """FlopTotal counts convs and linears from their shapes and skips known zero-FLOP calls:
+    on every argument form (1-d and N-d linear inputs, unbatched convs, keywords, views) it
+    must give FlopCounterMode's aten-level count, and calls it has no shortcut for
+    (transposed convs, bilinear, matmul) must still be counted."""
+    F = torch.nn.functional
+    w2, b2 = torch.randn(6, 4), torch.randn(6)
+    cases = {
+        "linear1d": lambda: F.linear(torch.randn(4), w2, b2),  # aten mv: not in the registry
+        "linear2d": lambda: F.linear(torch.randn(3, 4), w2, b2),
+        "linear3d": lambda: F.linear(torch.randn(2, 3, 4), w2, b2),
+        "linear4d_nobias": lambda: F.linear(torch.randn(2, 3, 5, 4), w2),
+        "linear_kw": lambda: F.linear(input=torch.randn(3, 4), weight=w2, bias=b2),
+        "linear_noncontig": lambda: F.linear(torch.randn(4, 3, 2).transpose(0, 2), w2, b2),
+        "conv1d": lambda: F.conv1d(torch.randn(2, 4, 9), torch.randn(6, 4, 3), stride=2),
+        "conv3d_groups": lambda: F.conv3d(torch.randn(1, 4, 5, 5, 5), torch.randn(8, 2, 3, 3, 3), groups=2, padding=1),
+        "conv_unbatched": lambda: F.conv2d(torch.randn(4, 7, 7), torch.randn(6, 4, 3, 3)),
+        "conv_kw": lambda: F.conv2d(input=torch.randn(1, 4, 7, 7), weight=torch.randn(6, 4, 3, 3), dilation=2),
+        "conv_transpose": lambda: F.conv_transpose2d(torch.randn(1, 4, 5, 5), torch.randn(4, 3, 3, 3)),
+        "matmul_chain": lambda: (torch.randn(2, 3, 4) @ torch.randn(4, 5)).matmul(torch.randn(5, 2)),
+        "bilinear": lambda: F.bilinear(torch.randn(3, 4), torch.randn(3, 5), torch.randn(2, 4, 5)),
+        "ops_mix": lambda: F.relu(F.batch_norm(F.conv2d(torch.randn(1, 3, 6, 6), torch.randn(4, 3, 1, 1)),
+                                                torch.zeros(4), torch.ones(4))).flatten(1) @ torch.randn(144, 2),
+    }
+    fn = cases[case]
+    assert _flop_total(fn, ()) == flops(fn, ())
+    if case not in ("linear1d", "bilinear"):  # (aten mv and _trilinear: the registry counts neither)
+        assert flops(fn, ()) > 0
+
+
 @pytest.mark.parametrize("name", sorted(ZOO))
 def test_cut_is_a_cubic_in_a_uniform_keep_fraction(name):
     """decide's weighing fits the cut at a uniform kept fraction f with a cubic through
