@@ -26,6 +26,7 @@ Writes ``benchmarks/results/bench_e2e.json`` (or ``bench_e2e_sweep.json``).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import gc
 import time
@@ -46,7 +47,7 @@ class StageTimer:
     wrapping ``(owner, attribute)`` callables for the duration of the ``with`` block:
     ``decide``, and with ``check=True`` the exactness check's two forwards (the masked
     reference, ``ChannelGraph.run_masked``, and the pruned model's counted forward, the
-    ``FlopTotal`` block of ``finish``) and the analysis (``analyze``)."""
+    ``flop_counter`` block of ``finish``) and the analysis (``analyze``)."""
 
     def __init__(self, check: bool = False):
         self.seconds: dict[str, float] = {}
@@ -72,21 +73,18 @@ class StageTimer:
         for owner, attr, key in self._wrapped:
             self._saved.append((owner, attr, getattr(owner, attr)))
             setattr(owner, attr, self._timed(getattr(owner, attr), key))
-        if self.check:  # the pruned model's counted forward is finish's FlopTotal block
-            timer, base = self, pruner.FlopTotal
+        if self.check:  # the pruned model's counted forward is finish's flop_counter block
+            timer, base = self, pruner.flop_counter
 
-            class TimedFlopTotal(base):
-                def __enter__(self):
-                    self._t = time.perf_counter()
-                    return super().__enter__()
-
-                def __exit__(self, *exc):
-                    out = super().__exit__(*exc)
-                    key = "pruned counted forward"
-                    timer.seconds[key] = timer.seconds.get(key, 0.0) + time.perf_counter() - self._t
-                    return out
-            self._saved.append((pruner, "FlopTotal", base))
-            pruner.FlopTotal = TimedFlopTotal
+            @contextlib.contextmanager
+            def timed_counter(model):
+                t = time.perf_counter()
+                with base(model) as counter:
+                    yield counter
+                key = "pruned counted forward"
+                timer.seconds[key] = timer.seconds.get(key, 0.0) + time.perf_counter() - t
+            self._saved.append((pruner, "flop_counter", base))
+            pruner.flop_counter = timed_counter
         return self
 
     def __exit__(self, *exc):

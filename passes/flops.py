@@ -34,6 +34,9 @@ class _DispatchFlops(TorchDispatchMode):
         self.owner = owner if owner is not None else self
         self.total = 0
 
+    def get_total_flops(self) -> int:
+        return self.owner.total
+
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
@@ -81,6 +84,28 @@ class FlopTotal(TorchFunctionMode):
         out = func(*args, **kwargs)
         self.total += count(out)
         return out
+
+
+# Modules that pick a fused fast path only when no torch-function mode is active
+# (``has_torch_function`` of their arguments): under FlopTotal they would run, and be
+# counted, as their slow path, where FlopCounterMode sees the fused kernel (and counts 0).
+_FAST_PATH_MODULES = (nn.MultiheadAttention, nn.TransformerEncoderLayer, nn.TransformerEncoder)
+
+
+def flop_counter(model) -> TorchDispatchMode | TorchFunctionMode:
+    """The counter for one forward of ``model``: ``FlopTotal``, or the aten-level counter
+    when a module of ``model`` would take another path under a torch-function mode.
+
+    Example:
+        >>> with flop_counter(nn.Linear(10, 5)) as counter:
+        ...     _ = nn.Linear(10, 5)(torch.randn(4, 10))
+        >>> counter.total
+        400
+    """
+    modules = model.modules() if isinstance(model, nn.Module) else ()
+    if any(isinstance(m, _FAST_PATH_MODULES) for m in modules):
+        return _DispatchFlops()
+    return FlopTotal()
 
 
 def _conv(args, kwargs):
@@ -213,10 +238,10 @@ def count_flops(model: nn.Module, example_inputs: Inputs, meta: bool = True) -> 
             except Exception:  # noqa: BLE001 - count on the real forward instead
                 gm = None
             if gm is not None:
-                with FlopTotal() as counter:
+                with flop_counter(gm) as counter:
                     MetaShapeProp(gm, fast=False).propagate(*inputs)
                 return int(counter.get_total_flops())
-    with eval_mode(model), FlopTotal() as counter:
+    with eval_mode(model), flop_counter(model) as counter:
         model(*inputs)
     return int(counter.get_total_flops())
 
@@ -228,7 +253,7 @@ def count_graph_flops(gm: fx.GraphModule, example_inputs: Inputs) -> int:
     pruned here that costs less than running the graph on meta tensors (MobileNetV2 at
     224 px, one thread: ~30 ms against ~320 ms), and the counts are the same.
     """
-    with eval_mode(gm), torch.no_grad(), FlopTotal() as counter:
+    with eval_mode(gm), torch.no_grad(), flop_counter(gm) as counter:
         gm(*as_inputs(example_inputs))
     return int(counter.get_total_flops())
 

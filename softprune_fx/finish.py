@@ -19,7 +19,7 @@ import torch
 
 from softprune_fx.onnx_check import compare, flatten_outputs
 from softprune_fx.passes.errors import SoftpruneError, SurgeryError
-from softprune_fx.passes.flops import FlopTotal, count_params
+from softprune_fx.passes.flops import count_params, flop_counter
 
 from .decide import decide
 from .index import ChannelIndex
@@ -94,7 +94,7 @@ def finish(cg, index, cost, scores, keep0, ratio, *, min_width, round_to, how, p
     with torch.no_grad():
         with same_randomness(inputs):
             ref = cg.run_masked(drop)  # what masked(drop) computes, on the analysis's own graph
-        with FlopTotal() as counter, same_randomness(inputs):  # the check's forward counts the FLOPs too
+        with flop_counter(pruned) as counter, same_randomness(inputs):  # the check's forward counts the FLOPs too
             out = pruned.eval()(*inputs)
     diff = exact_or_raise(cg, ref, out, drop, pruned)
     flops_after = int(counter.get_total_flops())

@@ -327,6 +327,31 @@ def test_flop_total_shortcuts_count_what_aten_counts(case):
         assert flops(fn, ()) > 0
 
 
+def test_flop_counter_keeps_fast_paths_as_flop_counter_mode_sees_them():
+    """nn.MultiheadAttention and TransformerEncoderLayer take their fused path only when no
+    torch-function mode is active: a model holding one is counted at the aten level, so the
+    count (and the path its forward takes) is FlopCounterMode's; FlopTotal would count the
+    slow path's matmuls instead (the premise)."""
+    from softprune_fx.passes.flops import FlopTotal, flop_counter
+
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = torch.nn.MultiheadAttention(16, 4, batch_first=True)
+            self.enc = torch.nn.TransformerEncoderLayer(16, 4, 32, batch_first=True)
+
+        def forward(self, x):
+            return self.enc(self.attn(x, x, x, need_weights=False)[0])
+    model, x = Block().eval(), torch.randn(2, 5, 16)
+    with torch.no_grad():
+        with flop_counter(model) as counter:
+            model(x)
+        with FlopTotal() as function_level:
+            model(x)
+    assert counter.get_total_flops() == flops(model, (x,))
+    assert function_level.total != flops(model, (x,))
+
+
 @pytest.mark.parametrize("name", sorted(ZOO))
 def test_cut_is_a_cubic_in_a_uniform_keep_fraction(name):
     """decide's weighing fits the cut at a uniform kept fraction f with a cubic through
