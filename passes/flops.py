@@ -74,9 +74,12 @@ class FlopTotal(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func in ZERO_FLOPS or getattr(func, "__name__", None) == "__get__":  # (a property: x.shape, x.T)
+        try:
+            zero, direct = func in ZERO_FLOPS, _DIRECT.get(func)
+        except TypeError:  # an unhashable callable: no shortcut
+            zero, direct = False, None
+        if zero or getattr(func, "__name__", None) == "__get__":  # (a property: x.shape, x.T)
             return func(*args, **kwargs)
-        direct = _DIRECT.get(func)
         count = direct(args, kwargs) if direct is not None else None
         if count is None:
             with self._exact:
@@ -131,11 +134,10 @@ def _input_weight(args, kwargs):
 
 _DIRECT = {torch.conv1d: _conv, torch.conv2d: _conv, torch.conv3d: _conv, F.linear: _linear}
 
-T, nnF = torch.Tensor, F
 # Calls that run no op the flop registry counts, whatever their arguments: element-wise,
 # normalisation, pooling, shape and indexing ops. A call missing here is only slower.
 ZERO_FLOPS = frozenset(
-    [getattr(T, n) for n in (
+    [getattr(torch.Tensor, n) for n in (
         "__getitem__", "__setitem__", "__eq__", "__ne__", "__lt__", "__gt__", "__neg__", "add", "add_", "sub", "sub_",
         "mul", "mul_", "div", "div_", "neg", "abs", "exp", "sigmoid", "sigmoid_", "tanh", "relu", "relu_", "clamp",
         "clamp_", "softmax", "log_softmax", "mean", "sum", "amax", "max", "min", "eq", "ne", "masked_fill",
@@ -148,7 +150,7 @@ ZERO_FLOPS = frozenset(
         "sigmoid", "tanh", "relu", "relu_", "exp", "mean", "sum", "split", "chunk", "unbind", "where", "zeros",
         "ones", "zeros_like", "ones_like", "arange", "full", "empty", "index_select", "gather", "flip", "clamp",
         "softmax", "_assert", "squeeze", "unsqueeze", "narrow", "channel_shuffle", "pixel_shuffle")]
-    + [getattr(nnF, n) for n in (
+    + [getattr(F, n) for n in (
         "relu", "relu_", "relu6", "hardtanh", "hardtanh_", "silu", "gelu", "elu", "leaky_relu", "hardswish",
         "hardsigmoid", "mish", "sigmoid", "tanh", "softmax", "log_softmax", "batch_norm", "layer_norm", "group_norm",
         "instance_norm", "local_response_norm", "dropout", "dropout2d", "adaptive_avg_pool1d", "adaptive_avg_pool2d",
