@@ -27,7 +27,7 @@ from torch import nn
 from .shapes import fast_function_shape, fast_module_shape
 
 # with a trailing separator: torchvision's files are not torch's
-_TORCH_DIR = os.path.dirname(torch.__file__) + os.sep
+TORCH_DIR = os.path.dirname(torch.__file__) + os.sep
 _PASSES_DIR = os.path.dirname(__file__) + os.sep
 _STDLIB_DIR = os.path.dirname(os.__file__) + os.sep
 _PARENT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # installed: softprune_fx/; source: the repo
@@ -62,7 +62,7 @@ class Specialisation:
 
 def is_internal(filename: str) -> bool:
     """Frames of torch, softprune-fx, generated code and the standard library (not site-packages)."""
-    if filename.startswith(("<", _TORCH_DIR, _PASSES_DIR, _PKG_DIR)):
+    if filename.startswith(("<", TORCH_DIR, _PASSES_DIR, _PKG_DIR)):
         return True
     return filename.startswith(_STDLIB_DIR) and "site-packages" not in filename
 

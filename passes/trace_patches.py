@@ -17,7 +17,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from .specialise import _TORCH_DIR, is_internal, traced_tensor, traced_value, user_code
+from .specialise import TORCH_DIR, is_internal, traced_tensor, traced_value, user_code
 
 #: torch factories patched while tracing so that sizes given as proxies record a node
 #: (``torch.zeros(h, w)`` takes sizes as varargs, which plain fx cannot see)
@@ -164,7 +164,7 @@ def library_wraps_traced(enabled: bool = True):
     if enabled and isinstance(table, dict):
         for key, frame in list(table.items()):
             path = frame.get("__file__") or ""
-            installed = ("site-packages" in path or "dist-packages" in path) and not path.startswith(_TORCH_DIR)
+            installed = ("site-packages" in path or "dist-packages" in path) and not path.startswith(TORCH_DIR)
             if installed and not has_rule(frame.get(key[1])):
                 removed[key] = table.pop(key)
     try:

@@ -40,6 +40,7 @@ class ChannelGraph:
 
     def __post_init__(self):
         self.by_id = {g.id: g for g in self.groups}
+        self._last_plan = None  # (drop key, checked plan): ``plan`` of the drop asked for last
 
     @cached_property
     def index(self):
@@ -140,9 +141,8 @@ class ChannelGraph:
     def plan(self, drop: dict | None) -> Plan:
         """A checked plan for a legal ``drop`` (raises IllegalDropError otherwise)."""
         key = tuple(sorted((k, tuple(int(i) for i in v)) for k, v in (drop or {}).items()))
-        last = self.__dict__.get("_last_plan")
-        if last is not None and last[0] == key:  # a pipeline checks the same drop for prune and the check
-            return last[1]
+        if self._last_plan is not None and self._last_plan[0] == key:  # prune and the check ask for the same drop
+            return self._last_plan[1]
         plan = Plan.from_drop(self.flow, self.groups, drop)
         check_plan(plan, self.constraints)
         self._last_plan = (key, plan)
