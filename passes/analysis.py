@@ -20,6 +20,8 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from .outputs import copy_output_type
+
 
 def fork(gm: fx.GraphModule, flow, groups: list, *, copy_modules: bool = True, share_tensors: bool = False,
          compile: bool = True):
@@ -38,6 +40,7 @@ def fork(gm: fx.GraphModule, flow, groups: list, *, copy_modules: bool = True, s
     out = graph.graph_copy(gm.graph, node_map)
     old_out = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
     node_map[old_out] = graph.output(out, old_out.type)
+    copy_output_type(graph, gm.graph)
     for node in graph.nodes:  # annotations only: dropped before the one compile, not after
         node.type = None
     root = _copy_modules(gm, share_tensors) if copy_modules else gm

@@ -34,6 +34,7 @@ from torch.utils._pytree import tree_leaves, tree_map_only
 
 from .errors import CaptureError
 from .inputs import as_inputs as as_input_tuple  # noqa: F401 (one normaliser for both)
+from .outputs import keep_output_type
 from .shapes import fast_function_shape, fast_module_shape
 from .specialise import traceback_line
 from .trace_patches import FACTORIES
@@ -93,6 +94,7 @@ def trace(model: nn.Module, leaf_modules: Iterable = (), n_inputs: int | None = 
         gm.meta["untraced_why"] = why
         if example_inputs is not None:
             _record_specialisations(gm, tracer)
+            keep_output_type(gm, tracer.output_type)
         return gm
     raise CaptureError(f"gave up after {MAX_LEAF_RETRIES} untraceable submodules")
 

@@ -166,6 +166,7 @@ class SpecialisingTracer(ChannelTracer):
         self._twins: dict[int, nn.Module] = {}
         self._modules: dict[str, nn.Module] | None = None
         self._in_meta = False  # computing a meta value: module calls and attributes run as is
+        self.output_type: type | None = None  # what the traced forward returned (passes/outputs.py)
 
     # ------------------------------------------------------------------ recording
     def proxy(self, node: fx.Node) -> SpecProxy:
@@ -184,8 +185,12 @@ class SpecialisingTracer(ChannelTracer):
 
         self._checks.answer_in(_code_globals(root_fn))
 
+        tracer = self
+
         def exact(*args):
-            return root_fn(*args)
+            out = root_fn(*args)
+            tracer.output_type = type(out)  # fx records a returned mapping as a plain dict
+            return out
         # the user's globals, so fx still autowraps what their module imported
         fn = types.FunctionType(exact.__code__, root_fn.__globals__, "forward", None, exact.__closure__)
         return fn, ([self.root] if is_module else []) + proxies

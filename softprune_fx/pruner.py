@@ -25,6 +25,7 @@ from torch import nn
 from softprune_fx.passes.capture import as_input_tuple
 from softprune_fx.passes.errors import SoftpruneError
 from softprune_fx.passes.masks import insert_soft_masks
+from softprune_fx.passes.outputs import copy_output_type
 
 from .api import analyze
 from .bnsites import find_bn_sites, silenced
@@ -97,6 +98,7 @@ class SoftPruner:
         val_map: dict = {}
         out = graph.graph_copy(self.cg.gm.graph, val_map)
         graph.output(out)
+        copy_output_type(graph, self.cg.gm.graph)
         gm = fx.GraphModule(self.cg.gm, graph, "SoftPrunedModel")
         site_ids = []
         for site in self.cg.flow.sites:
